@@ -1,0 +1,116 @@
+"""Reading user images safely and resizing them the way the original InstructPix2Pix CLI did."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ip2p.errors import Ip2pError
+
+# Pillow's decompression-bomb guard raises above twice its MAX_IMAGE_PIXELS; we check ourselves,
+# with a limit from config, and give one clear line instead.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def load_image(path: str | Path, max_pixels: int) -> Image.Image:
+    """Open any Pillow-readable image as 8-bit RGB, EXIF orientation applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise Ip2pError(f"input image not found: '{path}'")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Ip2pError(f"input image '{path}' is {width}x{height} = {width * height} pixels, over the "
+                                f"limit of {max_pixels} (edit.max_input_pixels)")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise Ip2pError(f"cannot read image '{path}': not a readable image file ({type(err).__name__})") from err
+    if img.width < 1 or img.height < 1:
+        raise Ip2pError(f"input image '{path}' is empty ({img.width}x{img.height})")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to RGB: transparency goes onto white, 16/32-bit and float are scaled to 8 bit."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        # Wide integer / float greyscale: map the type's range (I;16 -> 0..65535) to 0..255.
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if img.mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def edit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The original CLI's rule: scale so the long side is `resolution`, round the short side UP to a
+    multiple of 64, then floor both sides to multiples of 64 (any aspect ratio is kept roughly)."""
+    factor = resolution / max(width, height)
+    factor = math.ceil(min(width, height) * factor / 64) * 64 / min(width, height)
+    new_w = int((width * factor) // 64) * 64
+    new_h = int((height * factor) // 64) * 64
+    if new_w < 64 or new_h < 64:
+        raise Ip2pError(f"cannot resize a {width}x{height} image for resolution {resolution}: "
+                        "the result would be smaller than 64 px on a side")
+    return new_w, new_h
+
+
+def resize_for_editing(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize and centre-crop (ImageOps.fit, LANCZOS) to `edit_size`."""
+    size = edit_size(img.width, img.height, resolution)
+    if img.size == size:
+        return img
+    return ImageOps.fit(img, size, method=Image.Resampling.LANCZOS)
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images -> float tensor [B, 3, H, W] in [-1, 1] (the VAE's input range)."""
+    arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch * 2.0 - 1.0
+
+
+def tensor_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] -> float [0, 1], the form compared before 8-bit quantisation."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> 8-bit RGB images (rounded, as diffusers does)."""
+    unit = tensor_to_unit(images).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in unit]
+
+
+def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
+    """Write next to the target and rename: a crash never leaves a half-written image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise Ip2pError(f"cannot save '{path}': unknown image extension '{path.suffix}' (use .png, .jpg, .webp)")
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,217 @@
+"""One loader for every model preset: tiny, SD 1.5-class, InstructPix2Pix, CLIP.
+
+A model "source" is one of:
+  "tiny"                       the embedded preset, built on first use (see ip2p.models.tiny)
+  a folder                     diffusers pipeline layout (model_index.json, unet/, vae/, ...) or a CLIP folder
+  a .ckpt / .safetensors file  an original single-file Stable Diffusion / InstructPix2Pix checkpoint
+  anything else                a Hugging Face hub id (works offline only if it is in the local hub cache)
+Weights load from safetensors, or from pickles with `weights_only=True` (diffusers and transformers
+both do so), never with arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+
+from ip2p.errors import Ip2pError
+from ip2p.models.tiny import ensure_tiny
+
+log = logging.getLogger(__name__)
+
+Role = Literal["editor", "base"]
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+PIPELINE_LAYOUT = "a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+
+
+@dataclass
+class DiffusionComponents:
+    """The parts of a latent diffusion pipeline, loaded once and handed down to the stages."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    source: str
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DiffusionComponents":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device)
+            if dtype is not None and module.dtype != dtype:
+                module.to(dtype=dtype)
+        return self
+
+
+@dataclass
+class ClipComponents:
+    model: Any
+    processor: Any
+    source: str
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise Ip2pError(f"unknown dtype '{name}': use one of float32, float16, bfloat16")
+    return table[name]
+
+
+def _tiny_root(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
+    return ensure_tiny(cache_dir, model_cfg["build"])
+
+
+def resolve_source(source: str, role: str, model_cfg: Mapping[str, Any], cache_dir: str | Path) -> str:
+    """Turn "tiny" into its built folder; leave folders, files and hub ids as they are."""
+    if source == "tiny":
+        return str(_tiny_root(model_cfg, cache_dir) / role)
+    return str(source)
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+
+
+def _check_local(source: str, what: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise Ip2pError(f"checkpoint not found: '{source}' does not exist (expected {what})")
+    return path
+
+
+def widen_conv_in(unet, in_channels: int):
+    """Give the UNet's first convolution `in_channels` inputs: old channels copied, new ones zero.
+
+    The bias is kept (diffusers' training script drops it, diffusers issue 4960). With the new
+    channels at zero the widened UNet computes exactly what the original did.
+    """
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return unet
+    if old.in_channels > in_channels:
+        raise Ip2pError(f"cannot narrow conv_in from {old.in_channels} to {in_channels} input channels")
+    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+def load_diffusion(
+    source: str,
+    role: Role,
+    model_cfg: Mapping[str, Any],
+    cache_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+) -> DiffusionComponents:
+    """Load a pipeline's components. role="editor" returns an 8-channel UNet (a 4-channel
+    checkpoint is widened), role="base" the text-to-image UNet as stored."""
+    if source is None:
+        raise Ip2pError(f"model preset '{model_cfg.get('name')}' has no {role} checkpoint configured "
+                        f"(set model.{role}=PATH or pick another preset)")
+    resolved = resolve_source(source, role, model_cfg, cache_dir)
+    if resolved.lower().endswith(SINGLE_FILE_SUFFIXES):
+        parts = _load_single_file(resolved, role, model_cfg, cache_dir)
+    else:
+        parts = _load_pipeline_folder(resolved)
+    latent_channels = parts.vae.config.latent_channels
+    if role == "editor" and parts.unet.config.in_channels == latent_channels:
+        log.warning("%s has a %d-channel UNet: widening conv_in to %d channels (image channels start at zero)",
+                    source, latent_channels, 2 * latent_channels)
+        widen_conv_in(parts.unet, 2 * latent_channels)
+    expected = 2 * latent_channels if role == "editor" else latent_channels
+    if parts.unet.config.in_channels != expected:
+        raise Ip2pError(f"'{source}' has a UNet with {parts.unet.config.in_channels} input channels; "
+                        f"a {role} needs {expected}")
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.eval().requires_grad_(False)
+    return parts.to(resolve_device(str(device)) if isinstance(device, str) else device, resolve_dtype(dtype))
+
+
+def _load_pipeline_folder(source: str) -> DiffusionComponents:
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if _is_local(source):
+        path = _check_local(source, PIPELINE_LAYOUT)
+        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / d).is_dir()]
+        if missing:
+            raise Ip2pError(f"'{source}' is not a pipeline checkpoint: missing {', '.join(missing)} "
+                            f"(expected {PIPELINE_LAYOUT})")
+        source = str(path)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        scheduler_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
+    except (OSError, ValueError, EnvironmentError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Ip2pError(f"cannot load checkpoint '{source}' (expected {PIPELINE_LAYOUT} or a hub id "
+                        f"available offline): {reason}") from err
+    # Keep the scheduler the checkpoint ships; samplers pick their own by name from its config.
+    scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, source)
+
+
+def _load_single_file(path: str, role: Role, model_cfg: Mapping[str, Any], cache_dir: str | Path) -> DiffusionComponents:
+    """An original (CompVis/LDM key layout) checkpoint in one file; component configs come from
+    `model.single_file_config.<role>` (a diffusers folder or hub id) since the file has none."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    _check_local(path, "a .ckpt or .safetensors checkpoint file")
+    config_source = (model_cfg.get("single_file_config") or {}).get(role)
+    if config_source is None:
+        raise Ip2pError(f"'{path}' is a single-file checkpoint: set model.single_file_config.{role} to a "
+                        "diffusers folder or hub id that holds its component configs")
+    config_source = resolve_source(config_source, role, model_cfg, cache_dir)
+    pipeline_cls = StableDiffusionInstructPix2PixPipeline if role == "editor" else StableDiffusionPipeline
+    try:
+        pipe = pipeline_cls.from_single_file(
+            path, config=config_source, local_files_only=_is_local(config_source),
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except Exception as err:  # diffusers raises many types here; the user needs one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Ip2pError(f"cannot load single-file checkpoint '{path}' with configs from '{config_source}': "
+                        f"{reason}") from err
+    return DiffusionComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, path)
+
+
+def load_clip(source: str, model_cfg: Mapping[str, Any], cache_dir: str | Path,
+              device: str | torch.device = "cpu") -> ClipComponents:
+    """CLIPModel + CLIPProcessor (tiny, a local folder, or a hub id such as openai/clip-vit-large-patch14)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    resolved = resolve_source(source, "clip", model_cfg, cache_dir)
+    if _is_local(resolved):
+        resolved = str(_check_local(resolved, "a CLIP folder (config.json, model weights, processor files)"))
+    try:
+        model = CLIPModel.from_pretrained(resolved)
+        processor = CLIPProcessor.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Ip2pError(f"cannot load CLIP model '{source}': {reason}") from err
+    model.eval().requires_grad_(False)
+    dev = resolve_device(str(device)) if isinstance(device, str) else device
+    return ClipComponents(model.to(dev), processor, resolved)

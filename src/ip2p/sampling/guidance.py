@@ -1,0 +1,34 @@
+"""Classifier-free guidance combiners: small pure functions, the math visible.
+
+Scales may be Python floats or tensors of shape [B] (one scale per sample), so one batch can hold
+several guidance settings (the evaluation grid does this).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _per_sample(scale: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(scale, torch.Tensor):
+        return scale.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return scale
+
+
+def dual_guidance(
+    eps_text_image: torch.Tensor,
+    eps_image: torch.Tensor,
+    eps_uncond: torch.Tensor,
+    text_scale: float | torch.Tensor,
+    image_scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """InstructPix2Pix guidance (paper eq. 3):
+    eps = eps(0,0) + s_I * (eps(img,0) - eps(0,0)) + s_T * (eps(img,txt) - eps(img,0))."""
+    s_t = _per_sample(text_scale, eps_uncond)
+    s_i = _per_sample(image_scale, eps_uncond)
+    return eps_uncond + s_i * (eps_image - eps_uncond) + s_t * (eps_text_image - eps_image)
+
+
+def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Standard two-way guidance: eps = eps(0) + s * (eps(c) - eps(0))."""
+    return eps_uncond + _per_sample(scale, eps_uncond) * (eps_cond - eps_uncond)
