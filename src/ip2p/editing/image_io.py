@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ip2p.errors import Ip2pError
+from ip2p.io.atomic import atomic_write_bytes
 
 # Pillow's decompression-bomb guard raises above twice its MAX_IMAGE_PIXELS; we check ourselves,
 # with a limit from config, and give one clear line instead.
@@ -99,18 +99,11 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
-    """Write next to the target and rename: a crash never leaves a half-written image."""
+    """Encode in memory, then write-and-rename: a crash never leaves a half-written image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise Ip2pError(f"cannot save '{path}': unknown image extension '{path.suffix}' (use .png, .jpg, .webp)")
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return atomic_write_bytes(path, buffer.getvalue())

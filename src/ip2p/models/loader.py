@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.models.tiny import ensure_tiny
 
@@ -71,7 +72,12 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 
 def _tiny_root(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
-    return ensure_tiny(cache_dir, model_cfg["build"])
+    from omegaconf import DictConfig, OmegaConf
+
+    build = model_cfg["build"]
+    if isinstance(build, DictConfig):
+        build = OmegaConf.to_container(build, resolve=True)
+    return ensure_tiny(cache_dir, build)
 
 
 def resolve_source(source: str, role: str, model_cfg: Mapping[str, Any], cache_dir: str | Path) -> str:
@@ -165,7 +171,7 @@ def _load_pipeline_folder(source: str) -> DiffusionComponents:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         scheduler_config = diffusers.DDPMScheduler.load_config(source, subfolder="scheduler")
     except (OSError, ValueError, EnvironmentError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise Ip2pError(f"cannot load checkpoint '{source}' (expected {PIPELINE_LAYOUT} or a hub id "
                         f"available offline): {reason}") from err
     # Keep the scheduler the checkpoint ships; samplers pick their own by name from its config.
@@ -192,7 +198,7 @@ def _load_single_file(path: str, role: Role, model_cfg: Mapping[str, Any], cache
             safety_checker=None, requires_safety_checker=False,
         )
     except Exception as err:  # diffusers raises many types here; the user needs one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise Ip2pError(f"cannot load single-file checkpoint '{path}' with configs from '{config_source}': "
                         f"{reason}") from err
     return DiffusionComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, path)
@@ -210,7 +216,7 @@ def load_clip(source: str, model_cfg: Mapping[str, Any], cache_dir: str | Path,
         model = CLIPModel.from_pretrained(resolved)
         processor = CLIPProcessor.from_pretrained(resolved)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise Ip2pError(f"cannot load CLIP model '{source}': {reason}") from err
     model.eval().requires_grad_(False)
     dev = resolve_device(str(device)) if isinstance(device, str) else device

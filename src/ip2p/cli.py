@@ -1,0 +1,209 @@
+"""The `ip2p` command: `edit` and `export` take flags; pipeline stages take Hydra overrides.
+
+    ip2p edit INPUT "INSTRUCTION" -o OUT.png [--model PRESET|PATH] [--steps N] ...
+    ip2p export OUTDIR [--model PRESET|PATH]
+    ip2p <stage> [key=value ...] [-m]        stages: see STAGES below
+
+Every stage is one `run(cfg)` function; this file only parses arguments and reports errors as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ip2p.errors import Ip2pError
+
+# stage name -> "module:function" taking the composed DictConfig. Later stages register here.
+STAGES: dict[str, str] = {
+    "captions": "ip2p.data.captions:run",
+    "instructions": "ip2p.data.instructions:run",
+    "finetune-llm": "ip2p.data.finetune_llm:run",
+    "synthesize": "ip2p.synthesis.run:run",
+    "filter": "ip2p.filtering.run:run",
+    "train": "ip2p.training.run:run",
+    "evaluate": "ip2p.evaluation.run:run",
+    "register": "ip2p.tracking.registry:run_register",
+    "promote": "ip2p.tracking.registry:run_promote",
+    "merge": "ip2p.io.merge:run",
+}
+
+
+
+def _quiet_libraries() -> None:
+    # No telemetry, no surprise downloads of configs, no progress bars from loaders.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _model_overrides(model: str | None) -> tuple[list[str], str | None]:
+    """--model is a preset name from conf/model/ or a checkpoint (path, hub id, models:/ URI)."""
+    from ip2p.config import available_presets
+
+    if model is None:
+        return [], None
+    if model in available_presets("model"):
+        return [f"model={model}"], None
+    return [], model
+
+
+def _edit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ip2p edit",
+        description="Edit an image with a written instruction (InstructPix2Pix).",
+        epilog="Example: ip2p edit photo.jpg \"make it snowy\" -o snowy.png --model ip2p",
+    )
+    p.add_argument("input", help="input image (any format Pillow reads; EXIF orientation is applied)")
+    p.add_argument("instruction", help="the edit, e.g. \"make it a watercolor\"; empty returns the resized input")
+    p.add_argument("-o", "--output", default="edited.png",
+                   help="output image; with --num-images K>1, OUT_0.png ... OUT_{K-1}.png (default: edited.png)")
+    p.add_argument("--model", default=None,
+                   help="preset name (tiny, ip2p, sd15) or a checkpoint: diffusers folder, .ckpt/.safetensors "
+                        "file, hub id, or models:/NAME@ALIAS (default: tiny)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 100)")
+    p.add_argument("--text-guidance", type=float, default=None,
+                   help="text guidance scale s_T: how strongly to follow the instruction (default 7.5)")
+    p.add_argument("--image-guidance", type=float, default=None,
+                   help="image guidance scale s_I: how closely to stay with the input image (default 1.5)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same image (default 0)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="long side in pixels; both sides are rounded to multiples of 64 (default 512)")
+    p.add_argument("--scheduler", default=None,
+                   help="sampler: euler_ancestral (default), euler, ddim, dpmpp_2m, heun, lms, pndm, unipc, ... "
+                        "or any diffusers scheduler class name")
+    p.add_argument("--num-images", type=int, default=None, help="variants to make in one batch (default 1)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _compose_for(model: str | None, extra: list[str]):
+    from omegaconf import open_dict
+
+    from ip2p.config import compose
+
+    overrides, checkpoint = _model_overrides(model)
+    cfg = compose(overrides + extra)
+    if checkpoint is not None:
+        with open_dict(cfg):
+            cfg.model.editor = checkpoint
+    return cfg
+
+
+def cmd_edit(argv: list[str]) -> int:
+    args = _edit_parser().parse_args(argv)
+    from omegaconf import open_dict
+
+    from ip2p.editing.run import run
+
+    cfg = _compose_for(args.model, [])
+    flags = {"steps": args.steps, "text_guidance": args.text_guidance, "image_guidance": args.image_guidance,
+             "seed": args.seed, "resolution": args.resolution, "scheduler": args.scheduler,
+             "num_images": args.num_images}
+    with open_dict(cfg):
+        cfg.edit.input = args.input
+        cfg.edit.instruction = args.instruction
+        cfg.edit.output = args.output
+        for key, value in flags.items():
+            if value is not None:
+                cfg.edit[key] = value
+        if args.device:
+            cfg.device = args.device
+        if args.dtype:
+            cfg.dtype = args.dtype
+        cfg.progress = not args.no_progress
+    for path in run(cfg):
+        print(path)
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ip2p export",
+                                description="Write the editor as a diffusers StableDiffusionInstructPix2PixPipeline folder.")
+    p.add_argument("outdir", help="folder to write (replaced if it exists)")
+    p.add_argument("--model", default=None, help="preset name or checkpoint, as for `ip2p edit` (default: tiny)")
+    p.add_argument("--scheduler", default="euler_ancestral", help="scheduler class stored in the folder")
+    args = p.parse_args(argv)
+    from ip2p.editing.export import export_pipeline
+    from ip2p.models.loader import load_diffusion
+
+    cfg = _compose_for(args.model, [])
+    components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
+    print(export_pipeline(components, args.outdir, scheduler=args.scheduler))
+    return 0
+
+
+def cmd_stage(name: str, argv: list[str]) -> int:
+    """Run a stage under Hydra's own entry point, so -m (multirun), launchers and sweepers all work."""
+    import hydra
+
+    from ip2p.config import config_dir
+
+    module_name, func_name = STAGES[name].split(":")
+    stage_run = getattr(importlib.import_module(module_name), func_name)
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+    def _main(cfg):
+        try:
+            return stage_run(cfg)
+        except Ip2pError as err:
+            print(f"ip2p {name}: error: {err}", file=sys.stderr)
+            sys.exit(1)
+
+    sys.argv = [f"ip2p-{name}", *argv, f"hydra.job.name={name}"]
+    _main()
+    return 0
+
+
+COMMANDS = {"edit": cmd_edit, "export": cmd_export}
+
+
+def _usage() -> str:
+    lines = ["usage: ip2p COMMAND [ARGS]", "", "commands:",
+             "  edit       edit an image with an instruction (ip2p edit --help)",
+             "  export     write the editor as a diffusers pipeline folder (ip2p export --help)"]
+    for stage in STAGES:
+        lines.append(f"  {stage:<10} pipeline stage; Hydra overrides, -m for multirun (ip2p {stage} --help)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        if command in COMMANDS:
+            return COMMANDS[command](rest)
+        if command in STAGES:
+            return cmd_stage(command, rest)
+        print(f"ip2p: error: unknown command '{command}'\n{_usage()}", file=sys.stderr)
+        return 2
+    except Ip2pError as err:
+        print(f"ip2p {command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ip2p {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

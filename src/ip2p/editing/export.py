@@ -1,0 +1,43 @@
+"""Write an editor as a diffusers `StableDiffusionInstructPix2PixPipeline` folder.
+
+`StableDiffusionInstructPix2PixPipeline.from_pretrained(OUTDIR)` loads it unchanged, and
+`ip2p edit --model OUTDIR` loads it through our own loader: users move between the two freely.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ip2p.models.loader import DiffusionComponents
+from ip2p.sampling.loop import make_scheduler
+
+
+def export_pipeline(components: DiffusionComponents, out_dir: str | Path, scheduler: str = "euler_ancestral",
+                    unet=None) -> Path:
+    """Save vae, text_encoder, tokenizer, unet (or the given `unet`, e.g. EMA weights) and a scheduler
+    of class `scheduler` carrying the checkpoint's noise schedule. Written to a temp folder, then moved."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    out_dir = Path(out_dir)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet if unet is not None else components.unet,
+        scheduler=make_scheduler(scheduler, components.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,53 @@
+"""`ip2p edit` behind the CLI: load the editor once, edit, write the image(s) atomically."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ip2p.editing.image_io import load_image, resize_for_editing, save_image_atomic
+from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
+from ip2p.errors import Ip2pError
+from ip2p.models.loader import load_diffusion
+
+log = logging.getLogger(__name__)
+
+
+def output_paths(output: str | Path, num_images: int) -> list[Path]:
+    """out.png for one image; out_0.png, out_1.png, ... for several."""
+    output = Path(output)
+    if num_images == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(num_images)]
+
+
+def settings_from_config(cfg: DictConfig) -> EditSettings:
+    e = cfg.edit
+    if e.steps < 1:
+        raise Ip2pError(f"--steps must be at least 1 (got {e.steps})")
+    if e.num_images < 1:
+        raise Ip2pError(f"--num-images must be at least 1 (got {e.num_images})")
+    if e.resolution < 64:
+        raise Ip2pError(f"--resolution must be at least 64 (got {e.resolution})")
+    return EditSettings(steps=int(e.steps), text_guidance=float(e.text_guidance),
+                        image_guidance=float(e.image_guidance), scheduler=str(e.scheduler),
+                        num_images=int(e.num_images), seed=int(e.seed), progress=bool(cfg.progress))
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    if not cfg.edit.input:
+        raise Ip2pError("no input image given")
+    settings = settings_from_config(cfg)
+    image = resize_for_editing(load_image(cfg.edit.input, int(cfg.edit.max_input_pixels)), int(cfg.edit.resolution))
+    instruction = str(cfg.edit.instruction or "")
+    if instruction.strip():
+        components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+        images = InstructPix2Pix(components).edit(image, instruction, settings)
+    else:
+        images = [image.copy() for _ in range(settings.num_images)]
+    paths = output_paths(cfg.edit.output, settings.num_images)
+    for img, path in zip(images, paths):
+        save_image_atomic(img, path)
+    return paths

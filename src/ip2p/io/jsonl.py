@@ -1,0 +1,94 @@
+"""JSONL reading with counted rejections, and an append-only writer that resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def read_jsonl(path: str | Path, rejected: Counter | None = None) -> Iterator[dict]:
+    """Yield one dict per valid line. Bad lines are counted in `rejected` by reason, never raised."""
+    rejected = rejected if rejected is not None else Counter()
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rejected["not_utf8"] += 1
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                rejected["malformed_json"] += 1
+                continue
+            if not isinstance(record, dict):
+                rejected["not_an_object"] += 1
+                continue
+            yield record
+
+
+class ResumableJsonl:
+    """Output of a stage (or one shard of it), written record by record.
+
+    Records go to `<path>.partial` and are flushed and fsynced in batches. A killed run leaves at most
+    one incomplete last line, which `open()` cuts off; the ids already written are skipped on resume.
+    `finish()` renames the partial file to its final name, so a finished output is never partial, and a
+    finished output makes the next run of the same shard a no-op.
+    """
+
+    def __init__(self, path: str | Path, id_key: str = "id"):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.id_key = id_key
+        self.done: set[str] = set()
+        self.num_written = 0
+        self._handle = None
+
+    @property
+    def finished(self) -> bool:
+        return self.path.exists()
+
+    def open(self) -> "ResumableJsonl":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            data = self.partial.read_bytes()
+            keep = data[: data.rfind(b"\n") + 1]  # drop a torn last line
+            if len(keep) != len(data):
+                with open(self.partial, "r+b") as handle:
+                    handle.truncate(len(keep))
+            for line in keep.splitlines():
+                self.done.add(str(json.loads(line)[self.id_key]))
+        self._handle = open(self.partial, "ab")
+        return self
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records]
+        if not lines:
+            return
+        self._handle.write("".join(lines).encode("utf-8"))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        for r in records:
+            self.done.add(str(r[self.id_key]))
+        self.num_written += len(lines)
+
+    def finish(self) -> Path:
+        self.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "ResumableJsonl":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
