@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from ip2p.errors import Ip2pError
+
+if TYPE_CHECKING:  # omegaconf is imported lazily: light tools (bench/) run without it
+    from omegaconf import DictConfig
 
 
 def config_dir() -> Path:
