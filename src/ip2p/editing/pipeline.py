@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ip2p.models.loader import DiffusionComponents
@@ -74,14 +75,18 @@ class InstructPix2Pix:
         image_guidance: float | torch.Tensor,
         steps: int,
         scheduler: str,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
         progress: bool = True,
     ) -> torch.Tensor:
         """Denoise a batch: condition [B, 4, h, w], text_embeds [B, L, D], empty_text_embeds [1, L, D].
-        Scales may be per-sample tensors [B]. Returns the final latents [B, 4, h, w]."""
+        Scales may be per-sample tensors [B]. `generator` may be a list of B generators: each sample's
+        noise then depends on its own generator only, whatever else shares the batch.
+        Returns the final latents [B, 4, h, w]."""
         batch, channels, height, width = condition.shape
-        noise = torch.randn((batch, self.c.unet.config.out_channels, height, width), generator=generator,
-                            device=generator.device, dtype=self.dtype).to(self.device)
+        # diffusers' randn_tensor: the same draws as its pipelines (CPU generators give the same noise
+        # on every device), one generator per sample when a list is given.
+        noise = randn_tensor((batch, self.c.unet.config.out_channels, height, width), generator=generator,
+                             device=self.device, dtype=self.dtype)
         empty = empty_text_embeds.expand(batch, -1, -1)
         branch_text = torch.cat([text_embeds, empty, empty])
         branch_image = torch.cat([condition, condition, torch.zeros_like(condition)])

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install ip2p with its test extras. Idempotent; works offline except for PyPI.
+# torch is installed first, pinned to 2.13.0 (a CPU build on the project's machines): the package
+# declares a range that 2.13.0 satisfies, so pip never fetches a multi-GB CUDA build here.
+# On a GPU machine, install the CUDA torch you want first (or set IP2P_TORCH to its spec).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "${IP2P_TORCH:-torch==2.13.0}"
+python -m pip install -q -e ".[dev]"
