@@ -1,0 +1,111 @@
+"""`ip2p evaluate`: the guidance grid on held-out test pairs -> reports/.
+
+Writes guidance_grid.csv (one row per cell, metric means), eval.json (headline metrics at the default
+scales), guidance_grid.png (the trade-off plot) and guidance_examples.png (one input across the grid).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import random
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+
+from ip2p.editing.image_io import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
+from ip2p.editing.pipeline import InstructPix2Pix
+from ip2p.errors import Ip2pError
+from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells
+from ip2p.evaluation.metrics import edit_metrics, ground_truth_metrics
+from ip2p.evaluation.plots import picture_grid, tradeoff_plot
+from ip2p.io.atomic import atomic_write_json, atomic_write_text
+from ip2p.models.clip_embed import embed_images, embed_texts
+from ip2p.models.loader import load_clip, load_diffusion
+
+log = logging.getLogger(__name__)
+
+METRICS = ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "l1", "l2", "clip_i_gt"]
+
+
+def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int) -> list[dict]:
+    """Rows of the held-out split (sorted by id, then a seeded sample of `num_samples`)."""
+    files = sorted(glob.glob(str(Path(dataset_dir) / split / "*.parquet")))
+    if not files:
+        raise Ip2pError(f"no {split} split in '{dataset_dir}' (expected {split}/*.parquet from `ip2p filter`)")
+    rows = sorted((r for f in files for r in pq.read_table(f).to_pylist()), key=lambda r: str(r["id"]))
+    if num_samples is not None and num_samples < len(rows):
+        rows = sorted(random.Random(seed).sample(rows, num_samples), key=lambda r: str(r["id"]))
+    return rows
+
+
+def _decode(struct: dict | None, resolution: int) -> Image.Image | None:
+    if not struct or not struct.get("bytes"):
+        return None
+    with Image.open(io.BytesIO(struct["bytes"])) as img:
+        img.load()
+        return ImageOps.fit(to_rgb(img), (resolution, resolution), method=Image.Resampling.LANCZOS)
+
+
+def score_grid(clip, inputs: torch.Tensor, edits: torch.Tensor, gts: torch.Tensor | None,
+               captions_in: list[str], captions_out: list[str], cells: list[Cell]) -> pd.DataFrame:
+    """One row per (input, cell). inputs [N,3,H,W], edits [N,C,3,H,W], gts [N,3,H,W] or None; all in [0,1]."""
+    n, c = edits.shape[:2]
+    e_in = embed_images(clip, inputs)
+    e_edit = embed_images(clip, edits.flatten(0, 1)).view(n, c, -1)
+    t_in, t_out = embed_texts(clip, captions_in), embed_texts(clip, captions_out)
+    e_gt = embed_images(clip, gts) if gts is not None else None
+    rows = []
+    for k, cell in enumerate(cells):
+        m = edit_metrics(e_in, e_edit[:, k], t_in, t_out)
+        if gts is not None:
+            m.update(ground_truth_metrics(edits[:, k], gts, e_edit[:, k], e_gt))
+        for i in range(n):
+            rows.append({"input": i, "text_scale": cell.text_scale, "image_scale": cell.image_scale,
+                         **{name: float(v[i]) for name, v in m.items()}})
+    return pd.DataFrame(rows)
+
+
+def run(cfg: DictConfig) -> dict:
+    e = cfg.evaluate
+    out_dir = Path(e.out_dir)
+    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed))
+    inputs = [_decode(r["input_image"], int(e.resolution)) for r in pairs]
+    gts = [_decode(r.get("edited_image"), int(e.resolution)) for r in pairs]
+    has_gt = all(g is not None for g in gts)
+
+    editor = InstructPix2Pix(load_diffusion(e.model, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype))
+    clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
+    default = Cell(float(e.default_text_scale), float(e.default_image_scale))
+    cells = guidance_cells(e.text_scales, e.image_scales, extra=default)
+
+    edits = edit_grid(editor, pil_to_tensor(inputs), [r["edit_prompt"] for r in pairs], [str(r["id"]) for r in pairs],
+                      cells, int(e.steps), str(e.scheduler), int(e.seed), int(e.batch_size), bool(cfg.progress))
+    per_edit = score_grid(clip, tensor_to_unit(pil_to_tensor(inputs)), tensor_to_unit(edits),
+                          tensor_to_unit(pil_to_tensor(gts)) if has_gt else None,
+                          [r["input_caption"] for r in pairs], [r["output_caption"] for r in pairs], cells)
+    metrics = [m for m in METRICS if m in per_edit]
+    grid = per_edit.groupby(["text_scale", "image_scale"], sort=True)[metrics].mean().reset_index()
+    grid.insert(2, "num_samples", len(pairs))
+    atomic_write_text(out_dir / "guidance_grid.csv", grid.to_csv(index=False, float_format="%.6f"))
+
+    on_grid = grid[grid.text_scale.isin([float(t) for t in e.text_scales])
+                   & grid.image_scale.isin([float(i) for i in e.image_scales])]
+    tradeoff_plot(on_grid, out_dir / "guidance_grid.png")
+    ex = int(e.example_index) % len(pairs)
+    edit_images = {(cells[k].text_scale, cells[k].image_scale): tensor_to_pil(edits[ex, k:k + 1])[0] for k in range(len(cells))}
+    picture_grid(inputs[ex], edit_images, [float(t) for t in e.text_scales], [float(i) for i in e.image_scales],
+                 out_dir / "guidance_examples.png", caption=f"\"{pairs[ex]['edit_prompt']}\"")
+
+    headline = grid[(grid.text_scale == default.text_scale) & (grid.image_scale == default.image_scale)].iloc[0]
+    summary = {"text_scale": default.text_scale, "image_scale": default.image_scale, "num_samples": len(pairs),
+               "steps": int(e.steps), "resolution": int(e.resolution), "model": str(e.model),
+               **{m: round(float(headline[m]), 6) for m in metrics}}
+    atomic_write_json(out_dir / "eval.json", summary)
+    log.info("evaluation: %s", summary)
+    return summary
