@@ -1,0 +1,150 @@
+"""Guidance-grid evaluation end to end on the tiny preset, checked against independent computations:
+the edit re-made by diffusers' own InstructPix2Pix pipeline, CLIP metrics recomputed with numpy."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from ip2p.config import compose
+from ip2p.evaluation.grid import Cell, guidance_cells
+from ip2p.evaluation.run import run
+from ip2p.io.stage import stable_seed
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "test").mkdir()
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(3):
+        y, x = np.mgrid[0:56, 0:72]
+        base = np.stack([x * 3, y * 4, (x + y) * 2], -1) + rng.normal(0, 25, (56, 72, 3))
+        img = np.clip(base, 0, 255).astype(np.uint8)
+        rows.append({
+            "id": f"pair{i}-{11 + i}", "pair_id": f"pair{i}",
+            "input_image": {"bytes": _png(img), "path": None},
+            "edited_image": {"bytes": _png(255 - img), "path": None},
+            "edit_prompt": ["make it snowy", "turn the house blue", "make it a watercolor"][i],
+            "input_caption": "a red house in a green field",
+            "output_caption": ["a red house in a snowy field", "a blue house in a green field",
+                               "a watercolor of a red house in a green field"][i],
+            "seed": 11 + i, "p": 0.5, "cfg": 7.5,
+            "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.3, "clip_sim_image": 0.8,
+        })
+    pq.write_table(pa.Table.from_pylist(rows), root / "test" / "part-00000.parquet")
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def evaluated(test_dataset, cache_dir, tmp_path_factory):
+    root, rows = test_dataset
+    out = tmp_path_factory.mktemp("reports")
+    cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", "evaluate.model=tiny",
+                   f"evaluate.dataset_dir={root}", f"evaluate.out_dir={out}", "evaluate.num_samples=2",
+                   "evaluate.steps=3", "evaluate.text_scales=[5.0,7.5]", "evaluate.image_scales=[1.0,1.6]",
+                   "evaluate.batch_size=3"])
+    summary = run(cfg)
+    return cfg, out, summary, rows
+
+
+def test_guidance_cells_grid_and_default():
+    cells = guidance_cells([3, 7.5], [1.0, 1.2], extra=Cell(7.5, 1.5))
+    assert cells == [Cell(3, 1.0), Cell(3, 1.2), Cell(7.5, 1.0), Cell(7.5, 1.2), Cell(7.5, 1.5)]
+    assert guidance_cells([7.5], [1.5], extra=Cell(7.5, 1.5)) == [Cell(7.5, 1.5)]
+
+
+def test_outputs_written(evaluated):
+    cfg, out, summary, _ = evaluated
+    grid = pd.read_csv(out / "guidance_grid.csv")
+    # 2 x 2 grid plus the default cell (7.5, 1.5) that is not on it.
+    assert len(grid) == 5
+    assert set(zip(grid.text_scale, grid.image_scale)) == {(5.0, 1.0), (5.0, 1.6), (7.5, 1.0), (7.5, 1.6), (7.5, 1.5)}
+    assert (grid.num_samples == 2).all()
+    for column in ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "l1", "l2", "clip_i_gt"]:
+        assert grid[column].between(-1.0001, 1.0001).all(), column
+    headline = json.loads((out / "eval.json").read_text())
+    row = grid[(grid.text_scale == 7.5) & (grid.image_scale == 1.5)].iloc[0]
+    assert headline["clip_dir_sim"] == pytest.approx(row.clip_dir_sim, abs=1e-6)
+    assert headline == summary
+    for picture in ("guidance_grid.png", "guidance_examples.png"):
+        with Image.open(out / picture) as img:
+            assert img.width > 100 and img.height > 100
+
+
+def _clip_features(clip, images: list[Image.Image], texts: list[str]):
+    """Independent CLIP embedding: processor + model, normalised with numpy."""
+    with torch.no_grad():
+        pixels = clip.processor(images=images, return_tensors="pt")["pixel_values"]
+        img = clip.model.get_image_features(pixel_values=pixels)
+        tok = clip.processor(text=texts, padding=True, return_tensors="pt")
+        txt = clip.model.get_text_features(**tok)
+    img = getattr(img, "pooler_output", img).numpy().astype(np.float64)
+    txt = getattr(txt, "pooler_output", txt).numpy().astype(np.float64)
+    return img / np.linalg.norm(img, axis=1, keepdims=True), txt / np.linalg.norm(txt, axis=1, keepdims=True)
+
+
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_one_cell_matches_independent_recomputation(evaluated, tiny_editor, tiny_clip, tmp_path):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from ip2p.editing.export import export_pipeline
+    from ip2p.evaluation.run import load_test_pairs
+
+    cfg, out, _, _ = evaluated
+    e = cfg.evaluate
+    pairs = load_test_pairs(e.dataset_dir, "test", 2, 0)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(export_pipeline(tiny_editor, tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    text_scale, image_scale = 7.5, 1.6
+    per_input = []
+    for r in pairs:
+        with Image.open(io.BytesIO(r["input_image"]["bytes"])) as im:
+            inp = ImageOps.fit(im.convert("RGB"), (64, 64), method=Image.Resampling.LANCZOS)
+        with Image.open(io.BytesIO(r["edited_image"]["bytes"])) as im:
+            gt = ImageOps.fit(im.convert("RGB"), (64, 64), method=Image.Resampling.LANCZOS)
+        edit = pipe(r["edit_prompt"], image=inp, num_inference_steps=3, guidance_scale=text_scale,
+                    image_guidance_scale=image_scale, output_type="np",
+                    generator=torch.Generator("cpu").manual_seed(stable_seed(0, r["id"]))).images[0]
+        edit_pil = Image.fromarray((edit * 255).round().astype(np.uint8))
+        imgs, txts = _clip_features(tiny_clip, [inp, edit_pil, gt], [r["input_caption"], r["output_caption"]])
+        gt_unit = np.asarray(gt, dtype=np.float64) / 255.0
+        per_input.append({
+            "clip_image_sim": _cos(imgs[0], imgs[1]),
+            "clip_dir_sim": _cos(imgs[1] - imgs[0], txts[1] - txts[0]),
+            "clip_text_sim": _cos(imgs[1], txts[1]),
+            "l1": float(np.abs(edit - gt_unit).mean()),
+            "l2": float(((edit - gt_unit) ** 2).mean()),
+            "clip_i_gt": _cos(imgs[1], imgs[2]),
+        })
+    expected = pd.DataFrame(per_input).mean()
+    grid = pd.read_csv(out / "guidance_grid.csv")
+    row = grid[(grid.text_scale == text_scale) & (grid.image_scale == image_scale)].iloc[0]
+    for metric, value in expected.items():
+        assert row[metric] == pytest.approx(value, abs=2e-3), metric
+
+
+def test_missing_split_is_one_line_error(tmp_path, cache_dir):
+    from ip2p.errors import Ip2pError
+
+    cfg = compose(["device=cpu", f"paths.cache={cache_dir}", "evaluate.model=tiny", f"evaluate.dataset_dir={tmp_path}"])
+    with pytest.raises(Ip2pError, match="no test split"):
+        run(cfg)
