@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import numpy as np
@@ -49,26 +48,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
-        # Wide integer / float greyscale: map the type's range (I;16 -> 0..65535) to 0..255.
+        # Wide integer / float greyscale: map the value range to 0..255. I;16 is 0..65535; for 32-bit
+        # "I" and float "F" the range is the smallest usual one that holds the data (F: 0..1, then
+        # 0..255, 0..65535), so a dark image stays dark instead of being stretched to its maximum.
         values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        if img.mode == "F" and values.max() <= 1.0:
-            top = 1.0
+        top = 65535.0 if img.mode.startswith("I;16") else _value_range(float(values.max()), img.mode == "F")
         grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
     return img.convert("RGB")
 
 
+def _value_range(largest: float, is_float: bool) -> float:
+    for top in ((1.0,) if is_float else ()) + (255.0, 65535.0):
+        if largest <= top:
+            return top
+    return largest
+
+
 def edit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """The original CLI's rule: scale so the long side is `resolution`, round the short side UP to a
-    multiple of 64, then floor both sides to multiples of 64 (any aspect ratio is kept roughly)."""
-    factor = resolution / max(width, height)
-    factor = math.ceil(min(width, height) * factor / 64) * 64 / min(width, height)
-    new_w = int((width * factor) // 64) * 64
-    new_h = int((height * factor) // 64) * 64
-    if new_w < 64 or new_h < 64:
-        raise Ip2pError(f"cannot resize a {width}x{height} image for resolution {resolution}: "
-                        "the result would be smaller than 64 px on a side")
+    multiple of 64, then floor both sides to multiples of 64 (any aspect ratio is kept roughly).
+
+    Computed with integers: the original's float version lands just below a multiple of 64 for some
+    sizes and loses 64 px there (49x49 at 128 gave 64x64, 47x47 at 768 gave 704x704).
+    """
+    if width < 1 or height < 1 or resolution < 1:
+        raise Ip2pError(f"cannot resize a {width}x{height} image for resolution {resolution}")
+    long_side, short_side = max(width, height), min(width, height)
+    # factor = new_short / short_side, with new_short = ceil(short_side * resolution / long_side / 64) * 64
+    new_short = -(-short_side * resolution // (long_side * 64)) * 64
+    new_w = width * new_short // (short_side * 64) * 64
+    new_h = height * new_short // (short_side * 64) * 64
     return new_w, new_h
 
 
@@ -106,4 +116,7 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
         raise Ip2pError(f"cannot save '{path}': unknown image extension '{path.suffix}' (use .png, .jpg, .webp)")
     buffer = io.BytesIO()
     img.save(buffer, format=fmt)
-    return atomic_write_bytes(path, buffer.getvalue())
+    try:
+        return atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:
+        raise Ip2pError(f"cannot write '{path}': {err.strerror or type(err).__name__}") from err
