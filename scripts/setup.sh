@@ -13,3 +13,7 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "${IP2P_TORCH:-torch==2.13.0}"
 python -m pip install -q -e ".[dev]"
+# Raw inputs (data/, tracked by data.dvc) come from the DVC remote folder inside the repo: no network.
+if [ ! -f data/captions.jsonl ] || [ ! -f data/human_edits.jsonl ]; then
+  DVC_NO_ANALYTICS=1 dvc pull -q data.dvc
+fi
