@@ -12,6 +12,8 @@ both do so), never with arbitrary unpickling.
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -180,9 +182,48 @@ def _load_pipeline_folder(source: str) -> DiffusionComponents:
     return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, source)
 
 
+# The first convolution of the UNet in the original layout: its input channels tell a
+# text-to-image checkpoint (4) from an InstructPix2Pix one (8).
+LDM_CONV_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def _single_file_unet_in_channels(path: str) -> int:
+    """Read the UNet's input channels from an original single-file checkpoint without loading it all
+    (safetensors header; pickles memory-mapped, always with weights_only=True)."""
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                shape = handle.get_slice(LDM_CONV_IN_KEY).get_shape() if LDM_CONV_IN_KEY in handle.keys() else None
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            while isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:  # Lightning nests it
+                checkpoint = checkpoint["state_dict"]
+            weight = checkpoint.get(LDM_CONV_IN_KEY) if isinstance(checkpoint, Mapping) else None
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    except pickle.UnpicklingError as err:
+        raise Ip2pError(f"refusing to load '{path}': it holds pickled objects other than tensors and plain "
+                        "containers (only weights_only loading is allowed; use a .safetensors file)") from err
+    except Exception as err:  # safetensors, zipfile and torch raise many types for damaged files
+        raise Ip2pError(f"cannot read single-file checkpoint '{path}': {first_line(err)}") from err
+    if shape is None or len(shape) != 4:
+        raise Ip2pError(f"'{path}' is not an original Stable Diffusion / InstructPix2Pix checkpoint: "
+                        f"no UNet weight '{LDM_CONV_IN_KEY}'")
+    return int(shape[1])
+
+
 def _load_single_file(path: str, role: Role, model_cfg: Mapping[str, Any], cache_dir: str | Path) -> DiffusionComponents:
     """An original (CompVis/LDM key layout) checkpoint in one file; component configs come from
-    `model.single_file_config.<role>` (a diffusers folder or hub id) since the file has none."""
+    `model.single_file_config.<role>` (a diffusers folder or hub id) since the file has none.
+
+    With `config` given, diffusers converts the weights with that folder's configs; without it, it
+    guesses the model type from the keys and fetches the released model's hub configs (SD 1.5 sizes),
+    which fits neither other sizes nor an offline machine. The UNet's input
+    channels are taken from the file, so a 4-channel text-to-image file loads as an editor too (it is
+    widened afterwards, like a 4-channel folder). Training checkpoints keep EMA weights beside the raw
+    ones; the EMA weights are the ones the original code samples with, so they are loaded.
+    """
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
     _check_local(path, "a .ckpt or .safetensors checkpoint file")
@@ -191,11 +232,14 @@ def _load_single_file(path: str, role: Role, model_cfg: Mapping[str, Any], cache
         raise Ip2pError(f"'{path}' is a single-file checkpoint: set model.single_file_config.{role} to a "
                         "diffusers folder or hub id that holds its component configs")
     config_source = resolve_source(config_source, role, model_cfg, cache_dir)
+    in_channels = _single_file_unet_in_channels(path)
     pipeline_cls = StableDiffusionInstructPix2PixPipeline if role == "editor" else StableDiffusionPipeline
     try:
         pipe = pipeline_cls.from_single_file(
             path, config=config_source, local_files_only=_is_local(config_source),
             safety_checker=None, requires_safety_checker=False,
+            num_in_channels=in_channels,  # diffusers' name for the UNet's in_channels here (UNet only)
+            extract_ema=True,             # no-op for files without model_ema.* (e.g. *-emaonly)
         )
     except Exception as err:  # diffusers raises many types here; the user needs one line
         reason = first_line(err)
