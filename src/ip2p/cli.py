@@ -28,7 +28,6 @@ STAGES: dict[str, str] = {
     "train": "ip2p.training.run:run",
     "evaluate": "ip2p.evaluation.run:run",
     "register": "ip2p.tracking.registry:run_register",
-    "promote": "ip2p.tracking.registry:run_promote",
     "merge": "ip2p.io.merge:run",
 }
 
@@ -148,6 +147,24 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_promote(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ip2p promote",
+                                description="Move a registry alias (e.g. candidate -> champion) in MLflow.")
+    p.add_argument("--alias", default="champion", help="alias to set (default: champion)")
+    p.add_argument("--version", default=None, help="model version to point it at (default: the --from alias')")
+    p.add_argument("--from", dest="from_alias", default="candidate", help="alias whose version is promoted")
+    p.add_argument("--name", default=None, help="registered model name (default: register.name)")
+    args = p.parse_args(argv)
+    from ip2p.config import compose
+    from ip2p.tracking.registry import promote
+
+    r = compose([]).register
+    name = args.name or r.name
+    version = promote(r.tracking_uri, name, args.alias, args.version, args.from_alias)
+    print(f"models:/{name}@{args.alias} -> version {version}")
+    return 0
+
+
 def cmd_stage(name: str, argv: list[str]) -> int:
     """Run a stage under Hydra's own entry point, so -m (multirun), launchers and sweepers all work."""
     import hydra
@@ -170,13 +187,14 @@ def cmd_stage(name: str, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "export": cmd_export}
+COMMANDS = {"edit": cmd_edit, "export": cmd_export, "promote": cmd_promote}
 
 
 def _usage() -> str:
     lines = ["usage: ip2p COMMAND [ARGS]", "", "commands:",
              "  edit       edit an image with an instruction (ip2p edit --help)",
-             "  export     write the editor as a diffusers pipeline folder (ip2p export --help)"]
+             "  export     write the editor as a diffusers pipeline folder (ip2p export --help)",
+             "  promote    move a model-registry alias, e.g. candidate -> champion (ip2p promote --help)"]
     for stage in STAGES:
         lines.append(f"  {stage:<10} pipeline stage; Hydra overrides, -m for multirun (ip2p {stage} --help)")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ A model "source" is one of:
   "tiny"                       the embedded preset, built on first use (see ip2p.models.tiny)
   a folder                     diffusers pipeline layout (model_index.json, unet/, vae/, ...) or a CLIP folder
   a .ckpt / .safetensors file  an original single-file Stable Diffusion / InstructPix2Pix checkpoint
+  models:/NAME@ALIAS           a model in the MLflow registry (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)
   anything else                a Hugging Face hub id (works offline only if it is in the local hub cache)
 Weights load from safetensors, or from pickles with `weights_only=True` (diffusers and transformers
 both do so), never with arbitrary unpickling.
@@ -86,6 +87,10 @@ def resolve_source(source: str, role: str, model_cfg: Mapping[str, Any], cache_d
     """Turn "tiny" into its built folder; leave folders, files and hub ids as they are."""
     if source == "tiny":
         return str(_tiny_root(model_cfg, cache_dir) / role)
+    if str(source).startswith("models:/"):
+        from ip2p.tracking.registry import resolve_model_uri
+
+        return resolve_model_uri(str(source), cache_dir)
     return str(source)
 
 

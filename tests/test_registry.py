@@ -1,0 +1,119 @@
+"""Model registry: register the tiny editor in a temp sqlite MLflow store, promote, edit by alias,
+and serve it with `mlflow models serve` (a real server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from ip2p.config import compose
+from ip2p.editing.export import export_pipeline
+from ip2p.editing.image_io import resize_for_editing
+from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
+from ip2p.errors import Ip2pError
+from ip2p.models.loader import load_diffusion
+from ip2p.tracking.registry import promote, run_register
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_editor, cache_dir):
+    root = tmp_path_factory.mktemp("registry")
+    model_dir = export_pipeline(tiny_editor, root / "model")
+    (root / "eval.json").write_text(json.dumps({"clip_dir_sim": 0.125, "clip_image_sim": 0.875}))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = compose([f"paths.cache={cache_dir}", f"register.model_dir={model_dir}", f"register.tracking_uri={uri}",
+                   f"register.artifact_location={root / 'mlartifacts'}", f"register.eval_report={root / 'eval.json'}",
+                   f"register.record={root / 'register.json'}", "register.serve.steps=2",
+                   "register.serve.resolution=64"])
+    first = run_register(cfg)
+    second = run_register(cfg)
+    return {"root": root, "uri": uri, "cfg": cfg, "first": first, "second": second}
+
+
+def test_register_creates_versions_with_tags_and_alias(registry):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=registry["uri"])
+    name = registry["cfg"].register.name
+    assert (registry["first"]["version"], registry["second"]["version"]) == (1, 2)
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "2"
+    version = client.get_model_version(name, "2")
+    assert float(version.tags["eval.clip_dir_sim"]) == 0.125
+    assert float(version.tags["eval.clip_image_sim"]) == 0.875
+    record = json.loads((registry["root"] / "register.json").read_text())
+    assert record["model_uri"] == f"models:/{name}@candidate" and record["version"] == 2
+
+
+def test_promote_moves_alias_and_edit_by_alias(registry, cfg, noise_image, tiny_editor, monkeypatch):
+    import mlflow
+
+    name = registry["cfg"].register.name
+    assert promote(registry["uri"], name, "champion", version="1") == "1"
+    assert promote(registry["uri"], name, "champion") == "2"  # from the candidate alias
+    client = mlflow.MlflowClient(tracking_uri=registry["uri"])
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    with pytest.raises(Ip2pError, match="cannot promote"):
+        promote(registry["uri"], name, "champion", from_alias="no-such-alias")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    registered = load_diffusion(f"models:/{name}@champion", "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
+    for key, value in tiny_editor.unet.state_dict().items():
+        assert registered.unet.state_dict()[key].equal(value), key
+    settings = EditSettings(steps=2, progress=False, seed=3)
+    image = resize_for_editing(noise_image, 64)
+    a = InstructPix2Pix(registered).edit(image, "make it snowy", settings)[0]
+    b = InstructPix2Pix(tiny_editor).edit(image, "make it snowy", settings)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(Ip2pError, match="cannot resolve"):
+        load_diffusion(f"models:/{name}@nobody", "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_round_trip(registry, noise_image, tiny_editor):
+    name = registry["cfg"].register.name
+    promote(registry["uri"], name, "champion", version="2")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        buffer = io.BytesIO()
+        noise_image.save(buffer, format="PNG")
+        payload = {"dataframe_split": {"columns": ["image", "instruction", "steps", "seed"],
+                                       "data": [[base64.b64encode(buffer.getvalue()).decode(), "make it snowy", 2, 5]]}}
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
+        assert response.status_code == 200, response.text[:300]
+        served = Image.open(io.BytesIO(base64.b64decode(response.json()["predictions"][0]["image"])))
+        expected = InstructPix2Pix(tiny_editor).edit(resize_for_editing(noise_image, 64), "make it snowy",
+                                                    EditSettings(steps=2, seed=5, progress=False))[0]
+        assert served.size == expected.size
+        assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(expected))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
