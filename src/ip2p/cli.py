@@ -165,14 +165,41 @@ def cmd_promote(argv: list[str]) -> int:
     return 0
 
 
+def cmd_params(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ip2p params",
+                                description="Write the composed, resolved configuration (DVC's params.yaml).")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=small filter.top_k=2")
+    p.add_argument("-o", "--output", default="params.yaml", help="file to write (default: params.yaml)")
+    args = p.parse_args(argv)
+    from ip2p.config import compose, composed_params
+    from ip2p.io.atomic import atomic_write_text
+
+    atomic_write_text(args.output, composed_params(compose(args.overrides)))
+    print(args.output)
+    return 0
+
+
 def cmd_stage(name: str, argv: list[str]) -> int:
-    """Run a stage under Hydra's own entry point, so -m (multirun), launchers and sweepers all work."""
+    """Run a stage under Hydra's own entry point, so -m (multirun), launchers and sweepers all work.
+
+    With `--params FILE` (what dvc.yaml uses) the stage reads that composed file instead, so that
+    `dvc exp run -S key=value` (which rewrites params.yaml through DVC's Hydra composition) reaches it.
+    """
     import hydra
 
     from ip2p.config import config_dir
 
     module_name, func_name = STAGES[name].split(":")
     stage_run = getattr(importlib.import_module(module_name), func_name)
+
+    if argv[:1] == ["--params"]:
+        from omegaconf import OmegaConf
+
+        if len(argv) < 2 or not Path(argv[1]).is_file():
+            raise Ip2pError("--params needs an existing YAML file (e.g. params.yaml from `ip2p params`)")
+        cfg = OmegaConf.merge(OmegaConf.load(argv[1]), OmegaConf.from_dotlist(argv[2:]))
+        stage_run(cfg)
+        return 0
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _main(cfg):
@@ -187,14 +214,15 @@ def cmd_stage(name: str, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "export": cmd_export, "promote": cmd_promote}
+COMMANDS = {"edit": cmd_edit, "export": cmd_export, "promote": cmd_promote, "params": cmd_params}
 
 
 def _usage() -> str:
     lines = ["usage: ip2p COMMAND [ARGS]", "", "commands:",
              "  edit       edit an image with an instruction (ip2p edit --help)",
              "  export     write the editor as a diffusers pipeline folder (ip2p export --help)",
-             "  promote    move a model-registry alias, e.g. candidate -> champion (ip2p promote --help)"]
+             "  promote    move a model-registry alias, e.g. candidate -> champion (ip2p promote --help)",
+             "  params     write the composed configuration to params.yaml (for DVC; ip2p params --help)"]
     for stage in STAGES:
         lines.append(f"  {stage:<10} pipeline stage; Hydra overrides, -m for multirun (ip2p {stage} --help)")
     return "\n".join(lines)
