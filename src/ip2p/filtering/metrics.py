@@ -1,0 +1,73 @@
+"""The four CLIP scores of a candidate pair (facts.md section 2), from L2-normalised embeddings:
+
+    clip_sim_0      cos(E_img(image_0), E_txt(input caption))
+    clip_sim_1      cos(E_img(image_1), E_txt(output caption))
+    clip_sim_dir    cos(E_img(image_1) - E_img(image_0), E_txt(output caption) - E_txt(input caption))
+    clip_sim_image  cos(E_img(image_0), E_img(image_1))
+
+Images reach CLIP through its own processor (ip2p.models.clip_embed): bicubic resize, centre crop,
+CLIP's mean/std normalisation of [0, 1] pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ip2p.evaluation.metrics import cosine, edit_metrics
+from ip2p.models.clip_embed import embed_images, embed_texts
+from ip2p.models.loader import ClipComponents
+
+METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+
+
+def clip_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Tensor,
+                 text_1: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Embeddings [B, D] (image of the input / output caption, input / output caption) -> four [B] scores."""
+    edit = edit_metrics(image_0, image_1, text_0, text_1)  # shared with evaluation: image, direction, text
+    return {
+        "clip_sim_0": cosine(image_0, text_0),
+        "clip_sim_1": edit["clip_text_sim"],
+        "clip_sim_dir": edit["clip_dir_sim"],
+        "clip_sim_image": edit["clip_image_sim"],
+    }
+
+
+def clip_id(clip: ClipComponents) -> str:
+    """A name for the scoring model, stored next to cached scores so a different CLIP recomputes them:
+    the last two parts of a local folder (e.g. tiny-ce9bcd0796/clip), or the hub id."""
+    parts = str(clip.source).replace("\\", "/").rstrip("/").split("/")
+    return "/".join(parts[-2:])
+
+
+class ClipScorer:
+    """Scores batches of candidate pairs; text embeddings of repeated captions are computed once."""
+
+    def __init__(self, clip: ClipComponents, batch_size: int = 32):
+        self.clip = clip
+        self.batch_size = batch_size
+        self.name = clip_id(clip)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def _texts(self, texts: Sequence[str]) -> torch.Tensor:
+        new = sorted({t for t in texts if t not in self._text_cache})
+        if new:
+            for text, emb in zip(new, embed_texts(self.clip, new, batch_size=self.batch_size)):
+                self._text_cache[text] = emb
+        if len(self._text_cache) > 100_000:  # captions repeat within a pair only: keep memory bounded
+            keep = set(texts)
+            self._text_cache = {t: e for t, e in self._text_cache.items() if t in keep}
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    @torch.no_grad()
+    def score(self, images_0: Sequence[Image.Image], images_1: Sequence[Image.Image],
+              captions_0: Sequence[str], captions_1: Sequence[str]) -> list[dict[str, float]]:
+        """One dict of the four METRICS per candidate."""
+        if not images_0:
+            return []
+        e0 = embed_images(self.clip, list(images_0), batch_size=self.batch_size)
+        e1 = embed_images(self.clip, list(images_1), batch_size=self.batch_size)
+        scores = clip_metrics(e0, e1, self._texts(captions_0), self._texts(captions_1))
+        return [{m: float(scores[m][i]) for m in METRICS} for i in range(len(images_0))]

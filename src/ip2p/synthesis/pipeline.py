@@ -1,0 +1,179 @@
+"""The pair sampler: one caption pair, S samples, one batch -> S (input image, edited image) pairs.
+
+Per step ONE UNet call on 4 x S rows (layout in ip2p.synthesis.attention):
+    [input cond | output cond | input uncond | output uncond]
+followed by 2-way classifier-free guidance per caption, through the one loop `ip2p.sampling.denoise`.
+
+Noise: sample s has its own generator, seeded by its seed. Its initial noise is drawn once and used by
+both branches; its ancestral noise is drawn twice per step from two generators in the same state
+(`PairedNoiseScheduler`), so both branches receive identical noise, and a sample's images depend on
+its own seed only, never on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ip2p.editing.pipeline import InstructPix2Pix
+from ip2p.io.stage import stable_seed
+from ip2p.models.loader import DiffusionComponents
+from ip2p.sampling import classifier_free_guidance, denoise, make_scheduler
+from ip2p.synthesis.attention import AttentionControl, GoogleSettings, attention_control
+from ip2p.synthesis.p2p_alignment import AlignScores, TokenMap, refine_map, replace_map
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One candidate: its seed (noise), self-attention fraction p and guidance scale."""
+
+    seed: int
+    p: float
+    cfg: float
+
+
+def draw_samples(global_seed: int, pair_id: str, count: int, p_range: tuple[float, float],
+                 cfg_range: tuple[float, float]) -> list[SampleSpec]:
+    """The k-th sample of a pair gets seed stable_seed(global_seed, pair_id, k) (re-hashed on the rare
+    collision inside a pair); p ~ U[p_range] and cfg ~ U[cfg_range] come from that seed alone, so a
+    candidate is reproducible from (seed, captions, config) and independent of every other record."""
+    specs: list[SampleSpec] = []
+    used: set[int] = set()
+    for k in range(count):
+        seed, attempt = stable_seed(global_seed, pair_id, k), 0
+        while seed in used:
+            attempt += 1
+            seed = stable_seed(global_seed, pair_id, k, attempt)
+        used.add(seed)
+        u_p, u_cfg = np.random.default_rng(seed).random(2)
+        specs.append(SampleSpec(seed, float(p_range[0] + u_p * (p_range[1] - p_range[0])),
+                                float(cfg_range[0] + u_cfg * (cfg_range[1] - cfg_range[0]))))
+    return specs
+
+
+def _twin(generator: torch.Generator) -> torch.Generator:
+    twin = torch.Generator(device=generator.device)
+    twin.set_state(generator.get_state())
+    return twin
+
+
+class PairedNoiseScheduler:
+    """A diffusers scheduler whose ancestral noise is shared by the two branches of each sample.
+
+    The latents are [input branch (S), output branch (S)]. At each step the wrapped scheduler gets the
+    generator list [g_0..g_{S-1}, twin(g_0)..twin(g_{S-1})] (diffusers' randn_tensor draws row r from
+    generator r); a twin starts in its original's state, so rows s and S+s get the same draw and g_s
+    advances exactly as in a plain single-sample run. `after_step` (LocalBlend) may edit the result.
+    Everything else is the wrapped scheduler's.
+    """
+
+    def __init__(self, scheduler, generators: list[torch.Generator], after_step=None):
+        self._inner = scheduler
+        self._generators = generators
+        self._after_step = after_step
+        self._takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=False):
+        kwargs = {}
+        if self._takes_generator:
+            kwargs["generator"] = self._generators + [_twin(g) for g in self._generators]
+        prev = self._inner.step(model_output, timestep, sample, return_dict=False, **kwargs)[0]
+        if self._after_step is not None:
+            prev = self._after_step(prev)
+        return (prev,)
+
+
+@dataclass
+class SynthesisSettings:
+    steps: int = 100
+    sampler: str = "euler_ancestral"
+    mode: str = "official"  # official | google (see ip2p.synthesis.attention)
+    google: GoogleSettings = field(default_factory=GoogleSettings)
+    align: AlignScores = field(default_factory=AlignScores)
+    progress: bool = False
+
+
+class PairSampler:
+    """Holds the text-to-image components; every call is a pure function of its arguments."""
+
+    def __init__(self, components: DiffusionComponents, settings: SynthesisSettings):
+        self.c = components
+        self.settings = settings
+        self._text = InstructPix2Pix(components)  # text encoding and VAE decoding are shared with editing
+
+    @property
+    def device(self) -> torch.device:
+        return self.c.unet.device
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.c.vae.config.block_out_channels) - 1)
+
+    def native_resolution(self) -> int:
+        return int(self.c.unet.config.sample_size) * self.latent_scale
+
+    def token_ids(self, caption: str) -> list[int]:
+        """Token ids with BOS and EOS, not truncated (to measure a caption against the 77-token limit)."""
+        return list(self.c.tokenizer(caption, truncation=False).input_ids)
+
+    def token_map(self, input_caption: str, output_caption: str) -> TokenMap | None:
+        """Google mode's cross-attention map for this pair; None in official mode or with cross=none."""
+        how = self.settings.google.cross
+        if self.settings.mode != "google" or how == "none":
+            return None
+        x, y = self.token_ids(input_caption), self.token_ids(output_caption)
+        max_len = self.c.tokenizer.model_max_length
+        if how == "replace" or (how == "auto" and len(x) == len(y)):
+            if len(x) == len(y):
+                return replace_map(x, y, max_len)
+        return refine_map(x, y, max_len, self.settings.align)
+
+    @torch.no_grad()
+    def sample_latents(self, input_caption: str, output_caption: str, specs: list[SampleSpec],
+                       height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise S = len(specs) samples in one batch. Returns final latents (input branch, output branch),
+        each [S, C, height/8, width/8]."""
+        s = len(specs)
+        unet = self.c.unet
+        latent_hw = (height // self.latent_scale, width // self.latent_scale)
+        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
+        noise = randn_tensor((s, unet.config.in_channels, *latent_hw), generator=generators,
+                             device=self.device, dtype=unet.dtype)
+        latents = torch.cat([noise, noise])  # [input branch, output branch]: same initial noise
+
+        captions = self._text.encode_text([input_caption, output_caption])  # [2, L, D]
+        empty = self._text.encode_text([""])
+        text = torch.cat([captions[0:1].expand(s, -1, -1), captions[1:2].expand(s, -1, -1),
+                          empty.expand(2 * s, -1, -1)])
+        cfg = torch.tensor([spec.cfg for spec in specs], dtype=torch.float32).repeat(2).to(self.device)
+
+        control = AttentionControl(self.settings.mode, torch.tensor([spec.p for spec in specs]), self.settings.steps,
+                                   self.settings.google, self.token_map(input_caption, output_caption), latent_hw)
+        scheduler = PairedNoiseScheduler(make_scheduler(self.settings.sampler, self.c.scheduler.config), generators,
+                                         after_step=control.blend)
+
+        def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+            control.begin_step(step)
+            eps = unet(torch.cat([model_input, model_input]), t, encoder_hidden_states=text).sample
+            eps_cond, eps_uncond = eps.chunk(2)  # each [input branch, output branch]
+            return classifier_free_guidance(eps_cond, eps_uncond, cfg)
+
+        with attention_control(unet, control):
+            final = denoise(scheduler, latents, predict_noise, self.settings.steps, generator=None,
+                            progress=self.settings.progress, desc="synthesis")
+        return final[:s], final[s:]
+
+    @torch.no_grad()
+    def sample(self, input_caption: str, output_caption: str, specs: list[SampleSpec],
+               height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1], each [S, 3, height, width]: (input-caption images, output-caption images)."""
+        lat_in, lat_out = self.sample_latents(input_caption, output_caption, specs, height, width)
+        images = self._text.decode(torch.cat([lat_in, lat_out]))
+        return images[: len(specs)], images[len(specs):]

@@ -1,0 +1,226 @@
+"""`ip2p synthesize`: instructions.jsonl -> artifacts/candidates/<pair_id>/ (pair folders).
+
+Each caption pair is generated in a hidden temp folder and renamed into place when complete, so a
+killed run never leaves half a pair; a rerun skips finished pairs and redoes the rest exactly (every
+sample's noise, p and cfg come from stable_seed(seed, pair_id, k)). Pairs are sharded by
+shard_of(pair_id); reports/synthesize[.shard-...].json counts what went in, out and why not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ip2p.editing.image_io import tensor_to_pil
+from ip2p.errors import Ip2pError
+from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
+from ip2p.models.loader import load_diffusion
+from ip2p.synthesis.attention import MODES, GoogleSettings
+from ip2p.synthesis.p2p_alignment import AlignScores
+from ip2p.synthesis.pipeline import PairSampler, SampleSpec, SynthesisSettings, draw_samples
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("id", "input", "edit", "output")
+TEMP_PREFIX = ".partial-"
+MAX_ID_LENGTH = 200
+
+
+def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
+    s = cfg.synthesis
+    if s.attention.mode not in MODES:
+        raise Ip2pError(f"synthesis.attention.mode must be one of {', '.join(MODES)} (got '{s.attention.mode}')")
+    g = s.attention.google
+    if g.cross not in ("auto", "replace", "refine", "none"):
+        raise Ip2pError(f"synthesis.attention.google.cross must be auto, replace, refine or none (got '{g.cross}')")
+    for key in ("steps", "samples_per_pair", "batch_size"):
+        if int(s[key]) < 1:
+            raise Ip2pError(f"synthesis.{key} must be at least 1 (got {s[key]})")
+    if not 0 <= s.p_min <= s.p_max <= 1:
+        raise Ip2pError(f"need 0 <= synthesis.p_min <= synthesis.p_max <= 1 (got {s.p_min}, {s.p_max})")
+    if not 0 < s.cfg_min <= s.cfg_max:
+        raise Ip2pError(f"need 0 < synthesis.cfg_min <= synthesis.cfg_max (got {s.cfg_min}, {s.cfg_max})")
+    if s.image_format not in ("png", "jpg"):
+        raise Ip2pError(f"synthesis.image_format must be png or jpg (got '{s.image_format}')")
+    google = GoogleSettings(cross=str(g.cross), cross_steps=float(g.cross_steps),
+                            self_max_queries=int(g.self_max_queries), local_blend=bool(g.local_blend),
+                            blend_threshold=float(g.blend_threshold), blend_max_queries=int(g.blend_max_queries),
+                            blend_pool=int(g.blend_pool))
+    align = AlignScores(float(g.align.match), float(g.align.mismatch), float(g.align.gap))
+    return SynthesisSettings(steps=int(s.steps), sampler=str(s.sampler), mode=str(s.attention.mode),
+                             google=google, align=align, progress=False)
+
+
+def resolution(cfg: DictConfig, sampler: PairSampler) -> int:
+    res = cfg.synthesis.resolution
+    res = sampler.native_resolution() if res is None else int(res)
+    if res < 8 * sampler.latent_scale or res % sampler.latent_scale:
+        raise Ip2pError(f"synthesis.resolution must be a multiple of {sampler.latent_scale} and at least "
+                        f"{8 * sampler.latent_scale} (got {res})")
+    return res
+
+
+def record_problem(record: dict, tokenizer_len, max_tokens: int) -> str | None:
+    """Why a record cannot be synthesised (a rejection reason), or None."""
+    if not all(isinstance(record.get(k), str) for k in FIELDS):
+        return "malformed_record"
+    pair_id = record["id"]
+    if (not pair_id.strip() or pair_id != pair_id.strip() or pair_id.startswith(".") or len(pair_id) > MAX_ID_LENGTH
+            or any(c in pair_id for c in "/\\\0") or pair_id in (".", "..")):
+        return "unsafe_pair_id"
+    if not record["input"].strip() or not record["output"].strip():
+        return "empty_caption"
+    if not record["edit"].strip():
+        return "empty_instruction"
+    if max(tokenizer_len(record["input"]), tokenizer_len(record["output"])) > max_tokens:
+        return f"caption_over_{max_tokens}_tokens"
+    return None
+
+
+def shard_records(cfg: DictConfig, summary: StageSummary, tokenizer_len, max_tokens: int) -> Iterator[dict]:
+    """Valid records of this shard, in file order. Rejections are counted by the shard a record
+    belongs to (unparseable lines by shard 0), so merged shard summaries count each line once."""
+    path = Path(cfg.synthesis.input)
+    if not path.is_file():
+        raise Ip2pError(f"instructions file '{path}' not found (run `ip2p instructions` first)")
+    index, count = int(cfg.shard.index), int(cfg.shard.count)
+    unreadable: Counter = Counter()  # lines that are not JSON objects: counted by shard 0
+    seen: set[str] = set()
+    for line_no, record in enumerate(read_jsonl(path, unreadable)):
+        pair_id = record.get("id") if isinstance(record.get("id"), str) else None
+        if shard_of(pair_id if pair_id is not None else f"line-{line_no}", count) != index:
+            continue  # another shard's record (a duplicate id always lands in the same shard)
+        summary.records_in += 1
+        if pair_id is not None and pair_id in seen:
+            summary.reject("duplicate_pair_id")
+            continue
+        if pair_id is not None:
+            seen.add(pair_id)
+        reason = record_problem(record, tokenizer_len, max_tokens)
+        if reason is not None:
+            summary.reject(reason)
+            continue
+        yield record
+    if index == 0:  # so that records_in = records_out + rejected_total
+        summary.records_in += sum(unreadable.values())
+        summary.rejected.update(unreadable)
+
+
+def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buffer, format="JPEG", quality=quality)
+    else:
+        img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class EarlyDrop:
+    """CLIP scoring inside synthesis: candidates below filter.early_drop are not written."""
+
+    def __init__(self, cfg: DictConfig):
+        from ip2p.filtering.metrics import ClipScorer
+        from ip2p.models.loader import load_clip
+
+        clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
+        self.scorer = ClipScorer(clip, int(cfg.filter.batch_size))
+        self.thresholds = dict(OmegaConf.to_container(cfg.filter.early_drop, resolve=True))
+
+    def __call__(self, images_0, images_1, record) -> list[dict | None]:
+        """Scores of each candidate, or None for a candidate to drop."""
+        from ip2p.filtering.select import first_failure
+
+        n = len(images_0)
+        scores = self.scorer.score(images_0, images_1, [record["input"]] * n, [record["output"]] * n)
+        return [s if first_failure(s, self.thresholds) is None else None for s in scores]
+
+
+def write_pair(record: dict, sampler: PairSampler, cfg: DictConfig, size: int, out_dir: Path,
+               early_drop: EarlyDrop | None) -> tuple[int, int]:
+    """Generate one caption pair into a temp folder, then rename it into place.
+    Returns (candidates written, candidates dropped early)."""
+    s = cfg.synthesis
+    pair_id = record["id"]
+    temp = out_dir / f"{TEMP_PREFIX}{pair_id}"
+    if temp.exists():
+        shutil.rmtree(temp)  # left by a killed run
+    temp.mkdir(parents=True)
+    specs = draw_samples(int(cfg.seed), pair_id, int(s.samples_per_pair), (float(s.p_min), float(s.p_max)),
+                         (float(s.cfg_min), float(s.cfg_max)))
+    suffix = "jpg" if s.image_format == "jpg" else "png"
+    metadata, scores_lines, dropped = [], [], 0
+    batch = int(s.batch_size)
+    for start in range(0, len(specs), batch):
+        chunk: list[SampleSpec] = specs[start:start + batch]
+        images_0, images_1 = sampler.sample(record["input"], record["output"], chunk, size, size)
+        pil_0, pil_1 = tensor_to_pil(images_0), tensor_to_pil(images_1)
+        verdicts = early_drop(pil_0, pil_1, record) if early_drop else [None] * len(chunk)
+        for k, (spec, im0, im1, verdict) in enumerate(zip(chunk, pil_0, pil_1, verdicts)):
+            if early_drop and verdict is None:
+                dropped += 1
+                continue
+            atomic_write_bytes(temp / f"{spec.seed}_0.{suffix}", encode_image(im0, suffix, int(s.jpg_quality)))
+            atomic_write_bytes(temp / f"{spec.seed}_1.{suffix}", encode_image(im1, suffix, int(s.jpg_quality)))
+            cid = f"{pair_id}-{spec.seed}"
+            metadata.append({"id": cid, "pair_id": pair_id, "k": start + k, "seed": spec.seed, "p": spec.p,
+                             "cfg": spec.cfg, "input": record["input"], "edit": record["edit"],
+                             "output": record["output"]})
+            if verdict is not None:
+                scores_lines.append({"id": cid, "seed": spec.seed, "clip_model": early_drop.scorer.name, **verdict})
+    atomic_write_json(temp / "prompt.json", {k: record[k] for k in ("input", "edit", "output")})
+    atomic_write_text(temp / "metadata.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metadata))
+    if early_drop:
+        atomic_write_text(temp / "scores.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in scores_lines))
+    os.rename(temp, out_dir / pair_id)
+    return len(metadata), dropped
+
+
+def run(cfg: DictConfig) -> Path:
+    settings = settings_from_config(cfg)
+    out_dir = Path(cfg.synthesis.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = StageSummary("synthesize", int(cfg.shard.index), int(cfg.shard.count))
+    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+    sampler = PairSampler(components, settings)
+    size = resolution(cfg, sampler)
+    max_tokens = int(components.tokenizer.model_max_length)
+    early_drop = EarlyDrop(cfg) if cfg.synthesis.early_drop else None
+
+    done_before = written_pairs = candidates = dropped = 0
+    records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
+    for record in tqdm(records, desc="synthesize", unit="pair", disable=not cfg.progress):
+        if (out_dir / record["id"]).is_dir():
+            done_before += 1
+            summary.records_out += 1
+            continue
+        n_written, n_dropped = write_pair(record, sampler, cfg, size, out_dir, early_drop)
+        written_pairs += 1
+        summary.records_out += 1
+        candidates += n_written
+        dropped += n_dropped
+    summary.extra.update({
+        "pairs_done_before": done_before,
+        "pairs_written": written_pairs,
+        "candidates_written": candidates,
+        "candidates_dropped_early": dropped,
+        "samples_per_pair": int(cfg.synthesis.samples_per_pair),
+        "steps": settings.steps,
+        "sampler": settings.sampler,
+        "mode": settings.mode,
+        "resolution": size,
+        "model": str(cfg.model.base),
+    })
+    path = summary.write(cfg.paths.reports)
+    log.info("synthesize: %d pairs (%d already done), %d candidates -> %s", summary.records_out, done_before,
+             candidates, out_dir)
+    return path
