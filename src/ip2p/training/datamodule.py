@@ -1,0 +1,369 @@
+"""Training data: our Parquet dataset or the officially released folder layout, as (input, edited, text).
+
+Both images of a pair get the same augmentation: resize (short side to a size drawn from
+[resize_min, resize_max]), random crop to `resolution`, random horizontal flip. Images -> [-1, 1].
+
+Data order is a pure function of (seed, position in the stream): the sampler walks an endless stream
+of seeded per-epoch permutations, and every random choice for an item (released seed, crop, flip)
+comes from a generator seeded by its stream position. A run resumed at optimizer step s restarts the
+stream at s x accumulate x batch_size and therefore sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ip2p.editing.image_io import pil_to_tensor, to_rgb
+from ip2p.errors import Ip2pError
+from ip2p.io.stage import stable_seed
+
+PARQUET_COLUMNS = ("id", "input_image", "edited_image", "edit_prompt")
+
+
+@dataclass
+class Pair:
+    input: Image.Image
+    edited: Image.Image
+    prompt: str
+    id: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: row i -> Pair
+# ---------------------------------------------------------------------------------------------------
+
+def _decode(value: Any, what: str, row_id: str) -> Image.Image:
+    """A `datasets` Image value ({"bytes", "path"} or an already decoded PIL image) -> RGB."""
+    try:
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
+        if isinstance(value, Mapping):
+            if value.get("bytes"):
+                with Image.open(io.BytesIO(value["bytes"])) as img:
+                    img.load()
+                    return to_rgb(img)
+            if value.get("path"):
+                with Image.open(value["path"]) as img:
+                    img.load()
+                    return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise Ip2pError(f"dataset row '{row_id}': cannot decode {what} ({type(err).__name__})") from err
+    raise Ip2pError(f"dataset row '{row_id}': {what} holds no image")
+
+
+def parquet_files(split_dir: str | Path) -> list[str]:
+    return sorted(str(p) for p in Path(split_dir).glob("*.parquet"))
+
+
+def load_parquet_split(split_dir: str | Path, cache_dir: str | Path | None, progress: bool = False):
+    """A split folder of part-*.parquet -> a memory-mapped `datasets.Dataset` (images left undecoded),
+    or None when the folder has no parquet files."""
+    import datasets
+
+    files = parquet_files(split_dir)
+    if not files:
+        return None
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("parquet", data_files=files, split="train",
+                                   cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as err:  # pyarrow/datasets raise many types for a broken file
+        raise Ip2pError(f"cannot read the dataset in '{split_dir}': {str(err).splitlines()[0]}") from err
+    missing = [c for c in PARQUET_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise Ip2pError(f"dataset '{split_dir}' lacks column(s) {', '.join(missing)} "
+                        f"(expected {', '.join(PARQUET_COLUMNS)})")
+    ds = ds.select_columns(list(PARQUET_COLUMNS))
+    for column in ("input_image", "edited_image"):
+        if isinstance(ds.features[column], datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+class ParquetSource:
+    """Rows of our dataset stage's output (artifacts/dataset/<split>/part-*.parquet)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return 0 if self.table is None else len(self.table)
+
+    def load(self, index: int, generator: torch.Generator) -> Pair:
+        row = self.table[int(index)]
+        row_id = str(row["id"])
+        return Pair(_decode(row["input_image"], "input_image", row_id),
+                    _decode(row["edited_image"], "edited_image", row_id), str(row["edit_prompt"]), row_id)
+
+
+def released_entries(root: str | Path, split: str, fractions: tuple[float, float, float]) -> list[tuple[str, list]]:
+    """seeds.json of the released dataset, folders sorted, then cut 90/5/5 (train/val/test) like the original."""
+    root = Path(root)
+    seeds_file = root / "seeds.json"
+    if not seeds_file.is_file():
+        raise Ip2pError(f"'{root}' is not a released InstructPix2Pix dataset: seeds.json is missing")
+    try:
+        entries = json.loads(seeds_file.read_text(encoding="utf-8"))
+        entries = sorted(((str(name), list(seeds)) for name, seeds in entries), key=lambda e: e[0])
+    except (ValueError, TypeError) as err:
+        raise Ip2pError(f"'{seeds_file}' is not a list of [folder, [seeds...]] ({err})") from err
+    if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3:
+        raise Ip2pError(f"train.data.released_splits must be three fractions summing to 1 (got {list(fractions)})")
+    bounds = {"train": (0.0, fractions[0]), "val": (fractions[0], fractions[0] + fractions[1]),
+              "test": (fractions[0] + fractions[1], 1.0)}[split]
+    lo, hi = (math.floor(b * len(entries)) for b in bounds)
+    return [e for e in entries[lo:hi] if e[1]]
+
+
+class ReleasedSource:
+    """The official layout: <root>/<folder>/prompt.json, {seed}_0.jpg, {seed}_1.jpg; one of the folder's
+    seeds drawn per visit (uniformly, as the original)."""
+
+    def __init__(self, root: str | Path, split: str, fractions: tuple[float, float, float]):
+        self.root = Path(root)
+        self.entries = released_entries(root, split, fractions)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int, generator: torch.Generator) -> Pair:
+        folder, seeds = self.entries[int(index)]
+        seed = seeds[int(torch.randint(len(seeds), (), generator=generator))]
+        path = self.root / folder
+        try:
+            prompt = json.loads((path / "prompt.json").read_text(encoding="utf-8"))["edit"]
+        except (OSError, ValueError, KeyError) as err:
+            raise Ip2pError(f"released pair '{folder}': cannot read prompt.json ({type(err).__name__})") from err
+        images = []
+        for suffix in ("0", "1"):
+            file = path / f"{seed}_{suffix}.jpg"
+            try:
+                with Image.open(file) as img:
+                    img.load()
+                    images.append(to_rgb(img))
+            except (OSError, UnidentifiedImageError) as err:
+                raise Ip2pError(f"released pair '{folder}': cannot read {file.name} ({type(err).__name__})") from err
+        return Pair(images[0], images[1], str(prompt), f"{folder}-{seed}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation and the torch Dataset
+# ---------------------------------------------------------------------------------------------------
+
+def resize_short_side(img: Image.Image, short: int, size_of: Image.Image | None = None) -> Image.Image:
+    """Scale so the short side of `size_of` (default `img`) is `short` px; LANCZOS as the original."""
+    ref = size_of or img
+    scale = short / min(ref.width, ref.height)
+    size = (max(short, round(ref.width * scale)), max(short, round(ref.height * scale)))
+    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+
+def augment_pair(inp: Image.Image, edited: Image.Image, resolution: int, resize_min: int, resize_max: int,
+                 flip: bool, generator: torch.Generator | None) -> tuple[Image.Image, Image.Image]:
+    """The same resize, crop and flip for both images. generator=None: resize to `resolution`,
+    centre crop, no flip (validation)."""
+    if generator is None:
+        short = resolution
+    else:
+        short = int(torch.randint(resize_min, resize_max + 1, (), generator=generator))
+    inp = resize_short_side(inp, short)
+    edited = resize_short_side(edited, short, size_of=inp)
+    free_x, free_y = inp.width - resolution, inp.height - resolution
+    if generator is None:
+        left, top = free_x // 2, free_y // 2
+    else:
+        left = int(torch.randint(free_x + 1, (), generator=generator))
+        top = int(torch.randint(free_y + 1, (), generator=generator))
+    box = (left, top, left + resolution, top + resolution)
+    inp, edited = inp.crop(box), edited.crop(box)
+    if generator is not None and flip and float(torch.rand((), generator=generator)) < 0.5:
+        inp = inp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        edited = edited.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return inp, edited
+
+
+class EditPairDataset(Dataset):
+    """Key (index, stream position) -> {"input", "edited": [3, R, R] in [-1, 1], "input_ids": [77], ...}."""
+
+    def __init__(self, source, tokenizer, resolution: int, resize_min: int, resize_max: int, flip: bool,
+                 augment: bool, seed: int):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.resolution = int(resolution)
+        self.resize_min, self.resize_max = int(resize_min), int(resize_max)
+        self.flip = bool(flip)
+        self.augment = bool(augment)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def __getitem__(self, key) -> dict:
+        index, position = key if isinstance(key, tuple) else (key, key)
+        if self.augment:
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, "train-item", position))
+        else:  # validation: the same choices at every evaluation
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, "val-item", index))
+        pair = self.source.load(index, generator)
+        inp, edited = augment_pair(pair.input, pair.edited, self.resolution, self.resize_min, self.resize_max,
+                                   self.flip, generator if self.augment else None)
+        return {"input": pil_to_tensor([inp])[0], "edited": pil_to_tensor([edited])[0],
+                "input_ids": self.tokenize([pair.prompt])[0], "prompt": pair.prompt, "id": pair.id,
+                "index": int(index), "position": int(position)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------
+
+class StreamSampler(Sampler):
+    """Endless and resumable. Global stream position k -> epoch k // n, item perm_epoch[k % n], with
+    perm_epoch a permutation seeded by (seed, epoch). Rank r of W reads positions r, r + W, r + 2W, ...
+    from its local position `start` on. Yields (index, position) keys. No __len__: training runs by steps."""
+
+    def __init__(self, num_items: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if num_items < 1:
+            raise Ip2pError("the training split is empty")
+        self.num_items, self.seed = int(num_items), int(seed)
+        self.rank, self.world_size, self.start = int(rank), int(world_size), int(start)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(stable_seed(self.seed, "epoch", epoch))
+        return torch.randperm(self.num_items, generator=g)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        local, perm_epoch, perm = self.start, None, None
+        while True:
+            position = local * self.world_size + self.rank
+            epoch, offset = divmod(position, self.num_items)
+            if epoch != perm_epoch:
+                perm, perm_epoch = self.permutation(epoch), epoch
+            yield int(perm[offset]), position
+            local += 1
+
+
+class ShardSampler(Sampler):
+    """Validation: items rank, rank + W, ... in order, as (index, index) keys."""
+
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, num_items, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter((i, i) for i in self.indices)
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[key] = values
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# LightningDataModule
+# ---------------------------------------------------------------------------------------------------
+
+class EditDataModule(pl.LightningDataModule):
+    """`data_cfg` is `train.data` (see conf/train/default.yaml)."""
+
+    def __init__(self, data_cfg: Mapping[str, Any], tokenizer, batch_size: int, val_batch_size: int,
+                 accumulate_grad_batches: int, seed: int, progress: bool = False):
+        super().__init__()
+        self.cfg = dict(data_cfg)
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.accumulate = int(accumulate_grad_batches)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        self.datasets: dict[str, EditPairDataset] = {}
+        fmt = self.cfg.get("format", "parquet")
+        if fmt not in ("parquet", "released"):
+            raise Ip2pError(f"train.data.format must be parquet or released (got '{fmt}')")
+        if int(self.cfg["resize_min"]) < int(self.cfg["resolution"]) or \
+                int(self.cfg["resize_max"]) < int(self.cfg["resize_min"]):
+            raise Ip2pError("train.data needs resolution <= resize_min <= resize_max "
+                            f"(got {self.cfg['resolution']}, {self.cfg['resize_min']}, {self.cfg['resize_max']})")
+
+    def _split_dir(self, split: str) -> Path:
+        return Path(self.cfg["dir"]) / split
+
+    def prepare_data(self) -> None:
+        """Once per node: build the memory-mapped arrow cache of the parquet splits."""
+        if self.cfg.get("format", "parquet") == "parquet":
+            for split in ("train", "val"):
+                load_parquet_split(self._split_dir(split), self.cfg.get("cache_dir"), self.progress)
+
+    def _source(self, split: str):
+        if self.cfg.get("format", "parquet") == "released":
+            root = Path(self.cfg["dir"])
+            return ReleasedSource(root, split, tuple(float(f) for f in self.cfg["released_splits"]))
+        return ParquetSource(load_parquet_split(self._split_dir(split), self.cfg.get("cache_dir"), self.progress))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        c = self.cfg
+        for split in ("train", "val"):
+            self.datasets[split] = EditPairDataset(
+                self._source(split), self.tokenizer, c["resolution"], c["resize_min"], c["resize_max"],
+                c["flip"], augment=(split == "train"), seed=self.seed)
+        if len(self.datasets["train"]) == 0:
+            where = self.cfg["dir"] if c.get("format") == "released" else self._split_dir("train")
+            raise Ip2pError(f"no training pairs in '{where}' (run the filter stage first, or set train.data.dir)")
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {split: len(ds) for split, ds in self.datasets.items()}
+
+    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        pin = bool(self.trainer is not None and self.trainer.accelerator is not None
+                   and type(self.trainer.accelerator).__name__ == "CUDAAccelerator")
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=pin, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
+        # Resume: the micro-batches already consumed by this rank, so the stream continues where it stopped.
+        start = step * self.accumulate * self.batch_size
+        sampler = StreamSampler(len(self.datasets["train"]), self.seed, rank, world, start)
+        return self._loader(self.datasets["train"], self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = ShardSampler(len(self.datasets["val"]), rank, world)
+        return self._loader(self.datasets["val"], self.val_batch_size, sampler)
+
+    def fixed_pairs(self, count: int) -> dict | None:
+        """The first `count` validation pairs (no augmentation), as one batch: the sample grid's inputs."""
+        ds = self.datasets.get("val")
+        if ds is None or len(ds) == 0 or count < 1:
+            return None
+        return collate([ds[(i, i)] for i in range(min(count, len(ds)))])

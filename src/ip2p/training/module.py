@@ -1,0 +1,219 @@
+"""The InstructPix2Pix LightningModule: only the UNet trains; VAE and text encoder are frozen.
+
+One training example (facts.md section 3):
+    target    = VAE(edited).latent_dist.sample() * scaling_factor     (what the UNet learns to denoise)
+    condition = VAE(input).latent_dist.mode()                         (NOT scaled: the released model's convention)
+    text      = CLIP text encoder(instruction)
+    conditioning dropout, one draw r ~ U[0, 1) per example:
+        r < p: drop text only;  p <= r < 2p: drop both;  2p <= r < 3p: drop image only
+    (dropped text = embedding of "", dropped image = zero latent), so the model also learns the
+    unconditional predictions that classifier-free guidance needs at sampling time.
+    loss = || UNet([noisy target, condition], t, text) - (noise or velocity) ||^2
+
+Randomness (VAE sample, noise, timesteps, dropout) comes from a generator seeded by the batch's
+stream position, never from global RNG state, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ip2p.errors import Ip2pError
+from ip2p.io.stage import stable_seed
+from ip2p.models.loader import DiffusionComponents
+from ip2p.training.ema import ExponentialMovingAverage
+
+
+@dataclass
+class TrainSettings:
+    """The recipe knobs the module needs (conf/train/default.yaml; defaults mirror it)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    conditioning_dropout: float = 0.05
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    grid: dict = field(default_factory=lambda: {"steps": 20, "text_guidance": 7.5, "image_guidance": 1.5,
+                                                "scheduler": "euler_ancestral"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure pieces (tested on their own)
+# ---------------------------------------------------------------------------------------------------
+
+def conditioning_dropout_masks(r: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform draws r [B] -> (drop_text [B], drop_image [B]) booleans, the original's rule:
+    r < p text only, p <= r < 2p both, 2p <= r < 3p image only, else keep both."""
+    drop_text = r < 2 * p
+    drop_image = (r >= p) & (r < 3 * p)
+    return drop_text, drop_image
+
+
+def apply_conditioning_dropout(text: torch.Tensor, condition: torch.Tensor, empty_text: torch.Tensor,
+                               r: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """text [B, L, D] -> the "" embedding [1, L, D] where text is dropped; condition [B, C, h, w] -> zeros
+    where the image is dropped."""
+    drop_text, drop_image = conditioning_dropout_masks(r, p)
+    text = torch.where(drop_text[:, None, None], empty_text.to(text.dtype), text)
+    condition = condition * (~drop_image).to(condition.dtype)[:, None, None, None]
+    return text, condition
+
+
+@torch.no_grad()
+def encode_pair(vae, edited: torch.Tensor, inp: torch.Tensor, generator: torch.Generator | None):
+    """Images in [-1, 1] -> (target latents = sample x scaling factor, condition = posterior mode, unscaled)."""
+    target = vae.encode(edited.to(vae.dtype)).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    condition = vae.encode(inp.to(vae.dtype)).latent_dist.mode()
+    return target, condition
+
+
+def lr_warmup_factor(step: int, warmup_steps: int) -> float:
+    """Constant schedule, optionally after a linear warmup over `warmup_steps` optimizer steps."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LightningModule
+# ---------------------------------------------------------------------------------------------------
+
+class InstructPix2PixModule(pl.LightningModule):
+    """`components` come from the model preset with an 8-channel UNet (see ip2p.training.run)."""
+
+    def __init__(self, components: DiffusionComponents, settings: TrainSettings):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        latent_channels = components.vae.config.latent_channels
+        if components.unet.config.in_channels != 2 * latent_channels:
+            raise Ip2pError(f"the UNet has {components.unet.config.in_channels} input channels; training an "
+                            f"editor needs {2 * latent_channels} (noisy latent + input-image latent)")
+        self.settings = settings
+        self.unet = components.unet.train().requires_grad_(True)
+        self.ema = ExponentialMovingAverage(self.unet, settings.ema_decay, settings.ema_warmup)
+        if settings.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # Frozen parts live in a plain dataclass, not as submodules: they stay out of checkpoints and
+        # out of the optimizer, and are moved to the training device on first use.
+        self.frozen = components
+        for module in (components.vae, components.text_encoder):
+            module.eval().requires_grad_(False)
+        # add_noise / get_velocity / prediction_type from the checkpoint's own noise schedule.
+        self.noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise Ip2pError(f"unsupported prediction_type '{self.prediction_type}' (epsilon or v_prediction)")
+        self._empty_text: torch.Tensor | None = None
+        self.last_loss: float | None = None
+
+    # -- frozen encoders ----------------------------------------------------------------------------
+
+    def _frozen_to_device(self) -> None:
+        for module in (self.frozen.vae, self.frozen.text_encoder):
+            if module.device != self.device:
+                module.to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, 77] -> CLIP hidden states [B, 77, D]."""
+        self._frozen_to_device()
+        return self.frozen.text_encoder(input_ids.to(self.device))[0]
+
+    def empty_text(self) -> torch.Tensor:
+        """The embedding of "" [1, 77, D] (what dropped text is replaced with); computed once per device."""
+        if self._empty_text is None or self._empty_text.device != self.device:
+            tok = self.frozen.tokenizer
+            ids = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            self._empty_text = self.encode_text(ids)
+        return self._empty_text
+
+    # -- the objective ------------------------------------------------------------------------------
+
+    def batch_generator(self, purpose: str, key: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(stable_seed(self.settings.seed, purpose, int(key)))
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float) -> torch.Tensor:
+        """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`."""
+        self._frozen_to_device()
+        edited = batch["edited"].to(self.device)
+        inp = batch["input"].to(self.device)
+        text = self.encode_text(batch["input_ids"])
+        target_latents, condition = encode_pair(self.frozen.vae, edited, inp, generator)
+        batch_size = target_latents.shape[0]
+        noise = torch.randn(target_latents.shape, generator=generator, device=self.device,
+                            dtype=target_latents.dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator, device=self.device)
+        if dropout > 0:
+            r = torch.rand(batch_size, generator=generator, device=self.device)
+            text, condition = apply_conditioning_dropout(text, condition, self.empty_text(), r, dropout)
+        noisy = self.noise_scheduler.add_noise(target_latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            objective = noise
+        else:
+            objective = self.noise_scheduler.get_velocity(target_latents, noise, timesteps)
+        model_input = torch.cat([noisy, condition], dim=1)
+        prediction = self.unet(model_input, timesteps, encoder_hidden_states=text).sample
+        return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = self.batch_generator("train-step", batch["position"][0])
+        loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout)
+        self.last_loss = float(loss.detach())
+        batch_size = batch["input"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # The same noise and timesteps at every evaluation: val losses are comparable across steps.
+        generator = self.batch_generator("val-step", batch["index"][0])
+        loss = self.diffusion_loss(batch, generator, dropout=0.0)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch["input"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        s = self.settings
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay, eps=s.eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_warmup_factor(step, s.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    # -- sampling with the EMA weights --------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_edits(self, batch: dict, seed: int) -> torch.Tensor:
+        """Edit `batch["input"]` by `batch["input_ids"]` with the EMA UNet (the editing sampler of
+        ip2p.editing); returns images [B, 3, H, W] in [-1, 1]."""
+        from ip2p.editing.pipeline import InstructPix2Pix
+
+        self._frozen_to_device()
+        ema_parts = DiffusionComponents(unet=self.ema.model, vae=self.frozen.vae,
+                                        text_encoder=self.frozen.text_encoder, tokenizer=self.frozen.tokenizer,
+                                        scheduler=self.frozen.scheduler, source="ema")
+        editor = InstructPix2Pix(ema_parts)
+        was_training = self.ema.model.training
+        self.ema.model.eval()
+        try:
+            g = self.settings.grid
+            condition = editor.encode_condition(batch["input"].to(self.device))
+            text = self.encode_text(batch["input_ids"]).to(editor.dtype)
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            latents = editor.sample(condition, text, self.empty_text().to(editor.dtype), float(g["text_guidance"]),
+                                    float(g["image_guidance"]), int(g["steps"]), str(g["scheduler"]), generator,
+                                    progress=False)
+            return editor.decode(latents)
+        finally:
+            self.ema.model.train(was_training)

@@ -1,0 +1,441 @@
+"""Training stage: objective pieces against hand computations, data order and augmentation, exact resume,
+precision modes, the optimizer's parameter set, and the exported model loading in diffusers."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# The 2 CPU cores are shared: one thread per process avoids OpenMP spin-wait stalls in tiny models.
+torch.set_num_threads(1)
+
+TEXT_ONLY, BOTH, IMAGE_ONLY, KEEP = "text", "both", "image", "keep"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test data in the dataset stage's contract format (also used by test_ddp.py and test_loggers.py)
+# ---------------------------------------------------------------------------------------------------
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_parquet_split(root: Path, split: str, count: int, seed: int, size=(40, 48)) -> Path:
+    """artifacts/dataset/<split>/part-00000.parquet with the contract's columns; edited = inverted input."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    floats = ["p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"]
+    strings = ["id", "pair_id", "edit_prompt", "input_caption", "output_caption"]
+    rows = {k: [] for k in [*strings, "input_image", "edited_image", "seed", *floats]}
+    for i in range(count):
+        image = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+        rows["id"].append(f"{split}{i:03d}-7")
+        rows["pair_id"].append(f"{split}{i:03d}")
+        rows["input_image"].append({"bytes": _png(image), "path": None})
+        rows["edited_image"].append({"bytes": _png(255 - image), "path": None})
+        rows["edit_prompt"].append(["invert the colors", "make it a negative", "turn it inside out"][i % 3])
+        rows["input_caption"].append("a noisy picture")
+        rows["output_caption"].append("an inverted noisy picture")
+        rows["seed"].append(7)
+        for key in floats:
+            rows[key].append(0.5)
+    features = datasets.Features({**{k: datasets.Value("string") for k in strings},
+                                  "input_image": datasets.Image(), "edited_image": datasets.Image(),
+                                  "seed": datasets.Value("int64"), **{k: datasets.Value("float64") for k in floats}})
+    out = root / split
+    out.mkdir(parents=True, exist_ok=True)
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / "part-00000.parquet"))
+    return out
+
+
+def write_parquet_dataset(root: Path, train: int = 8, val: int = 4) -> Path:
+    write_parquet_split(root, "train", train, seed=1)
+    write_parquet_split(root, "val", val, seed=2)
+    return root
+
+
+def tiny_overrides(tmp: Path, dataset: Path, cache_dir: Path, **extra) -> list[str]:
+    """A 32 px, batch 2, few-step run writing everything under `tmp`."""
+    values = {
+        "device": "cpu", "progress": "false", "paths.cache": str(cache_dir),
+        "paths.artifacts": str(tmp / "artifacts"), "paths.reports": str(tmp / "reports"),
+        "paths.data": str(tmp / "data"), "train.output_dir": str(tmp / "run"),
+        "train.data.dir": str(dataset), "train.data.cache_dir": str(tmp / "hf-cache"),
+        "train.data.resolution": "32", "train.data.resize_min": "32", "train.data.resize_max": "40",
+        "train.batch_size": "2", "train.max_steps": "4", "train.validation.every_n_steps": "2",
+        "train.validation.max_batches": "1", "train.validation.grid.num_images": "2",
+        "train.validation.grid.steps": "2", "train.checkpoint.every_n_steps": "2", "logger": "none",
+    }
+    values.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def compose_train(tmp: Path, dataset: Path, cache_dir: Path, **extra):
+    from ip2p.config import compose
+
+    return compose(tiny_overrides(tmp, dataset, cache_dir, **extra))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_parquet_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditioning dropout
+# ---------------------------------------------------------------------------------------------------
+
+def outcome(drop_text: bool, drop_image: bool) -> str:
+    return {(True, False): TEXT_ONLY, (True, True): BOTH, (False, True): IMAGE_ONLY, (False, False): KEEP}[
+        (bool(drop_text), bool(drop_image))]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1])
+def test_dropout_rule_on_chosen_draws(p):
+    from ip2p.training.module import conditioning_dropout_masks
+
+    # (r, expected) at and around each boundary of the original rule
+    cases = [(0.0, TEXT_ONLY), (p * 0.99, TEXT_ONLY), (p, BOTH), (p * 1.99, BOTH), (2 * p, IMAGE_ONLY),
+             (3 * p * 0.999, IMAGE_ONLY), (3 * p, KEEP), (0.5, KEEP), (0.999, KEEP)]
+    r = torch.tensor([c[0] for c in cases], dtype=torch.float64)
+    drop_text, drop_image = conditioning_dropout_masks(r, p)
+    assert [outcome(t, i) for t, i in zip(drop_text, drop_image)] == [c[1] for c in cases]
+
+
+def test_dropout_frequencies_match_the_paper():
+    from ip2p.training.module import conditioning_dropout_masks
+
+    n, p = 10_000, 0.05
+    r = torch.rand(n, generator=torch.Generator().manual_seed(1234))
+    drop_text, drop_image = conditioning_dropout_masks(r, p)
+    counts = {TEXT_ONLY: 0, BOTH: 0, IMAGE_ONLY: 0, KEEP: 0}
+    for t, i in zip(drop_text.tolist(), drop_image.tolist()):
+        counts[outcome(t, i)] += 1
+    for name, prob in ((TEXT_ONLY, 0.05), (BOTH, 0.05), (IMAGE_ONLY, 0.05), (KEEP, 0.85)):
+        sd = math.sqrt(n * prob * (1 - prob))
+        assert abs(counts[name] - n * prob) < 4 * sd, (name, counts)
+
+
+def test_dropout_replaces_text_with_empty_embedding_and_zeroes_the_image():
+    from ip2p.training.module import apply_conditioning_dropout
+
+    p = 0.05
+    r = torch.tensor([0.01, 0.07, 0.12, 0.5])  # text only, both, image only, keep
+    text = torch.randn(4, 77, 8)
+    empty = torch.randn(1, 77, 8)
+    condition = torch.randn(4, 4, 2, 2)
+    new_text, new_condition = apply_conditioning_dropout(text, condition, empty, r, p)
+    for row, (text_dropped, image_dropped) in enumerate([(True, False), (True, True), (False, True), (False, False)]):
+        assert torch.equal(new_text[row], empty[0] if text_dropped else text[row])
+        assert torch.equal(new_condition[row], torch.zeros_like(condition[row]) if image_dropped else condition[row])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latents, EMA, optimizer
+# ---------------------------------------------------------------------------------------------------
+
+def test_latents_target_is_scaled_sample_and_condition_is_unscaled_mode(tiny_editor):
+    from ip2p.training.module import encode_pair
+
+    vae = tiny_editor.vae
+    gen = torch.Generator().manual_seed(3)
+    edited = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    inp = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    target, condition = encode_pair(vae, edited, inp, torch.Generator().manual_seed(11))
+
+    with torch.no_grad():
+        moments_edited = vae.quant_conv(vae.encoder(edited))   # the posterior's mean and log-variance
+        moments_input = vae.quant_conv(vae.encoder(inp))
+    mean, logvar = moments_edited.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(11))
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
+    torch.testing.assert_close(target, (mean + std * eps) * 0.18215)
+    torch.testing.assert_close(condition, moments_input.chunk(2, dim=1)[0])  # mode = mean, NOT scaled
+
+
+def test_ema_update_matches_hand_computation():
+    from ip2p.training.ema import ExponentialMovingAverage, ema_decay
+
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = ExponentialMovingAverage(model, decay=0.9, warmup=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert ema.update(model) == pytest.approx(0.9)
+    for avg, old, new in zip(ema.model.parameters(), start, model.parameters()):
+        torch.testing.assert_close(avg, 0.9 * old + 0.1 * new.detach())
+    assert int(ema.num_updates) == 1
+    assert {"model.weight", "model.bias", "num_updates"} <= set(ema.state_dict())
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+    # warmup: d_n = min(decay, (1 + n) / (10 + n)) for update n = 1, 2, ...
+    warm = ExponentialMovingAverage(model, decay=0.9999, warmup=True)
+    assert warm.update(model) == pytest.approx(2 / 11)
+    assert warm.update(model) == pytest.approx(3 / 12)
+    assert ema_decay(10_000_000, 0.9999, True) == pytest.approx(0.9999)
+
+
+def test_only_unet_parameters_are_trained(cfg):
+    from ip2p.training.module import InstructPix2PixModule
+    from ip2p.training.run import load_components, settings_from_config
+
+    components = load_components(cfg)  # a fresh load: the module changes requires_grad
+    module = InstructPix2PixModule(components, settings_from_config(cfg))
+    optimizer = module.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in module.unet.parameters()}
+    for frozen in (components.vae, components.text_encoder, module.ema.model):
+        assert not any(p.requires_grad for p in frozen.parameters())
+        assert not in_optimizer & {id(p) for p in frozen.parameters()}
+    keys = module.state_dict().keys()
+    assert any(k.startswith("ema.model.") for k in keys)
+    assert not any(k.startswith(("frozen", "vae", "text_encoder")) for k in keys)  # kept out of checkpoints
+
+
+def test_base_init_widens_conv_in_with_zero_image_channels(cfg):
+    from ip2p.models.loader import load_diffusion
+    from ip2p.training.run import load_components
+
+    base = load_diffusion("tiny", "base", cfg.model, cfg.paths.cache)
+    widened = load_components(cfg).unet  # train.init=base (the default)
+    assert widened.config.in_channels == 8
+    torch.testing.assert_close(widened.conv_in.weight[:, :4], base.unet.conv_in.weight)
+    assert torch.count_nonzero(widened.conv_in.weight[:, 4:]) == 0
+    torch.testing.assert_close(widened.conv_in.bias, base.unet.conv_in.bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: order, augmentation, released layout
+# ---------------------------------------------------------------------------------------------------
+
+def test_stream_sampler_resumes_and_shards():
+    from ip2p.training.datamodule import StreamSampler
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    full = take(StreamSampler(5, seed=3), 17)
+    assert take(StreamSampler(5, seed=3, start=6), 11) == full[6:]  # resume = the same stream, later
+    for epoch in range(3):  # every epoch visits every item once
+        assert sorted(i for i, _ in full[5 * epoch: 5 * epoch + 5]) == list(range(5))
+    assert [i for i, _ in full[:5]] != [i for i, _ in full[5:10]]  # a fresh order per epoch
+    rank0, rank1 = take(StreamSampler(5, 3, 0, 2), 6), take(StreamSampler(5, 3, 1, 2), 6)
+    merged = [x for pair in zip(rank0, rank1) for x in pair]
+    assert merged == full[:12]  # two ranks split the one global stream
+
+
+def test_augmentation_is_identical_for_both_images_and_random_across_items():
+    from ip2p.training.datamodule import augment_pair
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    crops = set()
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        a, b = augment_pair(image, image.copy(), 32, 36, 44, True, g)
+        assert a.size == b.size == (32, 32)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        crops.add(np.asarray(a).tobytes())
+    assert len(crops) > 6
+    # validation: centre crop of the short side resized to the resolution, no flip
+    a, _ = augment_pair(image, image, 32, 32, 32, True, None)
+    expected = image.resize((45, 32), Image.Resampling.LANCZOS).crop((6, 0, 38, 32))
+    assert np.array_equal(np.asarray(a), np.asarray(expected))
+
+
+def test_flip_switch(monkeypatch):
+    from ip2p.training.datamodule import augment_pair
+
+    image = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3)))
+    flipped_any = False
+    for seed in range(16):
+        on, _ = augment_pair(image, image, 32, 32, 32, True, torch.Generator().manual_seed(seed))
+        off, _ = augment_pair(image, image, 32, 32, 32, False, torch.Generator().manual_seed(seed))
+        assert np.array_equal(np.asarray(off), np.asarray(image))
+        flipped_any |= np.array_equal(np.asarray(on), np.asarray(image)[:, ::-1])
+    assert flipped_any
+
+
+def write_released(root: Path, folders: int = 20) -> Path:
+    """The official layout: seeds.json lists folders (unsorted here), each with prompt.json and seed images."""
+    entries = []
+    for k in reversed(range(folders)):
+        name = f"{k:07d}"
+        seeds = [100 + k, 200 + k]
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "prompt.json").write_text(json.dumps({"input": "a cat", "edit": f"edit {name}", "output": "a dog"}))
+        for seed in seeds:
+            for idx, value in (("0", 10), ("1", 240)):
+                Image.new("RGB", (40, 40), (value, value, value)).save(folder / f"{seed}_{idx}.jpg")
+        entries.append([name, seeds])
+    (root / "seeds.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_released_layout_split_and_items(tmp_path, tiny_editor):
+    from ip2p.training.datamodule import EditDataModule, ReleasedSource
+
+    root = write_released(tmp_path / "released")
+    split = {s: [name for name, _ in ReleasedSource(root, s, (0.9, 0.05, 0.05)).entries] for s in ("train", "val", "test")}
+    names = [f"{k:07d}" for k in range(20)]
+    assert split == {"train": names[:18], "val": names[18:19], "test": names[19:]}  # sorted, floor(0.9n), ...
+
+    data_cfg = {"format": "released", "dir": str(root), "released_splits": [0.9, 0.05, 0.05], "resolution": 32,
+                "resize_min": 32, "resize_max": 32, "flip": False, "num_workers": 0, "cache_dir": None}
+    dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
+    dm.setup("fit")
+    assert dm.rows == {"train": 18, "val": 1}
+    seen_seeds = set()
+    for position in range(40):
+        item = dm.datasets["train"][(position % 18, position)]
+        assert item["input"].shape == item["edited"].shape == (3, 32, 32)
+        assert item["input"].min() >= -1 and item["edited"].max() <= 1
+        assert item["input"].mean() < 0 < item["edited"].mean()  # _0 is the input, _1 the edited image
+        folder, seed = item["id"].split("-")
+        assert item["prompt"] == f"edit {folder}"
+        assert int(seed) in (100 + int(folder), 200 + int(folder))
+        seen_seeds.add(int(seed) // 100)
+    assert seen_seeds == {1, 2}  # a random seed per visit
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input"].shape == (2, 3, 32, 32) and batch["input_ids"].shape == (2, 77)
+
+
+def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
+    from ip2p.training.datamodule import EditDataModule
+
+    data_cfg = {"format": "parquet", "dir": str(dataset), "released_splits": [0.9, 0.05, 0.05], "resolution": 32,
+                "resize_min": 32, "resize_max": 32, "flip": False, "num_workers": 0,
+                "cache_dir": str(tmp_path / "hf")}
+    dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.rows == {"train": 8, "val": 4}
+    item = dm.datasets["val"][(0, 0)]
+    # edited = 255 - input in the test data; after identical resizing/cropping the sum stays ~ 0 in [-1, 1]
+    assert torch.allclose(item["input"] + item["edited"], torch.zeros_like(item["input"]), atol=0.05)
+    ids = item["input_ids"]
+    expected = tiny_editor.tokenizer(["invert the colors"], padding="max_length", max_length=77,
+                                     truncation=True, return_tensors="pt").input_ids[0]
+    assert torch.equal(ids, expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole runs
+# ---------------------------------------------------------------------------------------------------
+
+def _checkpoint_weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by this test
+
+
+def test_resume_from_last_equals_an_uninterrupted_run(dataset, cache_dir, tmp_path):
+    from ip2p.training.run import run
+
+    # A: 4 steps in one go (checkpoints at steps 2 and 4); exports the EMA model
+    report_a = run(compose_train(tmp_path / "a", dataset, cache_dir))
+    # B: 2 steps, stop; then `ckpt_path=last` continues to 4 in a fresh run
+    run(compose_train(tmp_path / "b", dataset, cache_dir, **{"train.max_steps": 2, "train.export.enabled": "false"}))
+    report_b = run(compose_train(tmp_path / "b", dataset, cache_dir, ckpt_path="last"))
+    assert report_b["resumed_from_step"] == 2 and report_a["resumed_from_step"] == 0
+    assert report_a["steps"] == report_b["steps"] == 4
+
+    a = _checkpoint_weights(tmp_path / "a" / "artifacts" / "checkpoints" / "last.ckpt")
+    b = _checkpoint_weights(tmp_path / "b" / "artifacts" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 4
+    assert int(a["state_dict"]["ema.num_updates"]) == 4
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key  # UNet and EMA weights, bit for bit
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    # EMA really trails the weights (decay 0.9999): close to the start, not equal to the trained UNet
+    unet_keys = [k for k in a["state_dict"] if k.startswith("unet.")]
+    assert any(not torch.equal(a["state_dict"][k], a["state_dict"]["ema.model." + k[5:]]) for k in unet_keys)
+    # the same loss curve, the resumed half appended to the first
+    csv_a = (tmp_path / "a" / "reports" / "train_loss.csv").read_text()
+    csv_b = (tmp_path / "b" / "reports" / "train_loss.csv").read_text()
+    assert csv_a == csv_b and csv_a.splitlines()[0] == "step,loss" and len(csv_a.splitlines()) == 5
+    report = json.loads((tmp_path / "a" / "reports" / "train.json").read_text())
+    assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
+    assert report["rows"] == {"train": 8, "val": 4}
+    assert sorted(p.name for p in (tmp_path / "a" / "run" / "samples").glob("*.png")) == \
+        ["step-00000002.png", "step-00000004.png"]
+    grid = Image.open(tmp_path / "a" / "run" / "samples" / "step-00000004.png")
+    assert grid.size == (3 * 32, 2 * 32)  # input | edit | target, two rows
+
+    # The export holds the EMA weights and loads in diffusers and through `ip2p edit`
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    model_dir = tmp_path / "a" / "artifacts" / "model"
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model_dir, safety_checker=None)
+    exported = pipe.unet.state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, a["state_dict"]["ema.model." + key], rtol=0, atol=0)
+    out = pipe("invert the colors", image=Image.new("RGB", (64, 64), "gray"), num_inference_steps=2,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+    from ip2p.cli import main
+
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "gray").save(source)
+    assert main(["edit", str(source), "invert the colors", "-o", str(tmp_path / "out.png"), "--model",
+                 str(model_dir), "--steps", "2", "--resolution", "64", "--device", "cpu", "--no-progress"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("precision,checkpointing", [("32-true", "false"), ("bf16-mixed", "true")])
+def test_precision_modes_train_with_finite_loss(dataset, cache_dir, tmp_path, precision, checkpointing):
+    from ip2p.training.run import run
+
+    report = run(compose_train(tmp_path, dataset, cache_dir, **{
+        "trainer.precision": precision, "train.gradient_checkpointing": checkpointing, "train.max_steps": 2,
+        "train.accumulate_grad_batches": 2, "train.export.enabled": "false", "train.validation.grid.num_images": 0}))
+    assert report["precision"] == precision and report["steps"] == 2
+    assert report["effective_batch_size"] == 4
+    assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
+    rows = (tmp_path / "reports" / "train_loss.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "1", "2"]  # one row per optimizer step, not per batch
+
+
+def test_v_prediction_objective_is_the_velocity(cfg):
+    from ip2p.training.module import InstructPix2PixModule, encode_pair
+    from ip2p.training.run import load_components, settings_from_config
+
+    components = load_components(cfg)
+    components.scheduler = components.scheduler.__class__.from_config(components.scheduler.config,
+                                                                      prediction_type="v_prediction")
+    module = InstructPix2PixModule(components, settings_from_config(cfg))
+    assert module.prediction_type == "v_prediction"
+    captured = {}
+
+    def fake_unet(sample, t, encoder_hidden_states):
+        captured["t"], captured["noisy"] = t, sample[:, :4]
+        return type("Out", (), {"sample": torch.zeros_like(sample[:, :4])})()
+
+    module.unet.forward = fake_unet
+    batch = {"input": torch.zeros(2, 3, 32, 32), "edited": torch.zeros(2, 3, 32, 32),
+             "input_ids": torch.zeros(2, 77, dtype=torch.long)}
+    loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0), dropout=0.0)
+    # zero prediction: the loss is the mean square of the target; recompute the target by hand
+    g = torch.Generator().manual_seed(0)
+    target, _ = encode_pair(components.vae, batch["edited"], batch["input"], g)
+    noise = torch.randn(target.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    alpha_bar = module.noise_scheduler.alphas_cumprod[t][:, None, None, None]
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * target
+    assert torch.equal(captured["t"], t)
+    torch.testing.assert_close(loss, (velocity ** 2).mean())
