@@ -73,6 +73,9 @@ def _edit_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="preset name (tiny, ip2p, sd15) or a checkpoint: diffusers folder, .ckpt/.safetensors "
                         "file, hub id, or models:/NAME@ALIAS (default: tiny)")
+    p.add_argument("--model-config", default=None,
+                   help="for a .ckpt/.safetensors --model: diffusers folder or hub id with its component configs "
+                        "(default: the ip2p preset's, timbrooks/instruct-pix2pix; `tiny` for the tiny preset's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 100)")
     p.add_argument("--text-guidance", type=float, default=None,
                    help="text guidance scale s_T: how strongly to follow the instruction (default 7.5)")
@@ -91,16 +94,28 @@ def _edit_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _compose_for(model: str | None, extra: list[str]):
+# An original single-file checkpoint carries no configs; without --model-config its components are
+# configured like the released editor (the `ip2p` preset's single_file_config), the only model of
+# that layout in the wild.
+SINGLE_FILE_DEFAULT_PRESET = "ip2p"
+
+
+def _compose_for(model: str | None, extra: list[str], model_config: str | None = None):
     from omegaconf import open_dict
 
     from ip2p.config import compose
+    from ip2p.models.loader import SINGLE_FILE_SUFFIXES
 
     overrides, checkpoint = _model_overrides(model)
+    single_file = checkpoint is not None and checkpoint.lower().endswith(SINGLE_FILE_SUFFIXES)
+    if single_file and model_config is None:
+        overrides = [f"model={SINGLE_FILE_DEFAULT_PRESET}"]
     cfg = compose(overrides + extra)
-    if checkpoint is not None:
-        with open_dict(cfg):
+    with open_dict(cfg):
+        if checkpoint is not None:
             cfg.model.editor = checkpoint
+        if model_config is not None:
+            cfg.model.single_file_config.editor = model_config
     return cfg
 
 
@@ -110,7 +125,7 @@ def cmd_edit(argv: list[str]) -> int:
 
     from ip2p.editing.run import run
 
-    cfg = _compose_for(args.model, [])
+    cfg = _compose_for(args.model, [], args.model_config)
     flags = {"steps": args.steps, "text_guidance": args.text_guidance, "image_guidance": args.image_guidance,
              "seed": args.seed, "resolution": args.resolution, "scheduler": args.scheduler,
              "num_images": args.num_images}
@@ -136,12 +151,13 @@ def cmd_export(argv: list[str]) -> int:
                                 description="Write the editor as a diffusers StableDiffusionInstructPix2PixPipeline folder.")
     p.add_argument("outdir", help="folder to write (replaced if it exists)")
     p.add_argument("--model", default=None, help="preset name or checkpoint, as for `ip2p edit` (default: tiny)")
+    p.add_argument("--model-config", default=None, help="for a .ckpt/.safetensors --model: as for `ip2p edit`")
     p.add_argument("--scheduler", default="euler_ancestral", help="scheduler class stored in the folder")
     args = p.parse_args(argv)
     from ip2p.editing.export import export_pipeline
     from ip2p.models.loader import load_diffusion
 
-    cfg = _compose_for(args.model, [])
+    cfg = _compose_for(args.model, [], args.model_config)
     components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
     print(export_pipeline(components, args.outdir, scheduler=args.scheduler))
     return 0

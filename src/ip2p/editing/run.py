@@ -11,6 +11,7 @@ from ip2p.editing.image_io import load_image, resize_for_editing, save_image_ato
 from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
 from ip2p.errors import Ip2pError
 from ip2p.models.loader import load_diffusion
+from ip2p.sampling.loop import scheduler_class
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def settings_from_config(cfg: DictConfig) -> EditSettings:
         raise Ip2pError(f"--num-images must be at least 1 (got {e.num_images})")
     if e.resolution < 64:
         raise Ip2pError(f"--resolution must be at least 64 (got {e.resolution})")
+    scheduler_class(str(e.scheduler))  # an unknown name fails here, before the model loads
     return EditSettings(steps=int(e.steps), text_guidance=float(e.text_guidance),
                         image_guidance=float(e.image_guidance), scheduler=str(e.scheduler),
                         num_images=int(e.num_images), seed=int(e.seed), progress=bool(cfg.progress))

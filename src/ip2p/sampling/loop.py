@@ -25,15 +25,20 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(name: str, base_config: dict):
-    """A fresh scheduler of class `name` (short name or diffusers class) with the checkpoint's noise schedule."""
+def scheduler_class(name: str):
+    """The diffusers scheduler class for `name` (short name or class name); checked before any model loads."""
     import diffusers
 
     class_name = SCHEDULERS.get(name, name)
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_config") or not class_name.endswith("Scheduler"):
         raise Ip2pError(f"unknown scheduler '{name}': use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name")
-    return cls.from_config(base_config)
+    return cls
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler of class `name` (short name or diffusers class) with the checkpoint's noise schedule."""
+    return scheduler_class(name).from_config(base_config)
 
 
 # predict_noise(model_input, t, step_index) -> guided noise prediction with the shape of the latents
