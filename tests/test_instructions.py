@@ -317,3 +317,183 @@ def test_merge_refuses_missing_shards(tmp_path, cache_dir):
     with pytest.raises(Ip2pError, match=r"shards \[1\] of 3 are missing \(unfinished: \[1\]"):
         merge.run(cfg)
     assert not (art / "instructions.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- OpenAI-compatible client
+
+SECRET = "sk-test-DO-NOT-LEAK-123456"
+
+
+class FakeEndpoint:
+    """A local OpenAI-compatible server: canned answers chosen by the caption, with failure modes."""
+
+    def __init__(self, delay_s: float = 0.1):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.delay_s = delay_s
+        self.requests: list[dict] = []
+        self.auth: list[str | None] = []
+        self.in_flight = self.max_in_flight = 0
+        self.failed_once: set[str] = set()
+        self.lock = threading.Lock()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with endpoint.lock:
+                    endpoint.requests.append(body)
+                    endpoint.auth.append(self.headers.get("Authorization"))
+                    endpoint.in_flight += 1
+                    endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
+                try:
+                    time.sleep(endpoint.delay_s)
+                    status, payload = endpoint.answer(self.path, body)
+                finally:
+                    with endpoint.lock:
+                        endpoint.in_flight -= 1
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answer(self, path: str, body: dict):
+        chat = path.endswith("/chat/completions")
+        caption = body["messages"][-1]["content"] if chat else body["prompt"].rsplit("\n\n", 1)[-1][: -len("\n##\n")]
+        with self.lock:
+            first_time = caption not in self.failed_once
+            self.failed_once.add(caption)
+        if "rate limited" in caption and first_time:
+            return 429, {"error": {"message": "slow down"}}
+        if "server error" in caption and first_time:
+            return 503, {"error": {"message": "overloaded"}}
+        if "unauthorized" in caption:
+            return 401, {"error": {"message": f"Incorrect API key provided: {SECRET}"}}
+        if "always failing" in caption:
+            return 500, {"error": {"message": "down"}}
+        if "bad json" in caption:
+            return 200, b"<html>oops</html>"
+        if "malformed" in caption:
+            text = "make it snowy but forget the separator"
+        elif "unchanged" in caption:
+            text = f"make it the same\n%%\n{caption}."
+        else:
+            text = f"make it snowy\n%%\n{caption} in the snow"
+        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        return 200, {"choices": [choice]}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    server = FakeEndpoint()
+    yield server
+    server.close()
+
+
+OPENAI_CAPTIONS = ["a cat on a wall", "a rate limited dog in a park", "a server error horse on a hill",
+                   "a malformed boat on a lake", "an unchanged tree in a field", "a bad json car on a road",
+                   "a house by the sea", "a bird on a branch"]
+
+
+def openai_cfg(tmp_path, cache_dir, endpoint, captions_file, *overrides):
+    """Outputs under tmp_path; the response cache beside the captions file (shared by reruns)."""
+    return stage_cfg(tmp_path, cache_dir, captions_file, "instructions=openai", f"instructions.input={captions_file}",
+                     f"instructions.base_url={endpoint.base_url}", "instructions.api_key_env=IP2P_TEST_API_KEY",
+                     "instructions.concurrency=2", "instructions.batch_size=8", "instructions.retries=1",
+                     "instructions.backoff_s=0.001", f"instructions.cache_dir={captions_file.parent / 'http-cache'}",
+                     *overrides)
+
+
+def test_openai_client_retries_caches_bounds_concurrency_and_hides_the_key(tmp_path, cache_dir, endpoint,
+                                                                          monkeypatch, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("IP2P_TEST_API_KEY", SECRET)
+    source = tmp_path / "captions.jsonl"
+    source.write_text("".join(json.dumps({"id": f"o{i}", "caption": c}) + "\n" for i, c in enumerate(OPENAI_CAPTIONS)))
+    out = instructions.run(openai_cfg(tmp_path / "run1", cache_dir, endpoint, source))
+
+    accepted = {r["input"]: r for r in read_lines(out)}
+    rejected = {r["input"]: r for r in read_lines(out.with_name("instructions.rejected.jsonl"))}
+    good = [c for c in OPENAI_CAPTIONS if not any(k in c for k in ("malformed", "unchanged", "bad json"))]
+    assert sorted(accepted) == sorted(good)                  # includes the 429'd and the 503'd caption
+    assert accepted["a cat on a wall"]["output"] == "a cat on a wall in the snow"
+    assert accepted["a cat on a wall"]["backend"] == "openai:Qwen/Qwen2.5-7B-Instruct"
+    assert {c: r["attempts"] for c, r in rejected.items()} == {
+        "a malformed boat on a lake": ["malformed", "malformed"],
+        "an unchanged tree in a field": ["unchanged", "unchanged"],
+        "a bad json car on a road": ["empty", "empty"]}
+    # one request per attempt, plus one for each 429 and 503 that was retried
+    assert len(endpoint.requests) == len(good) + 2 + 3 * 2
+    assert 2 == endpoint.max_in_flight                       # concurrent, and never more than the bound
+    assert endpoint.auth == [f"Bearer {SECRET}"] * len(endpoint.requests)
+    body = endpoint.requests[0]
+    assert {k: body[k] for k in ("temperature", "top_p", "max_tokens", "frequency_penalty", "stop")} == {
+        "temperature": 0.7, "top_p": 1.0, "max_tokens": 256, "frequency_penalty": 0.1, "stop": ["\nEND"]}
+    assert len(body["messages"]) == 1 + 2 * 8 + 1 and body["messages"][2]["content"].endswith("\nEND")
+    seeds = {(r["messages"][-1]["content"], r["seed"]) for r in endpoint.requests}
+    assert len({s for c, s in seeds if "malformed" in c}) == 2  # a retry is a new seed, not a cached repeat
+
+    # A second run (fresh outputs, same cache) asks the server nothing and writes the same bytes.
+    before = len(endpoint.requests)
+    out2 = instructions.run(openai_cfg(tmp_path / "run2", cache_dir, endpoint, source))
+    assert len(endpoint.requests) == before
+    assert out2.read_bytes() == out.read_bytes()
+
+    # The key is nowhere but in the Authorization header.
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("http-cache" in str(p) for p in written)
+    for path in written:
+        assert SECRET not in path.read_text(encoding="utf-8", errors="replace"), path
+    captured = capsys.readouterr()
+    assert SECRET not in caplog.text + captured.out + captured.err
+
+
+def test_openai_http_errors_are_one_line_and_redacted(tmp_path, endpoint):
+    from ip2p.data.backends.base import Request
+    from ip2p.data.backends.openai_compat import HttpPolicy, OpenAIBackend, ResponseCache
+    from ip2p.errors import Ip2pError
+
+    def backend(policy):
+        return OpenAIBackend(endpoint.base_url, "m", "completions", {"temperature": 0.7}, [], "", SECRET, policy,
+                             ResponseCache(None), batch_size=4)
+
+    with pytest.raises(Ip2pError) as err:
+        backend(HttpPolicy(concurrency=1, retries=3, backoff_s=0.001)).complete([Request("u", "an unauthorized cat", 1)])
+    assert "HTTP 401" in str(err.value) and SECRET not in str(err.value) and "\n" not in str(err.value)
+    assert len(endpoint.requests) == 1                        # a 401 is not retried
+
+    flaky = backend(HttpPolicy(concurrency=1, retries=2, backoff_s=0.001))
+    with pytest.raises(Ip2pError, match=r"failed after 3 tries \(HTTP 500\)"):
+        flaky.complete([Request("f", "an always failing cat", 1)])
+    assert len(endpoint.requests) == 1 + 3
+
+
+def test_openai_completions_endpoint_uses_the_fine_tuning_format(tmp_path, cache_dir, endpoint, monkeypatch):
+    monkeypatch.delenv("IP2P_TEST_API_KEY", raising=False)
+    source = tmp_path / "captions.jsonl"
+    source.write_text(json.dumps({"id": "c1", "caption": "a house by the sea"}) + "\n")
+    out = instructions.run(openai_cfg(tmp_path, cache_dir, endpoint, source, "instructions.endpoint=completions",
+                                      "instructions.few_shot=2"))
+    assert read_lines(out)[0]["output"] == "a house by the sea in the snow"
+    prompt = endpoint.requests[0]["prompt"]
+    assert prompt.endswith("\n\na house by the sea\n##\n") and prompt.count("\nEND\n\n") == 2
+    assert endpoint.auth == [None]                            # no key in the environment: no header

@@ -45,6 +45,35 @@ def few_shot_prefix(examples: Iterable[dict]) -> str:
     return "".join(format_prompt(e["input"]) + format_completion(e["edit"], e["output"]) + "\n\n" for e in examples)
 
 
+def load_human_examples(path: str | Path, rejected: "Counter | None" = None) -> list[dict]:
+    """Human-written examples {"input", "edit", "output"} (the paper's released format); lines that are
+    unreadable or lack a non-empty string field are counted in `rejected`, not returned."""
+    from collections import Counter
+
+    from ip2p.io import read_jsonl
+
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise Ip2pError(f"human examples not found: '{path}' (JSONL with keys input, edit, output)")
+    rejected = rejected if rejected is not None else Counter()
+    examples = []
+    for record in read_jsonl(path, rejected):
+        fields = [record.get(k) for k in ("input", "edit", "output")]
+        if all(isinstance(f, str) and f.strip() and "\n" not in f.strip() for f in fields):
+            examples.append({k: " ".join(f.split()) for k, f in zip(("input", "edit", "output"), fields)})
+        else:
+            rejected["missing_field"] += 1
+    return examples
+
+
+def pick_examples(examples: list[dict], k: int, seed: int) -> list[dict]:
+    """A fixed seeded choice of k examples (the same prefix for every prompt: cache friendly)."""
+    from ip2p.io import stable_seed
+
+    ranked = sorted(examples, key=lambda e: stable_seed(seed, "few-shot", e["input"], e["edit"]))
+    return ranked[:k]
+
+
 def normalise_caption(text: str) -> str:
     """Key for de-duplication: lower case, punctuation removed, whitespace collapsed."""
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
