@@ -235,7 +235,6 @@ def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
-@pytest.mark.slow
 def test_kill_and_resume_gives_byte_identical_files(tmp_path, cache_dir):
     source = write_captions(tmp_path / "captions.jsonl", 60)
     common = ["instructions.validate.max_edit_words=5", "instructions.batch_size=1"]
@@ -279,7 +278,6 @@ def test_rerunning_a_finished_shard_does_nothing(tmp_path, cache_dir, capsys):
     assert "nothing to do" in capsys.readouterr().out and out.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.slow
 def test_multirun_shards_then_merge_equal_an_unsharded_run(tmp_path, cache_dir):
     source = write_captions(tmp_path / "captions.jsonl", 40)
     common = [f"paths.cache={cache_dir}", "progress=false", f"instructions.input={source}",

@@ -1,0 +1,203 @@
+"""`ip2p finetune-llm`: fine-tune the instruction LM on human-written edits, as the paper did with
+GPT-3 (700 examples, 1 epoch), with a real Lightning Trainer (CPU is fine for the tiny LM).
+
+Each example {"input", "edit", "output"} becomes
+    prompt     = input + "\\n##\\n"                                  (no loss)
+    completion = edit + "\\n%%\\n" + output + "\\nEND" + end-of-text  (the loss)
+A seeded held-out split measures the mean completion-token loss before and after training
+(reports/finetune_llm.json). The result is written with save_pretrained to artifacts/llm/, which
+`ip2p instructions instructions=hf instructions.model=artifacts/llm` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from ip2p.data.validate import format_completion, format_prompt, load_human_examples
+from ip2p.errors import Ip2pError
+from ip2p.io import StageSummary, atomic_write_json, stable_seed
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of tokens without loss (prompt, padding)
+DONE_MARKER = "ip2p_finetune.json"
+
+
+def split_examples(examples: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): a seeded split that does not depend on the file's order."""
+    if not 0 <= heldout_fraction < 1:
+        raise Ip2pError(f"llm_finetune.heldout_fraction must be in [0, 1) (got {heldout_fraction})")
+    ranked = sorted(examples, key=lambda e: (stable_seed(seed, "heldout", e["input"], e["edit"]), e["input"]))
+    n_held = int(round(len(ranked) * heldout_fraction))
+    return ranked[n_held:], ranked[:n_held]
+
+
+def encode_example(tokenizer, example: dict, max_length: int) -> dict:
+    """Token ids and labels: prompt tokens carry no loss; the completion is cut at max_length."""
+    prompt = tokenizer(format_prompt(example["input"]), add_special_tokens=False)["input_ids"]
+    completion = tokenizer(format_completion(example["edit"], example["output"]), add_special_tokens=False)["input_ids"]
+    completion = completion + [tokenizer.eos_token_id]
+    ids = (prompt + completion)[:max_length]
+    labels = ([IGNORE] * len(prompt) + completion)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(pad_id: int):
+    def pad(batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)       # [B, T], right padded
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)    # [B, T]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)             # [B, T]
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return pad
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16, max_length: int = 256) -> float:
+    """Mean cross-entropy per completion token over `examples` (prompt tokens excluded)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(tokenizer.pad_token_id)(encoded[start:start + batch_size])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        # token t is predicted from positions < t
+        pred, target = logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        total += loss.item()
+        count += int((target != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    import pytorch_lightning as pl
+
+    class CompletionLM(pl.LightningModule):
+        """Causal LM trained on completion tokens only (labels of the prompt are IGNORE)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, _):
+            loss = self.model(**batch).loss
+            self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            return loss
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", self.model(**batch).loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+        def configure_optimizers(self):
+            decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+            no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+            # linear warm-up, then constant
+            warm = lambda step: min(1.0, (step + 1) / max(1, warmup_steps))  # noqa: E731
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return CompletionLM()
+
+
+def save_model(model, tokenizer, target: Path, info: dict) -> Path:
+    """save_pretrained into a temp folder, then swap it in: a reader never sees half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.padding_side = "left"  # what generation wants when the folder is loaded again
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / DONE_MARKER, info)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def run(cfg: DictConfig) -> Path:
+    import pytorch_lightning as pl
+
+    from ip2p.models.tiny_llm import load_llm
+
+    f = cfg.llm_finetune
+    output = Path(str(f.output))
+    if (output / DONE_MARKER).exists():
+        print(f"finetune-llm: {output} is complete; nothing to do (delete it to train again)")
+        return output
+    summary = StageSummary("finetune_llm")
+    rejected: Counter = Counter()
+    examples = load_human_examples(f.data, rejected)
+    for reason, n in rejected.items():
+        summary.reject(reason, n)
+    summary.records_in = len(examples) + sum(rejected.values())
+    train, heldout = split_examples(examples, float(f.heldout_fraction), int(cfg.seed))
+    if not train:
+        raise Ip2pError(f"no usable training examples in '{f.data}'")
+
+    pl.seed_everything(int(cfg.seed), workers=True)
+    model, tokenizer = load_llm(f.base, cfg.model, cfg.paths.cache, "cpu", "float32")
+    tokenizer.padding_side = "right"
+    max_length, batch_size = int(f.max_length), int(f.batch_size)
+    before = completion_loss(model, tokenizer, heldout, batch_size, max_length)
+    log.info("finetune-llm: held-out completion loss before: %.4f (%d examples)", before, len(heldout))
+
+    pad = collate(tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    train_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in train], batch_size=batch_size,
+                              shuffle=True, collate_fn=pad, generator=generator)
+    val_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in heldout], batch_size=batch_size,
+                            collate_fn=pad) if heldout else None
+    steps = math.ceil(len(train_loader) / int(f.accumulate_grad_batches)) * int(f.epochs)
+    model.train()  # load_llm hands out models in eval mode
+    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps), steps)
+    trainer = pl.Trainer(max_epochs=int(f.epochs), accelerator=str(f.accelerator), devices=1,
+                         precision=f.precision, accumulate_grad_batches=int(f.accumulate_grad_batches),
+                         gradient_clip_val=float(f.gradient_clip), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=bool(cfg.progress), enable_model_summary=False,
+                         log_every_n_steps=1, num_sanity_val_steps=0, default_root_dir=str(output.parent))
+    trainer.fit(module, train_loader, val_loader)
+
+    model = module.model.to("cpu").float()
+    after = completion_loss(model, tokenizer, heldout, batch_size, max_length)
+    log.info("finetune-llm: held-out completion loss after: %.4f", after)
+    info = {"base": str(f.base), "train_examples": len(train), "heldout_examples": len(heldout),
+            "epochs": int(f.epochs), "optimizer_steps": int(trainer.global_step),
+            "heldout_loss_before": round(before, 6), "heldout_loss_after": round(after, 6)}
+    summary.records_out = len(examples)  # every usable example: trained on or held out
+    summary.extra.update(info)
+    summary.extra["output"] = str(output)
+    summary.write(cfg.paths.reports)
+    save_model(model, tokenizer, output, info)
+    print(f"finetune-llm: held-out loss {before:.4f} -> {after:.4f}; saved {output}")
+    return output
