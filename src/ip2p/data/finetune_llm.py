@@ -11,9 +11,7 @@ A seeded held-out split measures the mean completion-token loss before and after
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -92,7 +90,7 @@ def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16
     return total / max(count, 1)
 
 
-def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
     import pytorch_lightning as pl
 
     class CompletionLM(pl.LightningModule):
@@ -178,9 +176,8 @@ def run(cfg: DictConfig) -> Path:
                               shuffle=True, collate_fn=pad, generator=generator)
     val_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in heldout], batch_size=batch_size,
                             collate_fn=pad) if heldout else None
-    steps = math.ceil(len(train_loader) / int(f.accumulate_grad_batches)) * int(f.epochs)
     model.train()  # load_llm hands out models in eval mode
-    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps), steps)
+    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps))
     trainer = pl.Trainer(max_epochs=int(f.epochs), accelerator=str(f.accelerator), devices=1,
                          precision=f.precision, accumulate_grad_batches=int(f.accumulate_grad_batches),
                          gradient_clip_val=float(f.gradient_clip), logger=False, enable_checkpointing=False,

@@ -202,6 +202,8 @@ def run(cfg: DictConfig) -> Path:
     summary.records_in = len(work) + sum(input_rejected.values())
     summary.extra.update(backend=backend.name, input=str(icfg.input), retries=retries,
                          edits_per_caption=int(icfg.edits_per_caption))
+    if hasattr(backend, "num_requests"):  # HTTP requests this run sent (cache hits send none)
+        summary.extra["http_requests"] = backend.num_requests
     if summary.records_out + sum(reasons.values()) != len(work):
         raise Ip2pError(f"instructions: {out_path.name}.partial and its side file do not cover the work list "
                         f"(were they written by a different configuration? delete them to start over)")
