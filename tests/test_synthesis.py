@@ -23,6 +23,7 @@ from ip2p.synthesis.attention import (
     AttentionControl,
     GoogleSettings,
     P2PAttnProcessor,
+    branch_rows,
     copied_self_attention,
     google_step_controlled,
     local_blend_mask,
@@ -65,7 +66,9 @@ def test_sdpa_copy_equals_materialised_attention():
     q, k, v = (torch.randn(4 * s, heads, n, d) for _ in range(3))
     controlled = torch.tensor([True, False, True])
     scale = d ** -0.5
-    out = copied_self_attention(q, k, v, controlled, ((0, 1), (2, 3)), scale)
+    rows = branch_rows(controlled, ((0, 1), (2, 3)))
+    assert rows.tolist() == [0, 1, 2, 0, 4, 2, 6, 7, 8, 6, 10, 8]  # by hand: S = 3, samples 0 and 2 copied
+    out = copied_self_attention(q, k, v, rows, scale)
     expected = torch.empty_like(out)
     for row in range(4 * s):
         group, sample = divmod(row, s)

@@ -35,10 +35,10 @@ def clip_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Ten
     }
 
 
-def clip_id(clip: ClipComponents) -> str:
-    """A name for the scoring model, stored next to cached scores so a different CLIP recomputes them:
-    the last two parts of a local folder (e.g. tiny-ce9bcd0796/clip), or the hub id."""
-    parts = str(clip.source).replace("\\", "/").rstrip("/").split("/")
+def clip_id(source: str) -> str:
+    """A name for the scoring model (from its resolved source), stored next to cached scores so a
+    different CLIP recomputes them: the last two parts of a local folder (tiny-ce9bcd0796/clip), or the hub id."""
+    parts = str(source).replace("\\", "/").rstrip("/").split("/")
     return "/".join(parts[-2:])
 
 
@@ -48,7 +48,7 @@ class ClipScorer:
     def __init__(self, clip: ClipComponents, batch_size: int = 32):
         self.clip = clip
         self.batch_size = batch_size
-        self.name = clip_id(clip)
+        self.name = clip_id(clip.source)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -63,11 +63,16 @@ class ClipScorer:
 
     @torch.no_grad()
     def score(self, images_0: Sequence[Image.Image], images_1: Sequence[Image.Image],
-              captions_0: Sequence[str], captions_1: Sequence[str]) -> list[dict[str, float]]:
-        """One dict of the four METRICS per candidate."""
+              captions_0: Sequence[str] | None, captions_1: Sequence[str] | None) -> list[dict[str, float | None]]:
+        """One dict of the four METRICS per candidate. Without captions (None) only clip_sim_image is
+        measurable; the text scores are None."""
         if not images_0:
             return []
         e0 = embed_images(self.clip, list(images_0), batch_size=self.batch_size)
         e1 = embed_images(self.clip, list(images_1), batch_size=self.batch_size)
+        if captions_0 is None or captions_1 is None:
+            image_sim = cosine(e0, e1)
+            return [{"clip_sim_0": None, "clip_sim_1": None, "clip_sim_dir": None,
+                     "clip_sim_image": float(image_sim[i])} for i in range(len(images_0))]
         scores = clip_metrics(e0, e1, self._texts(captions_0), self._texts(captions_1))
         return [{m: float(scores[m][i]) for m in METRICS} for i in range(len(images_0))]

@@ -48,14 +48,15 @@ def google_step_controlled(fraction: torch.Tensor, step: int, num_steps: int) ->
     return step < torch.floor(fraction * num_steps)
 
 
-def copy_branches(x: torch.Tensor, controlled: torch.Tensor, pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """x: [4S, ...] in the branch layout above; controlled: [S] bool. For each (src, dst) pair, the
-    rows of branch dst of the controlled samples are replaced by those of branch src."""
-    groups = list(x.chunk(BRANCHES))
-    mask = controlled.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+def branch_rows(controlled: torch.Tensor, pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Row index [4S] for a gather over the branch layout above: for each (src, dst) pair, the rows of
+    branch dst of the controlled samples ([S] bool) read those of branch src; other rows read themselves."""
+    samples = len(controlled)
+    rows = torch.arange(BRANCHES * samples)
     for src, dst in pairs:
-        groups[dst] = torch.where(mask, groups[src], groups[dst])
-    return torch.cat(groups)
+        dst_rows = torch.arange(dst * samples, (dst + 1) * samples)
+        rows[dst_rows] = torch.where(controlled, torch.arange(src * samples, (src + 1) * samples), dst_rows)
+    return rows
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -64,12 +65,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
 
 
-def copied_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, controlled: torch.Tensor,
-                          pairs: tuple[tuple[int, int], ...], scale: float,
+def copied_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, scale: float,
                           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Self-attention where each controlled destination branch attends with its source branch's map:
-    softmax(Q_src K_src^T * scale) V_dst, computed as fused attention of (Q_src, K_src, V_dst)."""
-    return attention(copy_branches(q, controlled, pairs), copy_branches(k, controlled, pairs), v, scale, mask)
+    """Self-attention where row r attends with the map of row rows[r]: softmax(Q_src K_src^T * scale) V_r,
+    computed as fused attention of (Q_src, K_src, V_r); the map is never materialised."""
+    return attention(q.index_select(0, rows), k.index_select(0, rows), v, scale, mask)
 
 
 def map_grid(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -127,10 +127,18 @@ class AttentionControl:
         if self.blend_words is not None and not (self.blend_words[0] or self.blend_words[1]):
             self.blend_words = None  # identical captions: nothing to localise
         self.blend_maps: torch.Tensor | None = None  # [2, S, 1, H, W]: input words, output words
+        self._self_rows = branch_rows(self.self_controlled, ())
+        self._on_device: dict[str, torch.Tensor] = {}
 
     @property
     def num_samples(self) -> int:
         return len(self.p)
+
+    @property
+    def self_pairs(self) -> tuple[tuple[int, int], ...]:
+        if self.mode == "official":  # both guidance halves, as the official code does
+            return (IN_COND, OUT_COND), (IN_UNCOND, OUT_UNCOND)
+        return ((IN_COND, OUT_COND),)  # Google edits the conditional half only
 
     def begin_step(self, step: int) -> None:
         if self.mode == "official":
@@ -140,6 +148,22 @@ class AttentionControl:
             if self.token_map is not None:
                 fraction = torch.full_like(self.p, float(self.google.cross_steps))
                 self.cross_controlled = google_step_controlled(fraction, step, self.num_steps)
+        self._self_rows = branch_rows(self.self_controlled, self.self_pairs)
+        self._on_device = {}
+
+    def _device(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`tensor` on `device`, copied once per step: a pinned, non-blocking copy on CUDA, so that
+        the attention layers never wait for the GPU (a pageable copy would stall every layer)."""
+        cached = self._on_device.get(name)
+        if cached is None or cached.device != device:
+            if device.type == "cuda":
+                pinned = tensor.pin_memory()
+                self._on_device[name + ".pinned"] = pinned  # alive until the next step
+                cached = pinned.to(device, non_blocking=True)
+            else:
+                cached = tensor.to(device)
+            self._on_device[name] = cached
+        return cached
 
     def _samples(self, batch: int) -> int:
         if batch != BRANCHES * self.num_samples:
@@ -148,16 +172,10 @@ class AttentionControl:
 
     def self_attention(self, attn, q, k, v, mask):
         self._samples(q.shape[0])
-        controlled = self.self_controlled
-        if self.mode == "official":
-            pairs = ((IN_COND, OUT_COND), (IN_UNCOND, OUT_UNCOND))
-        else:
-            pairs = ((IN_COND, OUT_COND),)
-            if q.shape[2] > self.google.self_max_queries:
-                controlled = torch.zeros_like(controlled)
-        if not bool(controlled.any()):
+        small_enough = self.mode == "official" or q.shape[2] <= self.google.self_max_queries
+        if not (small_enough and bool(self.self_controlled.any())):
             return attention(q, k, v, attn.scale, mask)
-        return copied_self_attention(q, k, v, controlled, pairs, attn.scale, mask)
+        return copied_self_attention(q, k, v, self._device("self_rows", self._self_rows, q.device), attn.scale, mask)
 
     def cross_attention(self, attn, q, k, v, mask):
         samples = self._samples(q.shape[0])
@@ -178,7 +196,7 @@ class AttentionControl:
             mapper = tm.mapper.to(q.device)
             alphas = tm.alphas.to(q.device, probs_in.dtype)
             edited = probs_in[..., mapper] * alphas + probs_out * (1 - alphas)
-            controlled = self.cross_controlled.to(q.device).view(-1, 1, 1, 1)
+            controlled = self._device("cross", self.cross_controlled, q.device).view(-1, 1, 1, 1)
             probs_out = torch.where(controlled, edited, probs_out)
         out_cond = torch.cat([probs_in, probs_out]).to(v.dtype) @ v[cond]
         out_uncond = attention(q[uncond], k[uncond], v[uncond], attn.scale,

@@ -1,0 +1,235 @@
+"""The training dataset on disk, and the pair-folder layout candidates and the official release share.
+
+Dataset: <dataset>/{train,val,test}/part-NNNNN.parquet with the columns of COLUMNS. Images are
+`datasets` Image structs {"bytes": PNG bytes, "path": None}; the Hugging Face feature metadata is
+stored in each file, so `datasets.load_dataset("parquet", data_dir=...)` decodes them to PIL images
+and diffusers' train_instruct_pix2pix.py finds input_image / edit_prompt / edited_image.
+
+Pair folder (ours and the official release alike), one per caption pair:
+    prompt.json      {"input", "edit", "output", ...}
+    {seed}_0.png|jpg image of the input caption;  {seed}_1.png|jpg image of the edited caption
+    metadata.jsonl   one line per candidate: seed, p (released: p2p_threshold), cfg (released:
+                     cfg_scale), and in the release clip_sim_0 / clip_sim_1 / clip_sim_dir / clip_sim_image
+    seeds.json       (release only, at the root) [[folder, [seed, ...]], ...]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+from ip2p.errors import Ip2pError
+from ip2p.io.jsonl import read_jsonl
+
+COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt", "input_caption", "output_caption",
+           "seed", "p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def features():
+    """The `datasets` schema of the dataset (column order = COLUMNS)."""
+    import datasets
+
+    string, f64 = datasets.Value("string"), datasets.Value("float64")
+    return datasets.Features({
+        "id": string, "pair_id": string,
+        "input_image": datasets.Image(), "edited_image": datasets.Image(),
+        "edit_prompt": string, "input_caption": string, "output_caption": string,
+        "seed": datasets.Value("int64"), "p": f64, "cfg": f64,
+        "clip_sim_0": f64, "clip_sim_1": f64, "clip_sim_dir": f64, "clip_sim_image": f64,
+    })
+
+
+def png_bytes(data: bytes) -> bytes:
+    """Image file bytes -> PNG bytes (PNG input is kept byte for byte; others are decoded to RGB)."""
+    if data.startswith(PNG_SIGNATURE):
+        return data
+    from ip2p.editing.image_io import to_rgb
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = to_rgb(img)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_struct(png: bytes) -> dict:
+    return {"bytes": png, "path": None}
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _table(rows: list[dict]):
+    import pyarrow as pa
+
+    schema = features().arrow_schema
+    missing = [c for c in COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise Ip2pError(f"dataset rows lack columns: {', '.join(missing)}")
+    columns = {c: [r[c] for r in rows] for c in COLUMNS}
+    for c in ("p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"):
+        columns[c] = [_float(v) for v in columns[c]]
+    return pa.table(columns, schema=schema)
+
+
+def _write_parquet_atomic(rows: list[dict], path: Path) -> Path:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(_table(rows), tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_split(rows: Iterable[dict], out_dir: str | Path, split: str, shard_size: int) -> list[Path]:
+    """Write rows (dicts with the COLUMNS; images as image_struct) to out_dir/split/part-NNNNN.parquet,
+    shard_size rows per file, consuming `rows` lazily. Same rows in the same order -> byte-identical
+    files. An empty split writes no file (`datasets` cannot read a Parquet file without rows);
+    load_split returns it as an empty Dataset."""
+    if shard_size < 1:
+        raise Ip2pError(f"filter.shard_size must be at least 1 (got {shard_size})")
+    folder = Path(out_dir) / split
+    paths: list[Path] = []
+    buffer: list[dict] = []
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) == shard_size:
+            paths.append(_write_parquet_atomic(buffer, folder / f"part-{len(paths):05d}.parquet"))
+            buffer = []
+    if buffer:
+        paths.append(_write_parquet_atomic(buffer, folder / f"part-{len(paths):05d}.parquet"))
+    return paths
+
+
+def load_split(dataset_dir: str | Path, split: str, cache_dir: str | None = None):
+    """One split as a `datasets.Dataset` (images decode to PIL on access)."""
+    import datasets
+
+    if not Path(dataset_dir).is_dir():
+        raise Ip2pError(f"no dataset at '{dataset_dir}' (run `ip2p filter` first)")
+    files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("part-*.parquet"))
+    if not files:  # an empty split
+        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=features(), split=split)
+    return datasets.load_dataset("parquet", data_files={split: files}, split=split, features=features(),
+                                 cache_dir=cache_dir)
+
+
+# ---- pair folders -------------------------------------------------------------------------------
+
+
+@dataclass
+class CandidateFiles:
+    """One candidate in a pair folder: its seed, image files and metadata line."""
+
+    seed: int
+    image_0: Path
+    image_1: Path
+    meta: dict
+
+
+@dataclass
+class PairFolder:
+    pair_id: str
+    path: Path
+    prompt: dict
+    candidates: list[CandidateFiles]
+    problems: Counter = field(default_factory=Counter)  # rejected candidates by reason
+
+
+def find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _seed(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def read_pair_folder(folder: str | Path, seeds: Iterable[int] | None = None) -> PairFolder:
+    """Read one pair folder. Candidates come from metadata.jsonl (or, for a released folder without
+    it, from `seeds` or the {seed}_0 image files); a candidate without both images is counted in
+    `problems`, not returned. Raises Ip2pError when prompt.json is missing or unreadable."""
+    folder = Path(folder)
+    try:
+        prompt = json.loads((folder / "prompt.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Ip2pError(f"'{folder}' has no readable prompt.json ({type(err).__name__})") from err
+    if not isinstance(prompt, dict) or not all(isinstance(prompt.get(k), str) for k in ("input", "edit", "output")):
+        raise Ip2pError(f"'{folder}/prompt.json' lacks the string fields input, edit, output")
+    problems: Counter = Counter()
+    metas: dict[int, dict] = {}
+    meta_path = folder / "metadata.jsonl"
+    if meta_path.is_file():
+        for line in read_jsonl(meta_path, problems):
+            seed = _seed(line.get("seed"))
+            if seed is None:
+                problems["metadata_without_seed"] += 1
+                continue
+            metas.setdefault(seed, line)
+    if seeds is not None:
+        wanted = [int(s) for s in seeds]
+    elif metas:
+        wanted = list(metas)
+    else:
+        wanted = sorted(int(p.name.split("_")[0]) for p in folder.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.endswith("_0") and p.stem[:-2].isdigit())
+    candidates = []
+    for seed in wanted:
+        image_0, image_1 = find_image(folder, f"{seed}_0"), find_image(folder, f"{seed}_1")
+        if image_0 is None or image_1 is None:
+            problems["missing_image"] += 1
+            continue
+        candidates.append(CandidateFiles(seed, image_0, image_1, metas.get(seed, {"seed": seed})))
+    return PairFolder(folder.name, folder, prompt, candidates, problems)
+
+
+def list_pair_folders(root: str | Path) -> Iterator[tuple[Path, list[int] | None]]:
+    """(folder, seeds or None) for every pair folder under root: in seeds.json order when the root has
+    one (the release), else every non-hidden subfolder in sorted order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise Ip2pError(f"pair folder root '{root}' does not exist")
+    seeds_file = root / "seeds.json"
+    if seeds_file.is_file():
+        try:
+            listing = json.loads(seeds_file.read_text(encoding="utf-8"))
+            entries = [(str(name), [int(s) for s in seeds]) for name, seeds in listing]
+        except (ValueError, TypeError, json.JSONDecodeError) as err:
+            raise Ip2pError(f"'{seeds_file}' is not a list of [folder, [seeds...]] ({type(err).__name__})") from err
+        for name, seeds in entries:
+            yield root / name, seeds
+        return
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        yield path, None

@@ -1,0 +1,338 @@
+"""CLIP filtering: the four metrics against hand computations, thresholds and top-k on a hand table,
+splits, and the stage (score cache, deterministic Parquet, released and diffusers importers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ip2p.errors import Ip2pError
+from ip2p.filtering.metrics import ClipScorer, clip_metrics
+from ip2p.filtering.select import assign_splits, first_failure, select, split_counts
+
+THRESHOLDS = {"sim_image": 0.75, "sim_dir": 0.2, "sim_0": 0.2, "sim_1": 0.2}
+PERMISSIVE = [f"filter.thresholds.{k}=-1" for k in THRESHOLDS]
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def test_four_metrics_on_fixed_embeddings_against_hand_values():
+    image_0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    image_1 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    text_0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
+    text_1 = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.8, 0.6]])
+    got = clip_metrics(image_0, image_1, text_0, text_1)
+    # row 0: image-text cosines read off the vectors; direction (-1, 1, 0) vs (-0.4, 0.8, 0)
+    # = (0.4 + 0.8) / (sqrt(2) * sqrt(0.8)) = 1.2 / sqrt(1.6)
+    assert got["clip_sim_0"][0].item() == pytest.approx(1.0)
+    assert got["clip_sim_1"][0].item() == pytest.approx(0.8)
+    assert got["clip_sim_image"][0].item() == pytest.approx(0.0)
+    assert got["clip_sim_dir"][0].item() == pytest.approx(1.2 / math.sqrt(1.6), abs=1e-6)
+    # row 1: identical images -> image similarity 1, no image change -> direction 0
+    assert got["clip_sim_0"][1].item() == pytest.approx(0.8)
+    assert got["clip_sim_1"][1].item() == pytest.approx(0.6)
+    assert got["clip_sim_image"][1].item() == pytest.approx(1.0)
+    assert got["clip_sim_dir"][1].item() == pytest.approx(0.0)
+
+
+def _manual_clip_pixels(img: Image.Image, size: int, mean, std) -> torch.Tensor:
+    """CLIP preprocessing by hand: bicubic resize of the short side, centre crop, [0, 1], mean/std."""
+    w, h = img.size
+    scale = size / min(w, h)
+    resized = img.resize((max(size, int(w * scale)), max(size, int(h * scale))), Image.Resampling.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    crop = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    return torch.from_numpy((crop - np.array(mean, np.float32)) / np.array(std, np.float32)).permute(2, 0, 1)
+
+
+def test_scorer_uses_clip_preprocessing_and_normalised_embeddings(tiny_clip):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)) for _ in range(4)]
+    captions_0, captions_1 = ["a cat", "a house"], ["a dog", "a house in snow"]
+    got = ClipScorer(tiny_clip).score(images[:2], images[2:], captions_0, captions_1)
+    proc = tiny_clip.processor.image_processor
+    size = proc.crop_size["height"]
+    pixels = torch.stack([_manual_clip_pixels(im, size, proc.image_mean, proc.image_std) for im in images])
+    model = tiny_clip.model
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=pixels)
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+        tok = tiny_clip.processor.tokenizer(captions_0 + captions_1, padding="max_length", max_length=77,
+                                            return_tensors="pt")
+        txt = model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+        txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    for i in range(2):
+        e0, e1, t0, t1 = img[i], img[2 + i], txt[i], txt[2 + i]
+        assert got[i]["clip_sim_0"] == pytest.approx(float(e0 @ t0), abs=1e-3)
+        assert got[i]["clip_sim_1"] == pytest.approx(float(e1 @ t1), abs=1e-3)
+        assert got[i]["clip_sim_image"] == pytest.approx(float(e0 @ e1), abs=1e-3)
+        d_img, d_txt = e1 - e0, t1 - t0
+        assert got[i]["clip_sim_dir"] == pytest.approx(float(d_img @ d_txt / (d_img.norm() * d_txt.norm())), abs=1e-3)
+
+
+# ---- selection and splits -----------------------------------------------------------------------
+
+
+def row(pair, seed, image=0.9, direction=0.5, s0=0.3, s1=0.3):
+    return {"pair_id": pair, "seed": seed, "clip_sim_image": image, "clip_sim_dir": direction,
+            "clip_sim_0": s0, "clip_sim_1": s1}
+
+
+def test_thresholds_and_top_k_on_a_hand_table():
+    table = [
+        row("a", 1, direction=0.30), row("a", 2, direction=0.50), row("a", 3, direction=0.25),
+        row("a", 4, direction=0.40), row("a", 5, direction=0.45), row("a", 6, direction=0.60, image=0.74),
+        row("a", 7, direction=0.19), row("b", 1, s0=0.1), row("b", 2, s1=0.199), row("b", 3, direction=0.2),
+        row("b", 4, image=0.75, direction=0.2), row("c", 1, image=float("nan")),
+    ]
+    kept, rejected = select(table, THRESHOLDS, top_k=4)
+    # by hand: a keeps seeds 2 (0.5), 5 (0.45), 4 (0.4), 1 (0.3); seed 3 (0.25) is 5th; 6 fails image,
+    # 7 fails direction; b keeps 3 and 4 (ties at 0.2: lower seed first; thresholds are inclusive)
+    assert [(r["pair_id"], r["seed"]) for r in kept] == [("a", 2), ("a", 5), ("a", 4), ("a", 1), ("b", 3), ("b", 4)]
+    assert rejected == {"over_top_k": 1, "below_sim_image": 1, "below_sim_dir": 1, "below_sim_0": 1,
+                        "below_sim_1": 1, "nan_score": 1}
+
+
+def test_missing_scores_skip_their_threshold():
+    scores = {"clip_sim_image": 0.8, "clip_sim_dir": None, "clip_sim_0": None, "clip_sim_1": None}
+    assert first_failure(scores, THRESHOLDS) is None
+    assert first_failure({**scores, "clip_sim_image": 0.7}, THRESHOLDS) == "below_sim_image"
+
+
+def test_split_counts_by_hand():
+    fractions = {"train": 0.9, "val": 0.05, "test": 0.05}
+    assert split_counts(20, fractions) == {"train": 18, "val": 1, "test": 1}
+    assert split_counts(100, fractions) == {"train": 90, "val": 5, "test": 5}
+    assert split_counts(3, fractions) == {"train": 1, "val": 1, "test": 1}  # every split gets a pair
+    assert split_counts(2, fractions) == {"train": 2, "val": 0, "test": 0}
+    assert split_counts(10, {"train": 1.0, "val": 0.0, "test": 0.0}) == {"train": 10, "val": 0, "test": 0}
+    with pytest.raises(Ip2pError, match="sum to 1"):
+        split_counts(10, {"train": 0.9, "val": 0.2})
+
+
+def test_assign_splits_is_seeded_by_pair_and_disjoint():
+    pairs = [f"p{i}" for i in range(40)]
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    a = assign_splits(pairs + pairs[:5], fractions, seed=0)  # repeated ids: one entry per pair
+    assert set(a) == set(pairs)
+    assert sorted(a.values()).count("val") == 4 and sorted(a.values()).count("test") == 4
+    assert a == assign_splits(list(reversed(pairs)), fractions, seed=0)  # input order does not matter
+    assert a != assign_splits(pairs, fractions, seed=1)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def noise_png(seed: int, size: int = 32, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([x * 6, y * 6, (x + y) * 3], -1) * rng.uniform(0.2, 1.0) + rng.normal(0, 30, (size, size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buffer, format=fmt, quality=100)
+    return buffer.getvalue()
+
+
+def make_candidates(root: Path, pairs: int = 6, per_pair: int = 3) -> None:
+    """Pair folders in the layout `ip2p synthesize` writes (images of random structure)."""
+    for i in range(pairs):
+        pid = f"pair{i}"
+        folder = root / pid
+        folder.mkdir(parents=True)
+        prompt = {"input": f"a photo of a cat {i}", "edit": f"make it a dog {i}", "output": f"a photo of a dog {i}"}
+        (folder / "prompt.json").write_text(json.dumps(prompt))
+        lines = []
+        for k in range(per_pair):
+            seed = 1000 * i + k
+            (folder / f"{seed}_0.png").write_bytes(noise_png(2 * seed))
+            (folder / f"{seed}_1.png").write_bytes(noise_png(2 * seed + 1))
+            lines.append(json.dumps({"id": f"{pid}-{seed}", "pair_id": pid, "seed": seed, "k": k, "p": 0.1 * k,
+                                     "cfg": 8.0 + k, **prompt}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def run_filter(tmp: Path, cache_dir: Path, *overrides: str, out: str = "dataset") -> dict:
+    from ip2p.config import compose
+    from ip2p.filtering.run import run
+
+    cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", f"paths.artifacts={tmp / 'artifacts'}",
+                   f"paths.reports={tmp / 'reports'}", f"filter.out_dir={tmp / out}", *overrides])
+    return json.loads(run(cfg).read_text())
+
+
+def parquet_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+
+def read_scores(root: Path) -> dict[str, dict]:
+    out = {}
+    for path in root.glob("*/scores.jsonl"):
+        for line in path.read_text().splitlines():
+            out[json.loads(line)["id"]] = json.loads(line)
+    return out
+
+
+def test_filter_stage_end_to_end(tmp_path, cache_dir):
+    import datasets
+
+    candidates = tmp_path / "artifacts" / "candidates"
+    make_candidates(candidates)
+    report = run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.top_k=2", "filter.shard_size=3")
+    assert report["records_in"] == 18 and report["records_out"] == 12 and report["rejected"] == {"over_top_k": 6}
+    assert report["scores_computed"] == 18 and report["kept_fraction"] == pytest.approx(12 / 18, abs=1e-6)
+    assert report["splits"] == {"train": {"pairs": 4, "rows": 8}, "val": {"pairs": 1, "rows": 2},
+                                "test": {"pairs": 1, "rows": 2}}
+    assert (tmp_path / "reports" / "clip_scores.png").stat().st_size > 1000
+    scores = read_scores(candidates)
+    assert len(scores) == 18
+
+    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "dataset"))
+    pairs_by_split = {name: set(split["pair_id"]) for name, split in loaded.items()}
+    assert set(loaded) == {"train", "validation", "test"}
+    names = list(pairs_by_split)
+    for i, a in enumerate(names):  # no caption pair in two splits
+        for b in names[i + 1:]:
+            assert not pairs_by_split[a] & pairs_by_split[b]
+    assert len([p for p in (tmp_path / "dataset" / "train").glob("*.parquet")]) == 3  # 8 rows, 3 per file
+    for split in loaded.values():
+        for r in split:
+            pid, seed = r["pair_id"], r["seed"]
+            assert r["id"] == f"{pid}-{seed}"
+            cached = scores[r["id"]]
+            for m in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"):
+                assert r[m] == pytest.approx(cached[m])
+            # the pair's two best candidates by sim_dir (computed from the cache)
+            pair_dirs = sorted((s["clip_sim_dir"] for cid, s in scores.items() if cid.startswith(pid + "-")),
+                               reverse=True)
+            assert r["clip_sim_dir"] >= pair_dirs[1] - 1e-12
+            k = seed % 1000
+            assert r["p"] == pytest.approx(0.1 * k) and r["cfg"] == 8.0 + k
+            assert r["edit_prompt"] == f"make it a dog {pid[4:]}" and r["input_caption"] == f"a photo of a cat {pid[4:]}"
+            source = Image.open(candidates / pid / f"{seed}_1.png")
+            assert np.array_equal(np.asarray(r["edited_image"]), np.asarray(source))
+
+    # re-filtering with new thresholds recomputes nothing (every score comes from the cache)
+    first = parquet_bytes(tmp_path / "dataset")
+    again = run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.top_k=2", "filter.shard_size=3", out="again")
+    assert again["scores_cached"] == 18 and again["scores_computed"] == 0
+    assert parquet_bytes(tmp_path / "again") == first  # deterministic: byte-identical
+    strict = run_filter(tmp_path, cache_dir, "filter.thresholds.sim_image=2.0", out="strict")
+    assert strict["records_out"] == 0 and strict["rejected"] == {"below_sim_image": 18}
+    assert strict["scores_computed"] == 0
+
+
+def test_cached_scores_of_another_clip_are_recomputed(tmp_path, cache_dir):
+    candidates = tmp_path / "artifacts" / "candidates"
+    make_candidates(candidates, pairs=1, per_pair=2)
+    (candidates / "pair0" / "scores.jsonl").write_text(json.dumps(
+        {"id": "pair0-0", "clip_model": "some/other-clip", "clip_sim_0": 9, "clip_sim_1": 9, "clip_sim_dir": 9,
+         "clip_sim_image": 9}) + "\n")
+    report = run_filter(tmp_path, cache_dir, *PERMISSIVE)
+    assert report["scores_computed"] == 2 and report["scores_cached"] == 0
+    assert all(abs(s["clip_sim_0"]) <= 1 for s in read_scores(candidates).values())
+
+
+def test_released_layout_import_round_trip(tmp_path, cache_dir):
+    released = tmp_path / "released"
+    for name, seeds in (("0000000", [5, 6]), ("0000001", [7])):
+        folder = released / name
+        folder.mkdir(parents=True)
+        (folder / "prompt.json").write_text(json.dumps({"input": f"in {name}", "edit": f"edit {name}",
+                                                        "output": f"out {name}"}))
+        lines = []
+        for seed in seeds:
+            (folder / f"{seed}_0.jpg").write_bytes(noise_png(seed, fmt="JPEG"))
+            (folder / f"{seed}_1.jpg").write_bytes(noise_png(seed + 50, fmt="JPEG"))
+            lines.append(json.dumps({"seed": seed, "p2p_threshold": 0.1 * seed, "cfg_scale": float(seed),
+                                     "clip_sim_0": 0.3, "clip_sim_1": 0.31, "clip_sim_dir": 0.2 + seed / 100,
+                                     "clip_sim_image": 0.9}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (released / "seeds.json").write_text(json.dumps([["0000000", [5, 6]], ["0000001", [7]]]))
+
+    report = run_filter(tmp_path, cache_dir, "filter.source=released", f"filter.source_dir={released}")
+    assert report["scores_released"] == 3 and report["scores_computed"] == 0 and report["records_out"] == 3
+    from ip2p.data.dataset import load_split
+
+    rows = {r["id"]: r for split in ("train", "val", "test") for r in load_split(tmp_path / "dataset", split)}
+    assert set(rows) == {"0000000-5", "0000000-6", "0000001-7"}
+    r = rows["0000000-6"]
+    assert r["p"] == pytest.approx(0.6) and r["cfg"] == 6.0 and r["clip_sim_dir"] == pytest.approx(0.26)
+    assert r["input_caption"] == "in 0000000" and r["edit_prompt"] == "edit 0000000"
+    jpeg = np.asarray(Image.open(released / "0000000" / "6_0.jpg").convert("RGB"))
+    assert np.array_equal(np.asarray(r["input_image"]), jpeg)  # decoded jpg, stored losslessly as PNG
+
+    # without the released scores they are recomputed with CLIP (and cached outside the source folder)
+    recomputed = run_filter(tmp_path, cache_dir, "filter.source=released", f"filter.source_dir={released}",
+                            "filter.use_released_scores=false", *PERMISSIVE, out="recomputed")
+    assert recomputed["scores_computed"] == 3 and not list(released.glob("*/scores.jsonl"))
+    assert len(list((tmp_path / "artifacts" / "scores").glob("released-*.jsonl"))) == 1
+
+
+def test_diffusers_dataset_import(tmp_path, cache_dir):
+    import datasets
+
+    n = 4
+    data = {"input_image": [{"bytes": noise_png(i), "path": None} for i in range(n)],
+            "edited_image": [{"bytes": noise_png(100 + i), "path": None} for i in range(n)],
+            "edit_prompt": [f"edit {i // 2}" for i in range(n)]}
+    features = datasets.Features({"input_image": datasets.Image(), "edited_image": datasets.Image(),
+                                  "edit_prompt": datasets.Value("string")})
+    source = tmp_path / "hf.parquet"
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(source))
+    report = run_filter(tmp_path, cache_dir, "filter.source=diffusers", f"filter.source_dir={source}",
+                        "filter.thresholds.sim_image=-1")
+    assert report["records_in"] == n and report["records_out"] == n and report["scores_computed"] == n
+    from ip2p.data.dataset import load_split
+
+    rows = [r for split in ("train", "val", "test") for r in load_split(tmp_path / "dataset", split)]
+    assert sorted(r["seed"] for r in rows) == list(range(n))  # row index as seed
+    for r in rows:  # no captions: only the image similarity is measured
+        assert math.isnan(r["clip_sim_dir"]) and -1 <= r["clip_sim_image"] <= 1 and r["input_caption"] == ""
+        i = r["seed"]
+        assert r["edit_prompt"] == f"edit {i // 2}"
+        assert np.array_equal(np.asarray(r["input_image"]), np.asarray(Image.open(io.BytesIO(noise_png(i)))))
+
+    # with caption columns (mapped from other names) all four scores are computed
+    data["original_prompt"] = [f"in {i}" for i in range(n)]
+    data["edited_prompt"] = [f"out {i}" for i in range(n)]
+    features["original_prompt"] = datasets.Value("string")
+    features["edited_prompt"] = datasets.Value("string")
+    folder = tmp_path / "hf-folder"
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(folder))
+    report = run_filter(tmp_path, cache_dir, "filter.source=diffusers", f"filter.source_dir={folder}",
+                        "filter.diffusers.input_caption=original_prompt",
+                        "filter.diffusers.output_caption=edited_prompt", *PERMISSIVE, out="captioned")
+    assert report["records_out"] == n and report["pairs_in"] == n
+    rows = [r for split in ("train", "val", "test") for r in load_split(tmp_path / "captioned", split)]
+    assert all(not math.isnan(r["clip_sim_dir"]) and r["input_caption"].startswith("in ") for r in rows)
+
+    with pytest.raises(Ip2pError, match="lacks the column"):
+        run_filter(tmp_path, cache_dir, "filter.source=diffusers", f"filter.source_dir={folder}",
+                   "filter.diffusers.edit_prompt=instruction", out="bad")
+
+
+def test_bad_inputs_are_counted_or_explained(tmp_path, cache_dir):
+    candidates = tmp_path / "artifacts" / "candidates"
+    make_candidates(candidates, pairs=2, per_pair=2)
+    (candidates / "pair0" / "1_0.png").unlink()  # seed 1 of pair0 loses an image
+    (candidates / "pair1" / "1000_1.png").write_bytes(b"not an image")
+    (candidates / "broken").mkdir()
+    (candidates / ".partial-pair9").mkdir()  # a killed synthesis run's temp folder: ignored
+    report = run_filter(tmp_path, cache_dir, *PERMISSIVE)
+    assert report["rejected"] == {"missing_image": 1, "unreadable_image": 1, "unreadable_pair_folder": 1}
+    assert report["records_out"] == 2 and report["records_in"] == 5
+    with pytest.raises(Ip2pError, match="filter.source"):
+        run_filter(tmp_path, cache_dir, "filter.source=nowhere")
+    with pytest.raises(Ip2pError, match="needs filter.source_dir"):
+        run_filter(tmp_path, cache_dir, "filter.source=released")
+    with pytest.raises(Ip2pError, match="unknown filter threshold"):
+        run_filter(tmp_path, cache_dir, "+filter.thresholds.sim_foo=0.1")
