@@ -347,10 +347,11 @@ def test_resume_from_last_equals_an_uninterrupted_run(dataset, cache_dir, tmp_pa
 
     # A: 4 steps in one go (checkpoints at steps 2 and 4); exports the EMA model
     report_a = run(compose_train(tmp_path / "a", dataset, cache_dir))
-    # B: 2 steps, stop; then `ckpt_path=last` continues to 4 in a fresh run
-    run(compose_train(tmp_path / "b", dataset, cache_dir, **{"train.max_steps": 2, "train.export.enabled": "false"}))
+    # B: 3 steps, stop (last.ckpt at step 3, off the checkpoint interval); then `ckpt_path=last` continues
+    # to 4 in a fresh run
+    run(compose_train(tmp_path / "b", dataset, cache_dir, **{"train.max_steps": 3, "train.export.enabled": "false"}))
     report_b = run(compose_train(tmp_path / "b", dataset, cache_dir, ckpt_path="last"))
-    assert report_b["resumed_from_step"] == 2 and report_a["resumed_from_step"] == 0
+    assert report_b["resumed_from_step"] == 3 and report_a["resumed_from_step"] == 0
     assert report_a["steps"] == report_b["steps"] == 4
 
     a = _checkpoint_weights(tmp_path / "a" / "artifacts" / "checkpoints" / "last.ckpt")

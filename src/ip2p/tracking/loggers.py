@@ -62,6 +62,13 @@ def redact(value: Any) -> Any:
     return value
 
 
+def redact_override(override: str) -> str:
+    """"train.hf_token=abc" -> "train.hf_token=***" (command-line overrides end up in tags)."""
+    key, sep, _ = override.partition("=")
+    leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+    return f"{key}={REDACTED}" if sep and is_secret_key(leaf) else override
+
+
 def _mask_env(raw: Any) -> Any:
     """In the unresolved config, every value that reads an environment variable becomes a placeholder,
     so nothing that resolves through it (directly or via other keys) carries the variable's value."""
@@ -163,7 +170,7 @@ def hydra_tags() -> dict[str, str]:
     if hc.mode == RunMode.MULTIRUN:
         tags["sweep"] = str(hc.sweep.dir)
         tags["sweep_job"] = str(hc.job.num)
-        tags["sweep_overrides"] = ",".join(hc.overrides.task)
+        tags["sweep_overrides"] = ",".join(redact_override(o) for o in hc.overrides.task)
     return tags
 
 

@@ -155,6 +155,24 @@ class RunMetadata(Callback):
         log_run_metadata(trainer.loggers, self.cfg, extra, self.stage_name)
 
 
+class FinalCheckpoint(Callback):
+    """Checkpoint the state at max_steps when it is not a multiple of the checkpoint interval (Lightning's
+    ModelCheckpoint would skip it), so last.ckpt always holds the final weights and resumes continue from
+    there. Saved at the same point of the step as ModelCheckpoint's own saves (after the EMA update)."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, save_last: bool):
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = int(every_n_steps)
+        self.save_last = bool(save_last)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != trainer.max_steps or step % self.every_n_steps == 0:
+            return
+        name = "last.ckpt" if self.save_last else f"step-{step:08d}.ckpt"
+        trainer.save_checkpoint(self.dirpath / name)
+
+
 def checkpoint_callback(dirpath: str | Path, every_n_steps: int, save_top_k: int, save_last: bool) -> ModelCheckpoint:
     """step-XXXXXXXX.ckpt every N optimizer steps and last.ckpt; files are overwritten, not versioned, so
     `ckpt_path=last` always means the newest state of this checkpoint folder."""

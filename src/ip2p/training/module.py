@@ -115,6 +115,7 @@ class InstructPix2PixModule(pl.LightningModule):
             raise Ip2pError(f"unsupported prediction_type '{self.prediction_type}' (epsilon or v_prediction)")
         self._empty_text: torch.Tensor | None = None
         self.last_loss: float | None = None
+        self.validated_at_step: int | None = None  # the same on every rank (decides the final validation)
 
     # -- frozen encoders ----------------------------------------------------------------------------
 
@@ -183,6 +184,9 @@ class InstructPix2PixModule(pl.LightningModule):
         loss = self.diffusion_loss(batch, generator, dropout=0.0)
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch["input"].shape[0])
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self.validated_at_step = int(self.global_step)
 
     def configure_optimizers(self):
         s = self.settings

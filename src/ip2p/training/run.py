@@ -234,6 +234,8 @@ def prepare_ddp_relaunch(pinned: dict[str, str | None]) -> None:
     hc = _hydra()
     if hc is None or "LOCAL_RANK" in os.environ:
         return
+    from omegaconf import read_write
+
     pinned_keys = set(pinned) | {"ckpt_path"}
     task = [o for o in hc.overrides.task if _override_key(o) not in pinned_keys]
     script = shutil.which("ip2p") or str(Path(sys.executable).parent / "ip2p")
@@ -241,7 +243,16 @@ def prepare_ddp_relaunch(pinned: dict[str, str | None]) -> None:
         import ip2p.cli
 
         script = ip2p.cli.__file__
-    sys.argv = [script, STAGE, *task, *(f"{k}={_quote(v)}" for k, v in pinned.items())]
+    argv = [script, STAGE, *task, *(f"{k}={_quote(v)}" for k, v in pinned.items())]
+    # Children log to <run folder>/<job>_rank<LOCAL_RANK>.log instead of appending to rank 0's log.
+    if OmegaConf.select(hc, "job_logging.handlers.file.filename") is not None:
+        argv.append("hydra.job_logging.handlers.file.filename="
+                    "'${hydra.runtime.output_dir}/${hydra.job.name}_rank${oc.env:LOCAL_RANK,0}.log'")
+    sys.argv = argv
+    # Lightning passes hydra.run.dir to the children; in a sweep job that must be the job's folder.
+    if hc.run.dir != hc.runtime.output_dir:
+        with read_write(hc.run):
+            hc.run.dir = hc.runtime.output_dir
 
 
 def build_trainer(cfg: DictConfig, paths: RunPaths, loggers: list, callbacks: list):
@@ -306,8 +317,8 @@ def run(cfg: DictConfig) -> dict:
 
     from ip2p.editing.export import export_pipeline
     from ip2p.tracking.loggers import close_loggers, log_file, make_loggers
-    from ip2p.training.callbacks import (EMAUpdate, LossHistory, RunMetadata, SampleGrid, Throughput,
-                                         checkpoint_callback)
+    from ip2p.training.callbacks import (EMAUpdate, FinalCheckpoint, LossHistory, RunMetadata, SampleGrid,
+                                         Throughput, checkpoint_callback)
     from ip2p.training.datamodule import EditDataModule
 
     _check_recipe(cfg)
@@ -316,6 +327,10 @@ def run(cfg: DictConfig) -> dict:
     env_before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     paths = resolve_paths(cfg)
     resume = resolve_resume(cfg, paths.checkpoint_dir)
+    if resume is not None:  # resuming into its own checkpoint folder is the point, not a mistake
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.trainer.matmul_precision))
@@ -331,6 +346,7 @@ def run(cfg: DictConfig) -> dict:
     clock = Throughput()
     grids = SampleGrid(paths.samples_dir, int(t.validation.grid.num_images), int(cfg.seed))
     callbacks = [EMAUpdate(), history, clock, grids, RunMetadata(cfg, STAGE),
+                 FinalCheckpoint(paths.checkpoint_dir, t.checkpoint.every_n_steps, t.checkpoint.save_last),
                  checkpoint_callback(paths.checkpoint_dir, t.checkpoint.every_n_steps, t.checkpoint.save_top_k,
                                      t.checkpoint.save_last)]
     trainer = build_trainer(cfg, paths, loggers, callbacks)
@@ -341,7 +357,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         if trainer.interrupted:
             raise Ip2pError("training was interrupted; resume with ckpt_path=last")
-        if not grids.written or grids.written[-1].name != f"step-{trainer.global_step:08d}.png":
+        if module.validated_at_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final val loss and grid
         state = trainer.strategy.lightning_module_state_dict()  # gathers sharded weights (FSDP) on all ranks
         report: dict = {}
