@@ -173,9 +173,10 @@ def parquet_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
 
 
-def read_scores(root: Path) -> dict[str, dict]:
+def read_scores(tmp: Path) -> dict[str, dict]:
+    """The filter's score cache (one file per source, outside the source folder)."""
     out = {}
-    for path in root.glob("*/scores.jsonl"):
+    for path in (tmp / "artifacts" / "scores").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             out[json.loads(line)["id"]] = json.loads(line)
     return out
@@ -192,8 +193,9 @@ def test_filter_stage_end_to_end(tmp_path, cache_dir):
     assert report["splits"] == {"train": {"pairs": 4, "rows": 8}, "val": {"pairs": 1, "rows": 2},
                                 "test": {"pairs": 1, "rows": 2}}
     assert (tmp_path / "reports" / "clip_scores.png").stat().st_size > 1000
-    scores = read_scores(candidates)
+    scores = read_scores(tmp_path)
     assert len(scores) == 18
+    assert not list(candidates.glob("*/scores.jsonl"))  # the synthesis output is left untouched
 
     loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "dataset"))
     pairs_by_split = {name: set(split["pair_id"]) for name, split in loaded.items()}
@@ -230,15 +232,37 @@ def test_filter_stage_end_to_end(tmp_path, cache_dir):
     assert strict["scores_computed"] == 0
 
 
-def test_cached_scores_of_another_clip_are_recomputed(tmp_path, cache_dir):
+def test_cache_entries_of_another_clip_or_changed_images_are_recomputed(tmp_path, cache_dir):
     candidates = tmp_path / "artifacts" / "candidates"
     make_candidates(candidates, pairs=1, per_pair=2)
-    (candidates / "pair0" / "scores.jsonl").write_text(json.dumps(
-        {"id": "pair0-0", "clip_model": "some/other-clip", "clip_sim_0": 9, "clip_sim_1": 9, "clip_sim_dir": 9,
-         "clip_sim_image": 9}) + "\n")
+    assert run_filter(tmp_path, cache_dir, *PERMISSIVE)["scores_computed"] == 2
+    cache_file = next((tmp_path / "artifacts" / "scores").glob("candidates-*.jsonl"))
+    lines = [json.loads(x) for x in cache_file.read_text().splitlines()]
+    lines[0]["clip_model"] = "some/other-clip"
+    cache_file.write_text("".join(json.dumps(x) + "\n" for x in lines))
     report = run_filter(tmp_path, cache_dir, *PERMISSIVE)
-    assert report["scores_computed"] == 2 and report["scores_cached"] == 0
-    assert all(abs(s["clip_sim_0"]) <= 1 for s in read_scores(candidates).values())
+    assert report["scores_computed"] == 1 and report["scores_cached"] == 1
+    # an image regenerated in place (new bytes) is scored again
+    (candidates / "pair0" / "1_1.png").write_bytes(noise_png(12345))
+    report = run_filter(tmp_path, cache_dir, *PERMISSIVE)
+    assert report["scores_computed"] == 1 and report["scores_cached"] == 1
+
+
+def test_early_drop_scores_from_synthesis_are_used(tmp_path, cache_dir, tiny_clip):
+    from ip2p.filtering.metrics import clip_id
+
+    candidates = tmp_path / "artifacts" / "candidates"
+    make_candidates(candidates, pairs=1, per_pair=2)
+    fake = {"clip_sim_0": 0.5, "clip_sim_1": 0.6, "clip_sim_dir": 0.7, "clip_sim_image": 0.8}
+    (candidates / "pair0" / "scores.jsonl").write_text("".join(
+        json.dumps({"id": f"pair0-{seed}", "seed": seed, "clip_model": clip_id(tiny_clip.source), **fake}) + "\n"
+        for seed in (0, 1)))
+    report = run_filter(tmp_path, cache_dir)
+    assert report["scores_synthesis"] == 2 and report["scores_computed"] == 0 and report["records_out"] == 2
+    from ip2p.data.dataset import load_split
+
+    rows = [r for split in ("train", "val", "test") for r in load_split(tmp_path / "dataset", split)]
+    assert all(r["clip_sim_dir"] == 0.7 and r["clip_sim_image"] == 0.8 for r in rows)
 
 
 def test_released_layout_import_round_trip(tmp_path, cache_dir):
@@ -275,6 +299,8 @@ def test_released_layout_import_round_trip(tmp_path, cache_dir):
                             "filter.use_released_scores=false", *PERMISSIVE, out="recomputed")
     assert recomputed["scores_computed"] == 3 and not list(released.glob("*/scores.jsonl"))
     assert len(list((tmp_path / "artifacts" / "scores").glob("released-*.jsonl"))) == 1
+    recomputed_rows = {r["id"]: r for split in ("train", "val", "test") for r in load_split(tmp_path / "recomputed", split)}
+    assert recomputed_rows["0000000-6"]["clip_sim_dir"] != pytest.approx(0.26)  # CLIP's value, not the metadata's
 
 
 def test_diffusers_dataset_import(tmp_path, cache_dir):

@@ -6,7 +6,8 @@
   diffusers   a dataset with input_image / edit_prompt / edited_image columns: Parquet file(s) or a
               `datasets.save_to_disk` folder; captions are optional (column names from config)
 
-Sources yield "units" (a pair folder, or one dataset row) with the score store that caches them.
+Sources yield "units" (a pair folder, or one dataset row) of candidates; scores computed here are
+cached per source in ScoreCache.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from typing import Callable, Iterator, Mapping
 from ip2p.data.dataset import list_pair_folders, read_pair_folder
 from ip2p.errors import Ip2pError
 from ip2p.filtering.metrics import METRICS
-from ip2p.io.atomic import atomic_write_text
 
-RELEASED_SCORES = "released"  # the clip_model recorded for scores taken from released metadata
 
 
 @dataclass
@@ -41,8 +40,10 @@ class Candidate:
     edit_prompt: str
     output_caption: str
     load_images: Callable[[], tuple[bytes, bytes]]
+    fingerprint: str = ""            # identifies the image files the scores belong to
     has_captions: bool = True
     scores: dict | None = None
+    score_origin: str | None = None  # "released" | "synthesis" (early drop) when scores came with the data
 
 
 @dataclass
@@ -57,13 +58,11 @@ class Unit:
 # ---- score caches -------------------------------------------------------------------------------
 
 
-def _valid_scores(line: Mapping, clip_model: str) -> dict | None:
-    if line.get("clip_model") not in (clip_model, RELEASED_SCORES):
-        return None
+def _valid_scores(line: Mapping) -> dict | None:
     scores = {}
     for m in METRICS:
         value = line.get(m)
-        if value is not None and not isinstance(value, (int, float)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return None
         scores[m] = None if value is None else float(value)
     return scores
@@ -84,57 +83,51 @@ def _read_lines(path: Path) -> Iterator[dict]:
             yield line
 
 
-class PairFolderScores:
-    """Scores of a pair folder in <folder>/scores.jsonl (rewritten atomically when it grows)."""
-
-    def __init__(self, root: Path, clip_model: str):
-        self.root = root
-        self.clip_model = clip_model
-
-    def load(self, key: str) -> dict[str, dict]:
-        found = {}
-        for line in _read_lines(self.root / key / "scores.jsonl"):
-            scores = _valid_scores(line, self.clip_model)
-            if scores is not None:
-                found[line["id"]] = scores
-        return found
-
-    def save(self, key: str, new: dict[str, dict]) -> None:
-        path = self.root / key / "scores.jsonl"
-        lines = {line["id"]: line for line in _read_lines(path)}
-        for cid, scores in new.items():
-            lines[cid] = {"id": cid, "clip_model": self.clip_model, **scores}
-        atomic_write_text(path, "".join(json.dumps(lines[k], sort_keys=True) + "\n" for k in sorted(lines)))
-
-
-class SingleFileScores:
-    """Scores of a whole source in one append-only JSONL file (keyed by candidate id)."""
+class ScoreCache:
+    """CLIP scores of one source, in one append-only JSONL file outside the source (the candidates
+    folder is the synthesis stage's output and stays untouched). An entry is used only if it was made
+    by the same CLIP and for the same image files (the candidate's fingerprint), so regenerated
+    images are scored again."""
 
     def __init__(self, path: Path, clip_model: str):
         self.path = path
         self.clip_model = clip_model
-        self._scores: dict[str, dict] = {}
-        for line in _read_lines(path):
-            scores = _valid_scores(line, clip_model)
-            if scores is not None:
-                self._scores[line["id"]] = scores
+        self._lines: dict[str, dict] = {line["id"]: line for line in _read_lines(path)}
 
-    def load(self, key: str) -> dict[str, dict]:
-        return self._scores
+    def get(self, candidate: "Candidate") -> dict | None:
+        line = self._lines.get(candidate.id)
+        if line is None or line.get("clip_model") != self.clip_model or line.get("fingerprint") != candidate.fingerprint:
+            return None
+        return _valid_scores(line)
 
-    def save(self, key: str, new: dict[str, dict]) -> None:
+    def put(self, candidates: list["Candidate"]) -> None:
+        lines = [{"id": c.id, "clip_model": self.clip_model, "fingerprint": c.fingerprint, **c.scores}
+                 for c in candidates]
+        if not lines:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps({"id": cid, "clip_model": self.clip_model, **s}, sort_keys=True) + "\n"
-                       for cid, s in new.items())
         with open(self.path, "ab") as handle:
-            handle.write(text.encode("utf-8"))
+            handle.write("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines).encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-        self._scores.update(new)
+        self._lines.update({x["id"]: x for x in lines})
 
 
-def source_digest(source_dir: str | Path) -> str:
-    return hashlib.sha256(str(Path(source_dir).resolve()).encode("utf-8")).hexdigest()[:12]
+def early_drop_scores(folder: Path, clip_model: str) -> dict[str, dict]:
+    """Scores `ip2p synthesize` wrote with synthesis.early_drop (<pair>/scores.jsonl, made together
+    with the images), by candidate id, for the same CLIP only."""
+    found = {}
+    for line in _read_lines(folder / "scores.jsonl"):
+        scores = _valid_scores(line)
+        if line.get("clip_model") == clip_model and scores is not None:
+            found[line["id"]] = scores
+    return found
+
+
+def cache_path(scores_dir: str | Path, source: str, source_dir: str | Path) -> Path:
+    """One cache file per source folder (keyed by its absolute path)."""
+    digest = hashlib.sha256(str(Path(source_dir).resolve()).encode("utf-8")).hexdigest()[:12]
+    return Path(scores_dir) / f"{source}-{digest}.jsonl"
 
 
 # ---- pair folders (ours and released) -------------------------------------------------------------
@@ -151,8 +144,18 @@ def _released_scores(meta: Mapping) -> dict | None:
     return None if any(v is None for v in values.values()) else values
 
 
-def folder_units(root: str | Path, released: bool, use_released_scores: bool) -> Iterator[Unit]:
-    """One unit per pair folder; an unreadable folder yields an empty unit with its problem counted."""
+def _file_fingerprint(*paths: Path) -> str:
+    parts = []
+    for path in paths:
+        st = path.stat()
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "/".join(parts)
+
+
+def folder_units(root: str | Path, released: bool, use_released_scores: bool, clip_model: str) -> Iterator[Unit]:
+    """One unit per pair folder; an unreadable folder yields an empty unit with its problem counted.
+    Scores that come with the data are attached: the release's metadata (released=True and
+    use_released_scores), or synthesis' early-drop scores.jsonl made with the same CLIP."""
     root = Path(root)
     for path, seeds in list_pair_folders(root):
         key = str(path.relative_to(root)).replace(os.sep, "/")
@@ -162,6 +165,7 @@ def folder_units(root: str | Path, released: bool, use_released_scores: bool) ->
             yield Unit(key, [], Counter({"unreadable_pair_folder": 1}))
             continue
         prompt = folder.prompt
+        synthesis_scores = {} if released else early_drop_scores(path, clip_model)
         candidates = []
         for c in folder.candidates:
             meta = c.meta
@@ -171,11 +175,11 @@ def folder_units(root: str | Path, released: bool, use_released_scores: bool) ->
                 cfg=_number(meta.get("cfg", meta.get("cfg_scale"))),
                 input_caption=prompt["input"], edit_prompt=prompt["edit"], output_caption=prompt["output"],
                 load_images=lambda a=c.image_0, b=c.image_1: (a.read_bytes(), b.read_bytes()),
+                fingerprint=_file_fingerprint(c.image_0, c.image_1),
             )
-            if released and use_released_scores:
-                scores = _released_scores(meta)
-                if scores is not None:
-                    cand.scores = scores
+            scores = _released_scores(meta) if released and use_released_scores else synthesis_scores.get(cand.id)
+            if scores is not None:
+                cand.scores, cand.score_origin = scores, "released" if released else "synthesis"
             candidates.append(cand)
         yield Unit(key, candidates, folder.problems)
 
@@ -236,6 +240,7 @@ def diffusers_units(source_dir: str | Path, columns: Mapping[str, str]) -> Itera
     text_columns = [c for c in (names["edit_prompt"], names["input_caption"], names["output_caption"], "pair_id",
                                 "seed", "p", "cfg") if c in ds.column_names]
     base = source_dir if source_dir.is_dir() else source_dir.parent
+    dataset_fingerprint = getattr(ds, "_fingerprint", "") or ""
     for index, row in enumerate(ds.select_columns(text_columns)):
         problems: Counter = Counter()
         edit = row[names["edit_prompt"]]
@@ -266,5 +271,5 @@ def diffusers_units(source_dir: str | Path, columns: Mapping[str, str]) -> Itera
         cand = Candidate(id=f"{pair_id}-{seed}", pair_id=pair_id, seed=seed,
                          p=None if p is None or math.isnan(p) else p, cfg=None if cfg is None or math.isnan(cfg) else cfg,
                          input_caption=input_caption, edit_prompt=edit, output_caption=output_caption,
-                         load_images=load, has_captions=has_captions)
+                         load_images=load, fingerprint=f"{dataset_fingerprint}:{index}", has_captions=has_captions)
         yield Unit(f"row-{index}", [cand], problems)

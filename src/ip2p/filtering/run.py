@@ -1,7 +1,8 @@
 """`ip2p filter`: score candidates with CLIP, keep the best per caption pair, write the dataset.
 
     candidates (or a released / diffusers-style dataset)
-      -> four CLIP scores per candidate (cached: re-filtering with new thresholds computes nothing)
+      -> four CLIP scores per candidate (cached in filter.scores_dir, keyed by CLIP model and image
+         files: re-filtering with new thresholds computes nothing)
       -> thresholds, then the top_k by clip_sim_dir per caption pair
       -> caption pairs split train/val/test (seeded)
       -> artifacts/dataset/{train,val,test}/part-NNNNN.parquet (staged, then swapped in whole)
@@ -26,15 +27,7 @@ from tqdm.auto import tqdm
 from ip2p.data.dataset import image_struct, png_bytes, write_split
 from ip2p.editing.image_io import to_rgb
 from ip2p.errors import Ip2pError
-from ip2p.filtering.importers import (
-    Candidate,
-    PairFolderScores,
-    SingleFileScores,
-    Unit,
-    diffusers_units,
-    folder_units,
-    source_digest,
-)
+from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
 from ip2p.filtering.metrics import METRICS, ClipScorer, clip_id
 from ip2p.filtering.plots import plot_clip_scores
 from ip2p.filtering.select import THRESHOLD_ORDER, assign_splits, score_column, select
@@ -68,14 +61,12 @@ def _decode(data: bytes) -> Image.Image:
 
 
 class Scoring:
-    """Fills in Candidate.scores: from the cache, from released metadata, or with CLIP in batches
-    (CLIP is loaded only if something is missing)."""
+    """Fills in Candidate.scores: those that came with the data (released metadata, synthesis' early
+    drop), the cache, or CLIP in batches (loaded only if something is missing)."""
 
-    def __init__(self, cfg: DictConfig, store, clip_model: str, summary: StageSummary):
+    def __init__(self, cfg: DictConfig, cache: ScoreCache):
         self.cfg = cfg
-        self.store = store
-        self.clip_model = clip_model
-        self.summary = summary
+        self.cache = cache
         self.batch_size = int(cfg.filter.batch_size)
         self._scorer: ClipScorer | None = None
         self.counts = Counter()
@@ -109,39 +100,31 @@ class Scoring:
                 results = self.scorer.score([images_0[i] for i in idx], [images_1[i] for i in idx], caps_0, caps_1)
                 for i, scores in zip(idx, results):
                     readable[i].scores = scores
+            self.cache.put(readable)
             self.counts["scores_computed"] += len(readable)
 
-    def run(self, units: Iterable[Unit]) -> Iterator[tuple[Unit, list[Candidate]]]:
-        """Yield (unit, its candidates with scores filled where possible), buffering units until a
-        CLIP batch is full."""
-        buffer: list[tuple[Unit, list[Candidate]]] = []
+    def run(self, units: Iterable[Unit]) -> Iterator[Unit]:
+        """Yield each unit with scores filled in where possible, buffering units until a CLIP batch
+        is full."""
+        buffer: list[Unit] = []
         missing: list[Candidate] = []
         for unit in units:
-            cached = self.store.load(unit.key) if unit.candidates else {}
-            todo = []
             for c in unit.candidates:
                 if c.scores is not None:
-                    self.counts["scores_released"] += 1
-                elif c.id in cached:
-                    c.scores = cached[c.id]
+                    self.counts[f"scores_{c.score_origin}"] += 1
+                    continue
+                c.scores = self.cache.get(c)
+                if c.scores is not None:
                     self.counts["scores_cached"] += 1
                 else:
-                    todo.append(c)
-            buffer.append((unit, todo))
-            missing.extend(todo)
+                    missing.append(c)
+            buffer.append(unit)
             if len(missing) >= self.batch_size:
-                yield from self._flush(buffer, missing)
+                self._compute(missing)
+                yield from buffer
                 buffer, missing = [], []
-        yield from self._flush(buffer, missing)
-
-    def _flush(self, buffer, missing):
-        if missing:
-            self._compute(missing)
-        for unit, todo in buffer:
-            new = {c.id: c.scores for c in todo if c.scores is not None}
-            if new:
-                self.store.save(unit.key, new)
-            yield unit, unit.candidates
+        self._compute(missing)
+        yield from buffer
 
 
 def _units(cfg: DictConfig, clip_model: str):
@@ -159,14 +142,11 @@ def _units(cfg: DictConfig, clip_model: str):
     if not source_dir.exists():
         raise Ip2pError(f"filter source '{source_dir}' does not exist"
                         + (" (run `ip2p synthesize` first)" if source == "candidates" else ""))
-    scores_file = Path(f.scores_dir) / f"{source}-{source_digest(source_dir)}.jsonl"
-    if source == "candidates":
-        return source_dir, folder_units(source_dir, False, False), PairFolderScores(source_dir, clip_model)
-    if source == "released":
-        units = folder_units(source_dir, True, bool(f.use_released_scores))
-        return source_dir, units, SingleFileScores(scores_file, clip_model)
-    columns = OmegaConf.to_container(f.diffusers, resolve=True)
-    return source_dir, diffusers_units(source_dir, columns), SingleFileScores(scores_file, clip_model)
+    cache = ScoreCache(cache_path(f.scores_dir, source, source_dir), clip_model)
+    if source == "diffusers":
+        return diffusers_units(source_dir, OmegaConf.to_container(f.diffusers, resolve=True)), cache
+    released = source == "released"
+    return folder_units(source_dir, released, released and bool(f.use_released_scores), clip_model), cache
 
 
 def _row(candidate: Candidate, scores: dict) -> dict:
@@ -219,18 +199,18 @@ def run(cfg: DictConfig) -> Path:
         raise Ip2pError(f"filter.top_k must be at least 1 (got {top_k})")
     fractions = {str(k): float(v) for k, v in OmegaConf.to_container(f.splits, resolve=True).items()}
     clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache))
-    source_dir, units, store = _units(cfg, clip_model)
+    units, cache = _units(cfg, clip_model)
 
     summary = StageSummary("filter")
-    scoring = Scoring(cfg, store, clip_model, summary)
+    scoring = Scoring(cfg, cache)
     candidates: list[dict] = []
     seen: set[str] = set()
     pairs_in: set[str] = set()
-    for unit, cands in tqdm(scoring.run(units), desc="filter", unit="pair", disable=not cfg.progress):
+    for unit in tqdm(scoring.run(units), desc="filter", unit="pair", disable=not cfg.progress):
         summary.records_in += sum(unit.problems.values())
         for reason, n in unit.problems.items():
             summary.reject(reason, n)
-        for c in cands:
+        for c in unit.candidates:
             summary.records_in += 1
             pairs_in.add(c.pair_id)
             if c.id in seen:
@@ -266,7 +246,7 @@ def run(cfg: DictConfig) -> Path:
         "below_threshold": below,  # each metric counted on its own (a candidate may fail several)
         "splits": {name: {"pairs": len({k["pair_id"] for k in by_split[name]}), "rows": written[name]}
                    for name in fractions},
-        **{k: scoring.counts[k] for k in ("scores_cached", "scores_computed", "scores_released")},
+        **{k: scoring.counts[k] for k in ("scores_cached", "scores_computed", "scores_released", "scores_synthesis")},
     })
     path = summary.write(cfg.paths.reports)
     log.info("filter: kept %d of %d candidates (%d caption pairs) -> %s", summary.records_out, len(candidates),

@@ -25,6 +25,7 @@ from ip2p.editing.image_io import tensor_to_pil
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
 from ip2p.models.loader import load_diffusion
+from ip2p.sampling.loop import scheduler_class
 from ip2p.synthesis.attention import MODES, GoogleSettings
 from ip2p.synthesis.p2p_alignment import AlignScores
 from ip2p.synthesis.pipeline import PairSampler, SampleSpec, SynthesisSettings, draw_samples
@@ -50,6 +51,7 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
         raise Ip2pError(f"need 0 <= synthesis.p_min <= synthesis.p_max <= 1 (got {s.p_min}, {s.p_max})")
     if not 0 < s.cfg_min <= s.cfg_max:
         raise Ip2pError(f"need 0 < synthesis.cfg_min <= synthesis.cfg_max (got {s.cfg_min}, {s.cfg_max})")
+    scheduler_class(str(s.sampler))  # an unknown sampler fails before the model loads
     if s.image_format not in ("png", "jpg"):
         raise Ip2pError(f"synthesis.image_format must be png or jpg (got '{s.image_format}')")
     google = GoogleSettings(cross=str(g.cross), cross_steps=float(g.cross_steps),
