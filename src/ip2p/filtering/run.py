@@ -30,7 +30,7 @@ from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
 from ip2p.filtering.metrics import METRICS, ClipScorer, clip_id
 from ip2p.filtering.plots import plot_clip_scores
-from ip2p.filtering.select import THRESHOLD_ORDER, assign_splits, score_column, select
+from ip2p.filtering.select import THRESHOLD_ORDER, assign_splits, score_column, select, split_counts
 from ip2p.io import StageSummary
 from ip2p.models.loader import load_clip, resolve_source
 
@@ -198,6 +198,7 @@ def run(cfg: DictConfig) -> Path:
     if top_k < 1:
         raise Ip2pError(f"filter.top_k must be at least 1 (got {top_k})")
     fractions = {str(k): float(v) for k, v in OmegaConf.to_container(f.splits, resolve=True).items()}
+    split_counts(0, fractions)  # bad fractions fail before any scoring
     clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache))
     units, cache = _units(cfg, clip_model)
 

@@ -128,7 +128,8 @@ class AttentionControl:
             self.blend_words = None  # identical captions: nothing to localise
         self.blend_maps: torch.Tensor | None = None  # [2, S, 1, H, W]: input words, output words
         self._self_rows = branch_rows(self.self_controlled, ())
-        self._on_device: dict[str, torch.Tensor] = {}
+        self._on_device: dict[str, torch.Tensor] = {}  # per-step tensors on the UNet's device
+        self._constants: dict[str, torch.Tensor] = {}
 
     @property
     def num_samples(self) -> int:
@@ -151,18 +152,20 @@ class AttentionControl:
         self._self_rows = branch_rows(self.self_controlled, self.self_pairs)
         self._on_device = {}
 
-    def _device(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """`tensor` on `device`, copied once per step: a pinned, non-blocking copy on CUDA, so that
-        the attention layers never wait for the GPU (a pageable copy would stall every layer)."""
-        cached = self._on_device.get(name)
+    def _device(self, name: str, tensor: torch.Tensor, device: torch.device, per_step: bool = True) -> torch.Tensor:
+        """`tensor` on `device`, copied once (per step, or for good with per_step=False): a pinned,
+        non-blocking copy on CUDA, so that the attention layers never wait for the GPU (a pageable
+        copy in every layer would stall each one)."""
+        store = self._on_device if per_step else self._constants
+        cached = store.get(name)
         if cached is None or cached.device != device:
             if device.type == "cuda":
                 pinned = tensor.pin_memory()
-                self._on_device[name + ".pinned"] = pinned  # alive until the next step
+                store[name + ".pinned"] = pinned  # kept alive while the copy may still run
                 cached = pinned.to(device, non_blocking=True)
             else:
                 cached = tensor.to(device)
-            self._on_device[name] = cached
+            store[name] = cached
         return cached
 
     def _samples(self, batch: int) -> int:
@@ -193,8 +196,8 @@ class AttentionControl:
             self._record(probs_in, probs_out)
         if edit:
             tm = self.token_map
-            mapper = tm.mapper.to(q.device)
-            alphas = tm.alphas.to(q.device, probs_in.dtype)
+            mapper = self._device("mapper", tm.mapper, q.device, per_step=False)
+            alphas = self._device("alphas", tm.alphas.float(), q.device, per_step=False)
             edited = probs_in[..., mapper] * alphas + probs_out * (1 - alphas)
             controlled = self._device("cross", self.cross_controlled, q.device).view(-1, 1, 1, 1)
             probs_out = torch.where(controlled, edited, probs_out)
@@ -208,9 +211,10 @@ class AttentionControl:
         h, w = map_grid(probs_in.shape[2], self.latent_hw)
         words_in, words_out = self.blend_words
         maps = []
-        for probs, words in ((probs_in, words_in), (probs_out, words_out)):
+        for name, probs, words in (("words_in", probs_in, words_in), ("words_out", probs_out, words_out)):
             if words:
-                m = probs[..., words].sum(-1).mean(1)  # [S, N]
+                index = self._device(name, torch.tensor(words), probs.device, per_step=False)
+                m = probs.index_select(-1, index).sum(-1).mean(1)  # [S, N]
             else:
                 m = torch.zeros(probs.shape[0], probs.shape[2], device=probs.device)
             m = m.view(-1, 1, h, w)

@@ -128,8 +128,10 @@ class PairSampler:
         how = self.settings.google.cross
         if self.settings.mode != "google" or how == "none":
             return None
-        x, y = self.token_ids(input_caption), self.token_ids(output_caption)
         max_len = self.c.tokenizer.model_max_length
+        # the ids the text encoder sees: truncated to max_len like encode_text (the stage rejects longer captions)
+        x, y = (list(self.c.tokenizer(c, truncation=True, max_length=max_len).input_ids)
+                for c in (input_caption, output_caption))
         if how == "replace" or (how == "auto" and len(x) == len(y)):
             if len(x) == len(y):
                 return replace_map(x, y, max_len)
