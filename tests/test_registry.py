@@ -32,8 +32,8 @@ def registry(tmp_path_factory, tiny_editor, cache_dir):
     model_dir = export_pipeline(tiny_editor, root / "model")
     (root / "eval.json").write_text(json.dumps({"clip_dir_sim": 0.125, "clip_image_sim": 0.875}))
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = compose([f"paths.cache={cache_dir}", f"register.model_dir={model_dir}", f"register.tracking_uri={uri}",
-                   f"register.artifact_location={root / 'mlartifacts'}", f"register.eval_report={root / 'eval.json'}",
+    cfg = compose([f"paths.cache={cache_dir}", f"register.model_dir={model_dir}", f"logger.mlflow.tracking_uri={uri}",
+                   f"logger.mlflow.artifact_location={root / 'mlartifacts'}", f"register.eval_report={root / 'eval.json'}",
                    f"register.record={root / 'register.json'}", "register.serve.steps=2",
                    "register.serve.resolution=64"])
     first = run_register(cfg)
@@ -53,6 +53,11 @@ def test_register_creates_versions_with_tags_and_alias(registry):
     assert float(version.tags["eval.clip_image_sim"]) == 0.875
     record = json.loads((registry["root"] / "register.json").read_text())
     assert record["model_uri"] == f"models:/{name}@candidate" and record["version"] == 2
+    # Provenance on the version: the commit of this checkout (the tests run inside the git repo).
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert version.tags["git_commit"] == head
 
 
 def test_promote_moves_alias_and_edit_by_alias(registry, cfg, noise_image, tiny_editor, monkeypatch):

@@ -172,11 +172,12 @@ def cmd_promote(argv: list[str]) -> int:
     p.add_argument("--name", default=None, help="registered model name (default: register.name)")
     args = p.parse_args(argv)
     from ip2p.config import compose
+    from ip2p.tracking.loggers import mlflow_tracking_uri
     from ip2p.tracking.registry import promote
 
-    r = compose([]).register
-    name = args.name or r.name
-    version = promote(r.tracking_uri, name, args.alias, args.version, args.from_alias)
+    cfg = compose([])
+    name = args.name or cfg.register.name
+    version = promote(mlflow_tracking_uri(cfg), name, args.alias, args.version, args.from_alias)
     print(f"models:/{name}@{args.alias} -> version {version}")
     return 0
 

@@ -15,40 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
+from ip2p.tracking.loggers import ensure_experiment, provenance, quiet_telemetry
 
 log = logging.getLogger(__name__)
-
-
-def configure_mlflow(tracking_uri: str, experiment: str, artifact_location: str | None) -> str:
-    """Point MLflow at `tracking_uri` and return the experiment id (created with a local artifact folder)."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    location = Path(artifact_location).resolve().as_uri() if artifact_location else None
-    return client.create_experiment(experiment, artifact_location=location)
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _data_hash(dvc_file: str = "data.dvc") -> str | None:
-    import yaml
-
-    try:
-        return yaml.safe_load(Path(dvc_file).read_text())["outs"][0]["md5"]
-    except (OSError, KeyError, IndexError, TypeError):
-        return None
 
 
 def run_register(cfg: DictConfig) -> dict[str, Any]:
@@ -60,7 +29,9 @@ def run_register(cfg: DictConfig) -> dict[str, Any]:
     model_dir = Path(r.model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise Ip2pError(f"no exported editor in '{model_dir}' (expected the diffusers folder `ip2p train` writes)")
-    experiment_id = configure_mlflow(r.tracking_uri, r.experiment, r.artifact_location)
+    quiet_telemetry()
+    tracking_uri, experiment_id = ensure_experiment(cfg)
+    mlflow.set_tracking_uri(tracking_uri)
 
     from PIL import Image
 
@@ -68,8 +39,8 @@ def run_register(cfg: DictConfig) -> dict[str, Any]:
     example = {"image": [image_to_b64(Image.new("RGB", (64, 64), (120, 160, 200)))],
                "instruction": ["make it snowy"], "steps": [1]}
     metrics = json.loads(Path(r.eval_report).read_text()) if Path(r.eval_report).is_file() else {}
-    tags = {"git_commit": _git_commit(), "data_hash": _data_hash()}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="register") as run:
+    tags = provenance(cfg, "register")
+    with mlflow.start_run(experiment_id=experiment_id, run_name="register", tags=tags) as run:
         info = mlflow.pyfunc.log_model(
             name="editor",
             python_model=InstructPix2PixModel(),
@@ -81,15 +52,15 @@ def run_register(cfg: DictConfig) -> dict[str, Any]:
             registered_model_name=r.name,
         )
         mlflow.log_metrics({f"eval.{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.set_tags({k: v for k, v in tags.items() if v})
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in {**{f"eval.{k}": v for k, v in metrics.items()}, **tags}.items():
-        if value is not None:
-            client.set_model_version_tag(r.name, version, key, str(value))
+    version_tags = {**{f"eval.{k}": v for k, v in metrics.items()},
+                    **{k: tags[k] for k in ("git_commit", "git_dirty", "dvc_data_md5", "dvc_dataset_md5") if k in tags}}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(r.name, version, key, str(value))
     client.set_registered_model_alias(r.name, r.alias, version)
-    record = {"name": r.name, "version": int(version), "alias": r.alias, "run_id": run.info.run_id,
-              "model_uri": f"models:/{r.name}@{r.alias}", **{k: v for k, v in tags.items() if v}}
+    # No run id or time stamp here: the record is a DVC output and must not change when nothing did.
+    record = {"name": r.name, "version": int(version), "alias": r.alias, "model_uri": f"models:/{r.name}@{r.alias}"}
     atomic_write_json(r.record, record)
     log.info("registered %s version %s with alias %s", r.name, version, r.alias)
     print(f"registered models:/{r.name}/{version} (alias {r.alias})")
