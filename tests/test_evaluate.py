@@ -58,9 +58,24 @@ def evaluated(test_dataset, cache_dir, tmp_path_factory):
     cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", "evaluate.model=tiny",
                    f"evaluate.dataset_dir={root}", f"evaluate.out_dir={out}", "evaluate.num_samples=2",
                    "evaluate.steps=3", "evaluate.text_scales=[5.0,7.5]", "evaluate.image_scales=[1.0,1.6]",
-                   "evaluate.batch_size=3"])
+                   "evaluate.batch_size=3", f"logger.mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"])
     summary = run(cfg)
     return cfg, out, summary, rows
+
+
+def test_mlflow_run_has_metrics_and_reports(evaluated):
+    import mlflow
+
+    cfg, out, summary, _ = evaluated
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg.logger.experiment)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["clip_dir_sim"] == pytest.approx(summary["clip_dir_sim"], abs=1e-6)
+    assert run.data.params["evaluate.steps"] == "3"
+    assert run.data.tags["stage"] == "evaluate"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert logged == {f"evaluation/{n}" for n in ("guidance_grid.csv", "eval.json", "guidance_grid.png",
+                                                    "guidance_examples.png")}
 
 
 def test_guidance_cells_grid_and_default():

@@ -72,6 +72,18 @@ def score_grid(clip, inputs: torch.Tensor, edits: torch.Tensor, gts: torch.Tenso
 
 
 def run(cfg: DictConfig) -> dict:
+    """Evaluate inside an MLflow run (logger=mlflow|both): config, metrics and every report file logged."""
+    from ip2p.tracking.loggers import log_artifact, log_metrics, start_mlflow_run
+
+    with start_mlflow_run(cfg, "evaluate"):
+        summary = evaluate(cfg)
+        log_metrics({k: v for k, v in summary.items() if k in METRICS})
+        for name in ("guidance_grid.csv", "eval.json", "guidance_grid.png", "guidance_examples.png"):
+            log_artifact(Path(cfg.evaluate.out_dir) / name, artifact_path="evaluation")
+    return summary
+
+
+def evaluate(cfg: DictConfig) -> dict:
     e = cfg.evaluate
     out_dir = Path(e.out_dir)
     pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed))
