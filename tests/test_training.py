@@ -440,3 +440,34 @@ def test_v_prediction_objective_is_the_velocity(cfg):
     velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * target
     assert torch.equal(captured["t"], t)
     torch.testing.assert_close(loss, (velocity ** 2).mean())
+
+
+def test_trainer_configs_build_strategies_and_read_launcher_environment(monkeypatch):
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+
+    from ip2p.config import compose
+    from ip2p.errors import Ip2pError
+    from ip2p.training.run import build_strategy, cluster_plugins, devices_and_nodes
+
+    assert isinstance(build_strategy(compose(["trainer=ddp"]).trainer), DDPStrategy)
+    fsdp = build_strategy(compose(["trainer=fsdp"]).trainer)
+    assert isinstance(fsdp, FSDPStrategy)
+    assert fsdp.kwargs["use_orig_params"] is True  # frozen EMA copy beside trainable weights
+    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {BasicTransformerBlock, ResnetBlock2D}
+    assert fsdp.sharding_strategy.name == "SHARD_GRAD_OP"
+    with pytest.raises(Ip2pError, match="needs GPUs"):
+        build_strategy(compose(["trainer=fsdp", "trainer.accelerator=cpu"]).trainer)
+
+    slurm = compose(["trainer=slurm"]).trainer
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    assert devices_and_nodes(slurm) == (4, 2)
+    (plugin,) = cluster_plugins(slurm)
+    assert type(plugin).__name__ == "SLURMEnvironment"
+    torchrun = compose(["trainer=multinode_torchrun"]).trainer
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert devices_and_nodes(torchrun) == (8, 2)
+    assert devices_and_nodes(compose([]).trainer) == (1, 1)  # cpu: as configured

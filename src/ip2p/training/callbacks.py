@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from ip2p.editing.image_io import tensor_to_pil
 from ip2p.io.atomic import atomic_write_bytes, atomic_write_text
 from ip2p.tracking.loggers import log_image_file, log_run_metadata
+from ip2p.training.module import ema_unet_from_state, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,21 @@ class SampleGrid(Callback):
         self._pairs: dict | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.num_images < 1:
+        if trainer.sanity_checking or self.num_images < 1:
+            return
+        ema_unet = None
+        if is_sharded(trainer.strategy):  # gather the EMA weights (a collective: every rank takes part)
+            state = trainer.strategy.lightning_module_state_dict()
+            if trainer.is_global_zero:
+                ema_unet = ema_unet_from_state(state, pl_module.unet.config)
+        if not trainer.is_global_zero:
             return
         if self._pairs is None:
             self._pairs = trainer.datamodule.fixed_pairs(self.num_images)
         if self._pairs is None:
             return
         with torch.autocast(device_type=pl_module.device.type, enabled=False):
-            edits = pl_module.sample_edits(self._pairs, self.seed)
+            edits = pl_module.sample_edits(self._pairs, self.seed, ema_unet)
         grid = sample_grid(self._pairs["input"], edits, self._pairs["edited"])
         buffer = io.BytesIO()
         grid.save(buffer, format="PNG")

@@ -76,6 +76,23 @@ def encode_pair(vae, edited: torch.Tensor, inp: torch.Tensor, generator: torch.G
     return target, condition
 
 
+def ema_unet_from_state(state: dict, unet_config):
+    """A standalone UNet with the EMA weights (`ema.model.*` of the LightningModule's state dict), e.g.
+    gathered from sharded training (FSDP, DeepSpeed) where the wrapped copy cannot be called directly."""
+    from diffusers import UNet2DConditionModel
+
+    prefix = "ema.model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    unet = UNet2DConditionModel.from_config(unet_config)
+    unet.load_state_dict(weights, strict=True)
+    return unet.to(torch.float32).eval()
+
+
+def is_sharded(strategy) -> bool:
+    """Strategies whose modules cannot be called outside their own forward (parameters sharded)."""
+    return type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+
+
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
     """Constant schedule, optionally after a linear warmup over `warmup_steps` optimizer steps."""
     if warmup_steps <= 0:
@@ -198,18 +215,20 @@ class InstructPix2PixModule(pl.LightningModule):
     # -- sampling with the EMA weights --------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_edits(self, batch: dict, seed: int) -> torch.Tensor:
+    def sample_edits(self, batch: dict, seed: int, ema_unet=None) -> torch.Tensor:
         """Edit `batch["input"]` by `batch["input_ids"]` with the EMA UNet (the editing sampler of
-        ip2p.editing); returns images [B, 3, H, W] in [-1, 1]."""
+        ip2p.editing); returns images [B, 3, H, W] in [-1, 1]. `ema_unet`: a standalone copy of the EMA
+        weights to use instead of the module's own (sharded strategies)."""
         from ip2p.editing.pipeline import InstructPix2Pix
 
         self._frozen_to_device()
-        ema_parts = DiffusionComponents(unet=self.ema.model, vae=self.frozen.vae,
+        unet = self.ema.model if ema_unet is None else ema_unet.to(self.device)
+        ema_parts = DiffusionComponents(unet=unet, vae=self.frozen.vae,
                                         text_encoder=self.frozen.text_encoder, tokenizer=self.frozen.tokenizer,
                                         scheduler=self.frozen.scheduler, source="ema")
         editor = InstructPix2Pix(ema_parts)
-        was_training = self.ema.model.training
-        self.ema.model.eval()
+        was_training = unet.training
+        unet.eval()
         try:
             g = self.settings.grid
             condition = editor.encode_condition(batch["input"].to(self.device))
@@ -220,4 +239,4 @@ class InstructPix2PixModule(pl.LightningModule):
                                     progress=False)
             return editor.decode(latents)
         finally:
-            self.ema.model.train(was_training)
+            unet.train(was_training)

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import DiffusionComponents, load_diffusion, widen_conv_in
-from ip2p.training.module import InstructPix2PixModule, TrainSettings
+from ip2p.training.module import InstructPix2PixModule, TrainSettings, ema_unet_from_state
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def build_strategy(trainer_cfg: DictConfig):
         return spec or "auto"
     options = OmegaConf.to_container(spec, resolve=True)
     name = options.pop("name")
+    if name in ("fsdp", "deepspeed") and str(trainer_cfg.accelerator) == "cpu":
+        raise Ip2pError(f"trainer.strategy {name} needs GPUs: set trainer.accelerator=gpu (or use trainer=ddp on CPUs)")
     if name == "ddp":
         from pytorch_lightning.strategies import DDPStrategy
 
@@ -285,17 +287,6 @@ def _check_launch(trainer) -> None:
             and not trainer.strategy.cluster_environment.creates_processes_externally:
         raise Ip2pError("multi-process training must be started from the command line (ip2p train ...), "
                         "or by torchrun / srun")
-
-
-def ema_unet_from_state(state: dict, unet_config) -> Any:
-    """A standalone UNet holding the EMA weights (`ema.model.*` of the LightningModule's state dict)."""
-    from diffusers import UNet2DConditionModel
-
-    prefix = "ema.model."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    unet = UNet2DConditionModel.from_config(unet_config)
-    unet.load_state_dict(weights, strict=True)
-    return unet.to(torch.float32).eval()
 
 
 # ---------------------------------------------------------------------------------------------------
