@@ -283,7 +283,10 @@ def _check_launch(trainer) -> None:
     launcher = getattr(trainer.strategy, "launcher", None)
     if launcher is None or getattr(launcher, "num_processes", 1) <= 1:
         return
-    if type(launcher).__name__ == "_SubprocessScriptLauncher" and _hydra() is None \
+    # Without Hydra (`ip2p train --params FILE`, as dvc.yaml runs it) Lightning re-runs sys.argv as is,
+    # which is fine for that command line, but not for, say, a test runner calling run() in-process.
+    rerunnable = _hydra() is not None or sys.argv[1:2] == [STAGE]
+    if type(launcher).__name__ == "_SubprocessScriptLauncher" and not rerunnable \
             and not trainer.strategy.cluster_environment.creates_processes_externally:
         raise Ip2pError("multi-process training must be started from the command line (ip2p train ...), "
                         "or by torchrun / srun")
