@@ -29,34 +29,21 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_parquet_split(root: Path, split: str, count: int, seed: int, size=(40, 48)) -> Path:
-    """artifacts/dataset/<split>/part-00000.parquet with the contract's columns; edited = inverted input."""
-    import datasets
+def write_parquet_split(root: Path, split: str, count: int, seed: int, size=(40, 48)) -> list[Path]:
+    """<root>/<split>/part-00000.parquet written by the dataset stage's own writer; edited = inverted input."""
+    from ip2p.data.dataset import image_struct, write_split
 
     rng = np.random.default_rng(seed)
-    floats = ["p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"]
-    strings = ["id", "pair_id", "edit_prompt", "input_caption", "output_caption"]
-    rows = {k: [] for k in [*strings, "input_image", "edited_image", "seed", *floats]}
+    rows = []
     for i in range(count):
         image = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
-        rows["id"].append(f"{split}{i:03d}-7")
-        rows["pair_id"].append(f"{split}{i:03d}")
-        rows["input_image"].append({"bytes": _png(image), "path": None})
-        rows["edited_image"].append({"bytes": _png(255 - image), "path": None})
-        rows["edit_prompt"].append(["invert the colors", "make it a negative", "turn it inside out"][i % 3])
-        rows["input_caption"].append("a noisy picture")
-        rows["output_caption"].append("an inverted noisy picture")
-        rows["seed"].append(7)
-        for key in floats:
-            rows[key].append(0.5)
-    features = datasets.Features({**{k: datasets.Value("string") for k in strings},
-                                  "input_image": datasets.Image(), "edited_image": datasets.Image(),
-                                  "seed": datasets.Value("int64"), **{k: datasets.Value("float64") for k in floats}})
-    out = root / split
-    out.mkdir(parents=True, exist_ok=True)
-    datasets.disable_progress_bars()
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / "part-00000.parquet"))
-    return out
+        rows.append({"id": f"{split}{i:03d}-7", "pair_id": f"{split}{i:03d}",
+                     "input_image": image_struct(_png(image)), "edited_image": image_struct(_png(255 - image)),
+                     "edit_prompt": ["invert the colors", "make it a negative", "turn it inside out"][i % 3],
+                     "input_caption": "a noisy picture", "output_caption": "an inverted noisy picture", "seed": 7,
+                     "p": 0.5, "cfg": 7.5, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
+                     "clip_sim_image": 0.8})
+    return write_split(rows, root, split, shard_size=max(count, 1))
 
 
 def write_parquet_dataset(root: Path, train: int = 8, val: int = 4) -> Path:
@@ -471,3 +458,32 @@ def test_trainer_configs_build_strategies_and_read_launcher_environment(monkeypa
     monkeypatch.setenv("WORLD_SIZE", "16")
     assert devices_and_nodes(torchrun) == (8, 2)
     assert devices_and_nodes(compose([]).trainer) == (1, 1)  # cpu: as configured
+
+
+def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
+    from ip2p.errors import Ip2pError
+    from ip2p.training.datamodule import EditDataModule
+
+    def module(**changes):
+        data_cfg = {"format": "parquet", "dir": str(tmp_path / "nothing"), "released_splits": [0.9, 0.05, 0.05],
+                    "resolution": 32, "resize_min": 32, "resize_max": 32, "flip": True, "num_workers": 0,
+                    "cache_dir": str(tmp_path / "hf"), **changes}
+        return EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
+
+    with pytest.raises(Ip2pError, match="no dataset at"):
+        module().setup("fit")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(Ip2pError, match="no training pairs"):
+        module(dir=str(tmp_path / "empty")).setup("fit")
+    (tmp_path / "broken" / "train").mkdir(parents=True)
+    (tmp_path / "broken" / "train" / "part-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Ip2pError, match="cannot read the train split"):
+        module(dir=str(tmp_path / "broken")).setup("fit")
+    with pytest.raises(Ip2pError, match="seeds.json is missing"):
+        module(format="released", dir=str(tmp_path)).setup("fit")
+    with pytest.raises(Ip2pError, match="resolution <= resize_min"):
+        module(resize_min=16)
+    from ip2p.training.datamodule import _decode
+
+    with pytest.raises(Ip2pError, match="row 'x-1': cannot decode input_image"):
+        _decode({"bytes": b"\x89PNG broken", "path": None}, "input_image", "x-1")

@@ -61,29 +61,21 @@ def _decode(value: Any, what: str, row_id: str) -> Image.Image:
     raise Ip2pError(f"dataset row '{row_id}': {what} holds no image")
 
 
-def parquet_files(split_dir: str | Path) -> list[str]:
-    return sorted(str(p) for p in Path(split_dir).glob("*.parquet"))
-
-
-def load_parquet_split(split_dir: str | Path, cache_dir: str | Path | None, progress: bool = False):
-    """A split folder of part-*.parquet -> a memory-mapped `datasets.Dataset` (images left undecoded),
-    or None when the folder has no parquet files."""
+def load_parquet_split(dataset_dir: str | Path, split: str, cache_dir: str | Path | None, progress: bool = False):
+    """<dataset_dir>/<split>/part-*.parquet (the dataset stage's output, read by its own `load_split`)
+    -> a memory-mapped `datasets.Dataset` of the four columns training needs, images left undecoded."""
     import datasets
 
-    files = parquet_files(split_dir)
-    if not files:
-        return None
+    from ip2p.data.dataset import load_split
+
     if not progress:
         datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset("parquet", data_files=files, split="train",
-                                   cache_dir=str(cache_dir) if cache_dir else None)
-    except Exception as err:  # pyarrow/datasets raise many types for a broken file
-        raise Ip2pError(f"cannot read the dataset in '{split_dir}': {str(err).splitlines()[0]}") from err
-    missing = [c for c in PARQUET_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise Ip2pError(f"dataset '{split_dir}' lacks column(s) {', '.join(missing)} "
-                        f"(expected {', '.join(PARQUET_COLUMNS)})")
+        ds = load_split(dataset_dir, split, str(cache_dir) if cache_dir else None)
+    except Ip2pError:
+        raise
+    except Exception as err:  # pyarrow/datasets raise many types for a broken or foreign file
+        raise Ip2pError(f"cannot read the {split} split of '{dataset_dir}': {str(err).splitlines()[0]}") from err
     ds = ds.select_columns(list(PARQUET_COLUMNS))
     for column in ("input_image", "edited_image"):
         if isinstance(ds.features[column], datasets.Image):
@@ -98,7 +90,7 @@ class ParquetSource:
         self.table = table
 
     def __len__(self) -> int:
-        return 0 if self.table is None else len(self.table)
+        return len(self.table)
 
     def load(self, index: int, generator: torch.Generator) -> Pair:
         row = self.table[int(index)]
@@ -309,20 +301,17 @@ class EditDataModule(pl.LightningDataModule):
             raise Ip2pError("train.data needs resolution <= resize_min <= resize_max "
                             f"(got {self.cfg['resolution']}, {self.cfg['resize_min']}, {self.cfg['resize_max']})")
 
-    def _split_dir(self, split: str) -> Path:
-        return Path(self.cfg["dir"]) / split
-
     def prepare_data(self) -> None:
         """Once per node: build the memory-mapped arrow cache of the parquet splits."""
         if self.cfg.get("format", "parquet") == "parquet":
             for split in ("train", "val"):
-                load_parquet_split(self._split_dir(split), self.cfg.get("cache_dir"), self.progress)
+                load_parquet_split(self.cfg["dir"], split, self.cfg.get("cache_dir"), self.progress)
 
     def _source(self, split: str):
         if self.cfg.get("format", "parquet") == "released":
             root = Path(self.cfg["dir"])
             return ReleasedSource(root, split, tuple(float(f) for f in self.cfg["released_splits"]))
-        return ParquetSource(load_parquet_split(self._split_dir(split), self.cfg.get("cache_dir"), self.progress))
+        return ParquetSource(load_parquet_split(self.cfg["dir"], split, self.cfg.get("cache_dir"), self.progress))
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -333,8 +322,8 @@ class EditDataModule(pl.LightningDataModule):
                 self._source(split), self.tokenizer, c["resolution"], c["resize_min"], c["resize_max"],
                 c["flip"], augment=(split == "train"), seed=self.seed)
         if len(self.datasets["train"]) == 0:
-            where = self.cfg["dir"] if c.get("format") == "released" else self._split_dir("train")
-            raise Ip2pError(f"no training pairs in '{where}' (run the filter stage first, or set train.data.dir)")
+            raise Ip2pError(f"no training pairs in '{self.cfg['dir']}' (run the filter stage first, "
+                            "or set train.data.dir)")
 
     @property
     def rows(self) -> dict[str, int]:
