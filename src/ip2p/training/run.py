@@ -13,7 +13,6 @@ processes themselves (trainer=multinode_torchrun / slurm); each runs `ip2p train
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
