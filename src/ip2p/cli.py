@@ -215,6 +215,11 @@ def cmd_stage(name: str, argv: list[str]) -> int:
         if len(argv) < 2 or not Path(argv[1]).is_file():
             raise Ip2pError("--params needs an existing YAML file (e.g. params.yaml from `ip2p params`)")
         cfg = OmegaConf.merge(OmegaConf.load(argv[1]), OmegaConf.from_dotlist(argv[2:]))
+        # Machine-local locations follow the environment, as conf/ does with ${oc.env:...}: params.yaml
+        # is shared through git, the cache folder and tracking server are not.
+        for variable, key in PARAMS_ENV_OVERRIDES.items():
+            if os.environ.get(variable):
+                OmegaConf.update(cfg, key, os.environ[variable], force_add=True)
         stage_run(cfg)
         return 0
 
@@ -230,6 +235,9 @@ def cmd_stage(name: str, argv: list[str]) -> int:
     _main()
     return 0
 
+
+# Environment variables that win over params.yaml (the same ones conf/ reads with ${oc.env:...}).
+PARAMS_ENV_OVERRIDES = {"IP2P_CACHE": "paths.cache", "MLFLOW_TRACKING_URI": "logger.mlflow.tracking_uri"}
 
 COMMANDS = {"edit": cmd_edit, "export": cmd_export, "promote": cmd_promote, "params": cmd_params}
 

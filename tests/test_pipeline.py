@@ -1,0 +1,103 @@
+"""The tracked pipeline: params.yaml is what conf/ composes to, and `dvc repro` runs every stage on
+the tiny default in a temporary copy of the project, then reruns nothing, then reruns only the
+stages downstream of a changed parameter (through `dvc exp run -S`, DVC's Hydra composition)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from ip2p.config import compose
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["captions", "instructions", "synthesize", "filter", "train", "evaluate", "register"]
+
+
+def test_params_file_equals_composed_config(monkeypatch):
+    monkeypatch.delenv("IP2P_CACHE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    composed = OmegaConf.to_container(compose([]), resolve=True)
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert committed == composed, "params.yaml is stale: run `ip2p params` and commit it"
+
+
+def test_dvc_yaml_params_exist_in_params_file():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert list(pipeline["stages"]) == STAGES
+    for name, stage in pipeline["stages"].items():
+        assert stage["cmd"] == f"ip2p {name} --params params.yaml"
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"{name}: params key {key} missing from params.yaml"
+                node = node[part]
+
+
+def _project_copy(dest: Path) -> Path:
+    """The files git would have in a fresh clone (tracked + new, not ignored), committed in `dest`."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in files:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    git = ["git", "-c", "user.name=ip2p-test", "-c", "user.email=test@ip2p.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def _dvc(cwd: Path, env: dict, *args: str) -> str:
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    result = subprocess.run([dvc, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path, cache_dir):
+    project = _project_copy(tmp_path / "project")
+    env = {**os.environ, "IP2P_CACHE": str(cache_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "DVC_NO_ANALYTICS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    _dvc(project, env, "pull", "-q", "data.dvc")
+    assert (project / "data" / "captions.jsonl").is_file()
+
+    first = _dvc(project, env, "repro")
+    assert _ran(first) == STAGES
+    assert (project / "artifacts" / "model" / "model_index.json").is_file()
+    for report in ["captions.json", "instructions.json", "synthesize.json", "filter.json", "train.json",
+                   "eval.json", "register.json", "guidance_grid.csv", "guidance_grid.png", "clip_scores.png"]:
+        assert (project / "reports" / report).is_file(), report
+    evaluation = json.loads((project / "reports" / "eval.json").read_text())
+    assert evaluation["num_samples"] >= 1 and -1 <= evaluation["clip_dir_sim"] <= 1
+    assert json.loads((project / "reports" / "register.json").read_text())["alias"] == "candidate"
+
+    second = _dvc(project, env, "repro")
+    assert _ran(second) == []
+    assert all(f"Stage '{s}' didn't change" in second for s in STAGES)
+
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@ip2p.invalid", "commit", "-qm", "repro"],
+                   cwd=project, check=True)
+    # A filter parameter that changes the kept rows: filter and everything after it rerun, nothing before.
+    third = _dvc(project, env, "exp", "run", "-S", "filter.top_k=1")
+    assert _ran(third) == ["filter", "train", "evaluate", "register"]
+    assert yaml.safe_load((project / "params.yaml").read_text())["filter"]["top_k"] == 1
+    metrics = json.loads(_dvc(project, env, "metrics", "show", "--json"))
+    assert "reports/eval.json" in json.dumps(metrics)
