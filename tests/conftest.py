@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +20,11 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
+# One intra-op thread in the test process: the 2 CI cores are shared with subprocesses, and OpenMP
+# spin-waiting made tiny-model steps stall for seconds. Subprocesses that must reproduce this
+# process's floats bit for bit get OMP_NUM_THREADS=1 too (float sums depend on the thread count).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

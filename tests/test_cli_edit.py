@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -24,13 +25,15 @@ FAST = ["--steps", "3", "--resolution", "128", "--seed", "1", "--no-progress"]
 def ip2p(*args, env_cache) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
     exe = os.path.join(os.path.dirname(sys.executable), "ip2p")
-    env = dict(os.environ, IP2P_CACHE=str(env_cache), HF_HUB_OFFLINE="1")
+    # Same thread count as this process, so that an in-process edit can be compared bit for bit.
+    env = dict(os.environ, IP2P_CACHE=str(env_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
 def start(*args, env_cache) -> subprocess.Popen:
     exe = os.path.join(os.path.dirname(sys.executable), "ip2p")
-    env = dict(os.environ, IP2P_CACHE=str(env_cache), HF_HUB_OFFLINE="1")
+    # Same thread count as this process, so that an in-process edit can be compared bit for bit.
+    env = dict(os.environ, IP2P_CACHE=str(env_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.Popen([exe, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from test_training import compose_train, tiny_overrides, write_parquet_dataset
 
-torch.set_num_threads(1)
 SECRET = "sk-THIS-MUST-NOT-LEAK-42"
 
 

@@ -13,8 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-# The 2 CPU cores are shared: one thread per process avoids OpenMP spin-wait stalls in tiny models.
-torch.set_num_threads(1)
 
 TEXT_ONLY, BOTH, IMAGE_ONLY, KEEP = "text", "both", "image", "keep"
 
