@@ -196,6 +196,16 @@ def cmd_params(argv: list[str]) -> int:
     return 0
 
 
+def sweep_objective(result, key: str | None):
+    """What Hydra gets back from a job: the stage's result, or one number of it for an optimising sweeper."""
+    if key is None:
+        return result
+    if not isinstance(result, dict) or result.get(key) is None:
+        raise Ip2pError(f"sweep_objective={key}: the stage's result has no value for it "
+                        f"(available: {sorted(result) if isinstance(result, dict) else 'none'})")
+    return float(result[key])
+
+
 def cmd_stage(name: str, argv: list[str]) -> int:
     """Run a stage under Hydra's own entry point, so -m (multirun), launchers and sweepers all work.
 
@@ -226,7 +236,8 @@ def cmd_stage(name: str, argv: list[str]) -> int:
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _main(cfg):
         try:
-            return stage_run(cfg)
+            result = stage_run(cfg)
+            return sweep_objective(result, cfg.get("sweep_objective"))
         except Ip2pError as err:
             print(f"ip2p {name}: error: {err}", file=sys.stderr)
             sys.exit(1)
