@@ -25,8 +25,8 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY conf ./conf
 RUN pip install --no-cache-dir -e . \
-    && chown -R ip2p:ip2p /opt/ip2p
+    && chown -R 1000:1000 /opt/ip2p
 
-USER ip2p
+USER 1000:1000
 WORKDIR /home/ip2p
 CMD ["ip2p", "--help"]
