@@ -18,8 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from ip2p.errors import Ip2pError
+from ip2p.io.atomic import atomic_file
 from ip2p.io.jsonl import read_jsonl
 
 COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt", "input_caption", "output_caption",
@@ -89,18 +88,8 @@ def _table(rows: list[dict]):
 def _write_parquet_atomic(rows: list[dict], path: Path) -> Path:
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(_table(rows), tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -12,9 +12,6 @@ A seeded held-out split measures the mean completion-token loss before and after
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from torch.utils.data import DataLoader
 from ip2p.data.validate import format_completion, format_prompt, load_human_examples
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_json, stable_seed
+from ip2p.io.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +121,11 @@ def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
 
 def save_model(model, tokenizer, target: Path, info: dict) -> Path:
     """save_pretrained into a temp folder, then swap it in: a reader never sees half a model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.padding_side = "left"  # what generation wants when the folder is loaded again
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / DONE_MARKER, info)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

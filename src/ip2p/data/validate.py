@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 

@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
+from ip2p.io.atomic import atomic_folder
 from ip2p.models.loader import DiffusionComponents
 from ip2p.sampling.loop import make_scheduler
 
@@ -31,13 +30,6 @@ def export_pipeline(components: DiffusionComponents, out_dir: str | Path, schedu
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

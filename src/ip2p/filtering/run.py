@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,6 +29,7 @@ from ip2p.filtering.metrics import METRICS, ClipScorer, clip_id
 from ip2p.filtering.plots import plot_clip_scores
 from ip2p.filtering.select import THRESHOLD_ORDER, assign_splits, score_column, select, split_counts
 from ip2p.io import StageSummary
+from ip2p.io.atomic import atomic_folder
 from ip2p.models.loader import load_clip, resolve_source
 
 log = logging.getLogger(__name__)
@@ -174,20 +172,10 @@ def _rows(kept: list[dict], summary: StageSummary, written: Counter, split: str)
 def write_dataset(by_split: dict[str, list[dict]], out_dir: Path, shard_size: int, summary: StageSummary) -> Counter:
     """Write every split into a staging folder beside out_dir, then swap it in: readers see the old
     dataset or the new one, never a mix."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     written: Counter = Counter()
-    try:
-        os.chmod(staging, 0o755)
+    with atomic_folder(out_dir) as staging:
         for split, kept in by_split.items():
             write_split(_rows(kept, summary, written, split), staging, split, shard_size)
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.rename(out_dir, old)
-        os.rename(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 

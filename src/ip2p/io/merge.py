@@ -15,14 +15,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from ip2p.errors import Ip2pError
-from ip2p.io.atomic import atomic_write_json
+from ip2p.io.atomic import atomic_file, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +71,14 @@ def find_shards(final: Path, num_shards: int | None = None) -> dict[str, dict[in
 
 def concatenate(parts: list[Path], target: Path) -> Path:
     """Stream `parts` into `target` atomically; every part must end with a complete line."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as handle:
-                    shutil.copyfileobj(handle, out, 1 << 20)
-                    if handle.tell() > 0:
-                        handle.seek(-1, os.SEEK_END)
-                        if handle.read(1) != b"\n":
-                            raise Ip2pError(f"shard file {part} ends in the middle of a line")
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(target) as tmp, open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)
+                if handle.tell() > 0:
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        raise Ip2pError(f"shard file {part} ends in the middle of a line")
     return target
 
 

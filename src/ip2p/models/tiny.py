@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ip2p.io.atomic import build_once
 from ip2p.models.tokenizer import write_clip_tokenizer
 
 TINY_LAYOUT_VERSION = 1  # bump when the builder changes what it writes
@@ -40,23 +39,7 @@ def tiny_dir(cache_dir: str | Path, build: Mapping[str, Any]) -> Path:
 
 def ensure_tiny(cache_dir: str | Path, build: Mapping[str, Any]) -> Path:
     """Return the tiny preset's folder, building it first if needed (atomic: temp folder + rename)."""
-    target = tiny_dir(cache_dir, build)
-    if (target / "COMPLETE").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        _build(staging, build)
-        (staging / "COMPLETE").write_text("ok\n")
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished first; its copy is identical (same seed and spec).
-            if not (target / "COMPLETE").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(tiny_dir(cache_dir, build), lambda folder: _build(folder, build))
 
 
 def _scheduler_config() -> dict:

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ip2p.errors import Ip2pError
+from ip2p.io.atomic import build_once
 
 TINY_LLM_VERSION = 1  # bump when the builder changes what it writes
 END_OF_TEXT = "<|endoftext|>"
@@ -43,22 +41,7 @@ def tiny_llm_dir(cache_dir: str | Path, build: Mapping[str, Any] | None = None) 
 
 def ensure_tiny_llm(cache_dir: str | Path, build: Mapping[str, Any] | None = None) -> Path:
     """The tiny LM's folder, built first if needed (atomically: temp folder + rename)."""
-    target = tiny_llm_dir(cache_dir, build)
-    if (target / "COMPLETE").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        _build(staging, _spec(build))
-        (staging / "COMPLETE").write_text("ok\n")
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "COMPLETE").exists():  # another process finished first with the same files
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(tiny_llm_dir(cache_dir, build), lambda folder: _build(folder, _spec(build)))
 
 
 def tokenizer_texts() -> list[str]:

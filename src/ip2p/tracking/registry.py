@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ip2p.errors import Ip2pError
-from ip2p.io.atomic import atomic_write_json
+from ip2p.io.atomic import atomic_write_json, build_once
 from ip2p.tracking.loggers import ensure_experiment, provenance, quiet_telemetry
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def run_register(cfg: DictConfig) -> dict[str, Any]:
                "instruction": ["make it snowy"], "steps": [1]}
     metrics = json.loads(Path(r.eval_report).read_text()) if Path(r.eval_report).is_file() else {}
     tags = provenance(cfg, "register")
-    with mlflow.start_run(experiment_id=experiment_id, run_name="register", tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name="register", tags=tags):
         info = mlflow.pyfunc.log_model(
             name="editor",
             python_model=InstructPix2PixModel(),
@@ -104,15 +103,9 @@ def resolve_model_uri(uri: str, cache_dir: str | Path, tracking_uri: str | None 
     except (MlflowException, ValueError) as err:
         message = getattr(err, "message", str(err)).splitlines()[0]
         raise Ip2pError(f"cannot resolve '{uri}' in the registry at {mlflow.get_tracking_uri()}: {message}") from err
-    target = Path(cache_dir).expanduser() / "registry" / mv.name / f"v{mv.version}"
-    if not (target / "COMPLETE").exists():
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(staging))
-        (staging / "COMPLETE").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+    target = build_once(Path(cache_dir).expanduser() / "registry" / mv.name / f"v{mv.version}",
+                        lambda folder: mlflow.artifacts.download_artifacts(
+                            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(folder)))
     return str(_pipeline_folder(target, uri))
 
 
