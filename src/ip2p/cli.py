@@ -34,9 +34,11 @@ STAGES: dict[str, str] = {
 
 
 def _quiet_libraries() -> None:
-    # No telemetry, no surprise downloads of configs, no progress bars from loaders.
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("DISABLE_TELEMETRY", "1")
+    # No telemetry (MLflow, W&B, Hugging Face, DVC), no progress bars from loaders.
+    from ip2p.tracking.loggers import quiet_telemetry
+
+    quiet_telemetry()
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
