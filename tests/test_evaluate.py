@@ -27,7 +27,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def test_dataset(tmp_path_factory):
+def heldout_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset")
     (root / "test").mkdir()
     rng = np.random.default_rng(7)
@@ -52,8 +52,8 @@ def test_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def evaluated(test_dataset, cache_dir, tmp_path_factory):
-    root, rows = test_dataset
+def evaluated(heldout_dataset, cache_dir, tmp_path_factory):
+    root, rows = heldout_dataset
     out = tmp_path_factory.mktemp("reports")
     cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", "evaluate.model=tiny",
                    f"evaluate.dataset_dir={root}", f"evaluate.out_dir={out}", "evaluate.num_samples=2",
