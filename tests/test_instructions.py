@@ -495,3 +495,65 @@ def test_openai_completions_endpoint_uses_the_fine_tuning_format(tmp_path, cache
     prompt = endpoint.requests[0]["prompt"]
     assert prompt.endswith("\n\na house by the sea\n##\n") and prompt.count("\nEND\n\n") == 2
     assert endpoint.auth == [None]                            # no key in the environment: no header
+
+
+def test_openai_without_sent_seed_still_asks_again_for_a_retry_or_another_edit(tmp_path, endpoint):
+    """With send_seed=false the request body is the same for every attempt and every edit of one caption;
+    the response cache must not hand the first answer back to them (a retry would repeat its rejection,
+    and edits_per_caption > 1 would give identical pairs)."""
+    from ip2p.data.backends.base import Request
+    from ip2p.data.backends.openai_compat import HttpPolicy, OpenAIBackend, ResponseCache
+
+    backend = OpenAIBackend(endpoint.base_url, "m", "chat", {"temperature": 0.7}, [], "", None,
+                            HttpPolicy(concurrency=1), ResponseCache(tmp_path / "cache"), send_seed=False)
+    backend.complete([Request("c1-e0", "a cat on a wall", 11), Request("c1-e1", "a cat on a wall", 22)])
+    backend.complete([Request("c1-e0", "a cat on a wall", 33, attempt=1)])  # a retry: a new seed
+    assert len(endpoint.requests) == 3 and all("seed" not in r for r in endpoint.requests)
+    backend.complete([Request("c1-e0", "a cat on a wall", 11)])  # the same record and attempt: cached
+    assert len(endpoint.requests) == 3
+
+
+def test_openai_dropped_connection_is_retried_and_a_bad_url_is_one_line(tmp_path):
+    """A connection that dies mid-response is retried like a timeout; a base_url without a scheme is a
+    one-line Ip2pError, not a traceback from requests."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ip2p.data.backends.base import Request
+    from ip2p.data.backends.openai_compat import HttpPolicy, OpenAIBackend, ResponseCache
+    from ip2p.errors import Ip2pError
+
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(self.path)
+            data = json.dumps({"choices": [{"text": "make it snowy\n%%\na snowy cat"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            # first answer: promise more bytes than are sent, then hang up (HTTP/1.0 closes the connection)
+            self.send_header("Content-Length", str(len(data) + (50 if len(calls) == 1 else 0)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        backend = OpenAIBackend(url, "m", "completions", {}, [], "", SECRET, HttpPolicy(concurrency=1, backoff_s=0.001),
+                                ResponseCache(None))
+        assert backend.complete([Request("a", "a cat", 1)]) == ["make it snowy\n%%\na snowy cat"]
+        assert len(calls) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    no_scheme = OpenAIBackend("localhost:8000/v1", "m", "chat", {}, [], "", SECRET, HttpPolicy(concurrency=1),
+                              ResponseCache(None))
+    with pytest.raises(Ip2pError) as err:
+        no_scheme.complete([Request("a", "a cat", 1)])
+    assert "localhost:8000/v1" in str(err.value) and "\n" not in str(err.value) and SECRET not in str(err.value)

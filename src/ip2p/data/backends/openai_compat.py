@@ -155,8 +155,11 @@ class OpenAIBackend:
                 with self._count_lock:
                     self.num_requests += 1
                 resp = self._session().post(self.url, json=body, timeout=p.timeout_s)
-            except (requests.Timeout, requests.ConnectionError) as err:
-                problem = type(err).__name__
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+                problem = type(err).__name__  # ChunkedEncodingError: the connection dropped mid-response
+            except requests.RequestException as err:  # a bad URL or scheme: retrying cannot help
+                raise Ip2pError(f"cannot send a request to {self.url}: {type(err).__name__}: "
+                                f"{self._redact(str(err).splitlines()[0] if str(err) else '')}") from err
             else:
                 if resp.status_code == 200:
                     try:
@@ -177,7 +180,9 @@ class OpenAIBackend:
 
     def _complete_one(self, req: Request) -> str | None:
         body = self.request_body(req)
-        key = ResponseCache.key(body)
+        # keyed by the per-record seed even when it is not sent: otherwise a retry, or a second edit of
+        # the same caption, would get the first answer back from the cache (same key when it is sent)
+        key = ResponseCache.key({**body, "seed": req.seed})
         hit, text = self.cache.get(key)
         if hit:
             return text
