@@ -485,3 +485,38 @@ def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
 
     with pytest.raises(Ip2pError, match="row 'x-1': cannot decode input_image"):
         _decode({"bytes": b"\x89PNG broken", "path": None}, "input_image", "x-1")
+
+
+def test_default_ema_follows_the_original_warmup_rule():
+    """The original (LitEma with num_updates) and diffusers' script both cap the decay at (1+n)/(10+n).
+    A constant 0.9999 would leave e^-1 = 37% of the untrained UNet in the EMA after the paper's 10k steps
+    (98% after the tiny preset's 200): the exported editor would barely show the training."""
+    from ip2p.config import compose
+    from ip2p.training.ema import ExponentialMovingAverage
+    from ip2p.training.module import TrainSettings
+    from ip2p.training.run import settings_from_config
+
+    for settings in (settings_from_config(compose([])), TrainSettings()):
+        model = torch.nn.Linear(2, 2)
+        ema = ExponentialMovingAverage(model, settings.ema_decay, settings.ema_warmup)
+        decays = [ema.update(model) for _ in range(3)]
+        assert decays == pytest.approx([min(0.9999, (1 + n) / (10 + n)) for n in (1, 2, 3)])
+        retained = math.prod(min(0.9999, (1 + n) / (10 + n)) for n in range(1, 10_001))
+        assert retained < 1e-3  # the start's share of the average after 10k steps
+
+
+def test_unreadable_checkpoint_to_resume_is_a_one_line_error(tmp_path, cache_dir):
+    from ip2p.errors import Ip2pError
+    from ip2p.training.run import resolve_resume
+
+    cfg = compose_train(tmp_path, tmp_path / "dataset", cache_dir)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg.train.resume = str(bad)
+    with pytest.raises(Ip2pError, match="cannot resume from .*bad.ckpt"):
+        resolve_resume(cfg, tmp_path / "checkpoints")
+    not_lightning = tmp_path / "weights.ckpt"
+    torch.save({"weight": torch.zeros(2)}, not_lightning)
+    cfg.train.resume = str(not_lightning)
+    with pytest.raises(Ip2pError, match="not a checkpoint of `ip2p train`"):
+        resolve_resume(cfg, tmp_path / "checkpoints")

@@ -39,7 +39,7 @@ class TrainSettings:
     warmup_steps: int = 0
     conditioning_dropout: float = 0.05
     ema_decay: float = 0.9999
-    ema_warmup: bool = False
+    ema_warmup: bool = True
     gradient_checkpointing: bool = False
     seed: int = 0
     grid: dict = field(default_factory=lambda: {"steps": 20, "text_guidance": 7.5, "image_guidance": 1.5,

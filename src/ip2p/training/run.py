@@ -213,13 +213,27 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     if str(value) == "last":
         last = checkpoint_dir / "last.ckpt"
         if last.exists():
+            check_checkpoint(last)
             return str(last)
         log.info("no checkpoint at %s: training from the start", last)
         return None
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise Ip2pError(f"checkpoint to resume from not found: '{value}'")
+    check_checkpoint(path)
     return str(path.resolve())
+
+
+def check_checkpoint(path: Path) -> None:
+    """A one-line error, before Lightning's traceback, for a file that is not a checkpoint of this stage
+    (truncated, another format, the released .ckpt). Memory-mapped: the weights are not read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for foreign or broken files
+        raise Ip2pError(f"cannot resume from '{path}': not a readable checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else ''})") from err
+    if not isinstance(state, dict) or not {"state_dict", "global_step"} <= set(state):
+        raise Ip2pError(f"cannot resume from '{path}': not a checkpoint of `ip2p train` (no state_dict/global_step)")
 
 
 def _override_key(override: str) -> str:
