@@ -163,3 +163,21 @@ def test_missing_split_is_one_line_error(tmp_path, cache_dir):
     cfg = compose(["device=cpu", f"paths.cache={cache_dir}", "evaluate.model=tiny", f"evaluate.dataset_dir={tmp_path}"])
     with pytest.raises(Ip2pError, match="no test split"):
         run(cfg)
+
+
+def test_no_samples_to_evaluate_is_one_line_error(heldout_dataset, tmp_path, cache_dir):
+    from ip2p.errors import Ip2pError
+
+    root, _ = heldout_dataset
+    cfg = compose(["device=cpu", f"paths.cache={cache_dir}", "evaluate.model=tiny", f"evaluate.dataset_dir={root}",
+                   f"evaluate.out_dir={tmp_path}", "evaluate.num_samples=0", "logger=none"])
+    with pytest.raises(Ip2pError, match="evaluate.num_samples must be at least 1"):
+        run(cfg)
+    empty = tmp_path / "empty"
+    (empty / "test").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([], schema=pq.read_schema(root / "test" / "part-00000.parquet")),
+                   empty / "test" / "part-00000.parquet")
+    cfg = compose(["device=cpu", f"paths.cache={cache_dir}", "evaluate.model=tiny", f"evaluate.dataset_dir={empty}",
+                   f"evaluate.out_dir={tmp_path}", "logger=none"])
+    with pytest.raises(Ip2pError, match="test split .* has no rows"):
+        run(cfg)

@@ -35,10 +35,14 @@ METRICS = ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "l1", "l2", "clip_
 
 def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int) -> list[dict]:
     """Rows of the held-out split (sorted by id, then a seeded sample of `num_samples`)."""
+    if num_samples is not None and num_samples < 1:
+        raise Ip2pError(f"evaluate.num_samples must be at least 1, or null for the whole split (got {num_samples})")
     files = sorted(glob.glob(str(Path(dataset_dir) / split / "*.parquet")))
     if not files:
         raise Ip2pError(f"no {split} split in '{dataset_dir}' (expected {split}/*.parquet from `ip2p filter`)")
     rows = sorted((r for f in files for r in pq.read_table(f).to_pylist()), key=lambda r: str(r["id"]))
+    if not rows:
+        raise Ip2pError(f"the {split} split in '{dataset_dir}' has no rows")
     if num_samples is not None and num_samples < len(rows):
         rows = sorted(random.Random(seed).sample(rows, num_samples), key=lambda r: str(r["id"]))
     return rows
