@@ -439,3 +439,22 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     assert folder_bytes(killed_dir) == folder_bytes(tmp_path / "full")
     report = json.loads((tmp_path / "reports-killed" / "synthesize.json").read_text())
     assert report["pairs_done_before"] == len(finished) and report["records_out"] == len(records)
+
+
+def test_sampler_with_more_model_calls_than_steps_is_refused(tmp_path, cache_dir):
+    """The step rules count UNet calls as steps: a sampler that calls the UNet more often than
+    `steps` times (Heun: 2 per step) would copy attention for a different
+    fraction than p. The stage refuses it in one line before writing anything."""
+    from diffusers import HeunDiscreteScheduler
+
+    heun = HeunDiscreteScheduler()
+    heun.set_timesteps(3)
+    assert len(heun.timesteps) != 3  # the premise: more calls than steps
+
+    from ip2p.errors import Ip2pError
+
+    instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
+    with pytest.raises(Ip2pError, match="one model call per step") as err:
+        run_stage(stage_overrides(tmp_path, instructions, **{"synthesis.sampler": "heun"}), cache_dir)
+    assert "\n" not in str(err.value)
+    assert not any((tmp_path / "candidates").glob("p*"))

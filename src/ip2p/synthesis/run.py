@@ -25,6 +25,7 @@ from ip2p.editing.image_io import tensor_to_pil
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
 from ip2p.models.loader import load_diffusion
+from ip2p.sampling import make_scheduler
 from ip2p.sampling.loop import scheduler_class
 from ip2p.synthesis.attention import MODES, GoogleSettings
 from ip2p.synthesis.p2p_alignment import AlignScores
@@ -61,6 +62,17 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
     align = AlignScores(float(g.align.match), float(g.align.mismatch), float(g.align.gap))
     return SynthesisSettings(steps=int(s.steps), sampler=str(s.sampler), mode=str(s.attention.mode),
                              google=google, align=align, progress=False)
+
+
+def check_one_call_per_step(settings: SynthesisSettings, scheduler_config) -> None:
+    """The P2P step rules count UNet calls as steps; a sampler with more calls than steps (Heun, PNDM's
+    warm-up) would copy attention for another fraction of the denoising than p."""
+    probe = make_scheduler(settings.sampler, scheduler_config)
+    probe.set_timesteps(settings.steps)
+    if len(probe.timesteps) != settings.steps:
+        raise Ip2pError(f"synthesis.sampler={settings.sampler} makes {len(probe.timesteps)} model calls for "
+                        f"{settings.steps} steps; synthesis needs one model call per step "
+                        f"(e.g. euler_ancestral, euler, ddim, ddpm, dpmpp_2m)")
 
 
 def resolution(cfg: DictConfig, sampler: PairSampler) -> int:
@@ -193,6 +205,7 @@ def run(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = StageSummary("synthesize", int(cfg.shard.index), int(cfg.shard.count))
     components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+    check_one_call_per_step(settings, components.scheduler.config)
     sampler = PairSampler(components, settings)
     size = resolution(cfg, sampler)
     max_tokens = int(components.tokenizer.model_max_length)
