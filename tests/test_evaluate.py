@@ -157,6 +157,19 @@ def test_one_cell_matches_independent_recomputation(evaluated, tiny_editor, tiny
         assert row[metric] == pytest.approx(value, abs=2e-3), metric
 
 
+def test_load_test_pairs_reads_all_or_a_seeded_subset(heldout_dataset):
+    from ip2p.evaluation.run import load_test_pairs
+
+    root, rows = heldout_dataset
+    everything = load_test_pairs(root, "test", None, 0)
+    assert [r["id"] for r in everything] == sorted(r["id"] for r in rows)
+    assert everything[0]["input_image"]["bytes"] == next(r for r in rows if r["id"] == everything[0]["id"])["input_image"]["bytes"]
+    two = load_test_pairs(root, "test", 2, 0)
+    assert len(two) == 2 and [r["id"] for r in two] == sorted(r["id"] for r in two)
+    assert set(r["id"] for r in two) <= set(r["id"] for r in rows)
+    assert [r["id"] for r in load_test_pairs(root, "test", 2, 0)] == [r["id"] for r in two]
+
+
 def test_missing_split_is_one_line_error(tmp_path, cache_dir):
     from ip2p.errors import Ip2pError
 

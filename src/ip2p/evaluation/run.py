@@ -40,12 +40,13 @@ def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None
     files = sorted(glob.glob(str(Path(dataset_dir) / split / "*.parquet")))
     if not files:
         raise Ip2pError(f"no {split} split in '{dataset_dir}' (expected {split}/*.parquet from `ip2p filter`)")
-    rows = sorted((r for f in files for r in pq.read_table(f).to_pylist()), key=lambda r: str(r["id"]))
-    if not rows:
+    # Ids first, images only for the chosen rows: a real test split holds gigabytes of images.
+    ids = sorted(str(i) for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+    if not ids:
         raise Ip2pError(f"the {split} split in '{dataset_dir}' has no rows")
-    if num_samples is not None and num_samples < len(rows):
-        rows = sorted(random.Random(seed).sample(rows, num_samples), key=lambda r: str(r["id"]))
-    return rows
+    chosen = set(ids if num_samples is None or num_samples >= len(ids) else random.Random(seed).sample(ids, num_samples))
+    rows = [r for f in files for r in pq.read_table(f, filters=[("id", "in", sorted(chosen))]).to_pylist()]
+    return sorted(rows, key=lambda r: str(r["id"]))
 
 
 def _decode(struct: dict | None, resolution: int) -> Image.Image | None:

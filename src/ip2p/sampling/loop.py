@@ -17,7 +17,6 @@ SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "dpmpp_sde": "DPMSolverSDEScheduler",
     "heun": "HeunDiscreteScheduler",
     "lms": "LMSDiscreteScheduler",
     "pndm": "PNDMScheduler",
@@ -33,6 +32,12 @@ def scheduler_class(name: str):
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_config") or not class_name.endswith("Scheduler"):
         raise Ip2pError(f"unknown scheduler '{name}': use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name")
+    if type(cls).__name__ == "DummyObject":  # diffusers' placeholder for a class whose extra package is missing
+        raise Ip2pError(f"scheduler '{name}' needs a package that is not installed ({', '.join(cls._backends)})")
+    step_params = inspect.signature(cls.step).parameters
+    if "generator" not in step_params and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        # SDE samplers that draw their own noise cannot follow our seeds: results would not reproduce.
+        raise Ip2pError(f"scheduler '{name}' draws noise outside the seeded generator; pick another sampler")
     return cls
 
 
