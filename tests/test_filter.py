@@ -232,6 +232,28 @@ def test_filter_stage_end_to_end(tmp_path, cache_dir):
     assert strict["scores_computed"] == 0
 
 
+def test_stricter_thresholds_never_move_a_pair_to_another_split(tmp_path, cache_dir):
+    import datasets
+
+    make_candidates(tmp_path / "artifacts" / "candidates")
+    run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.top_k=2", out="loose")
+    best = {}
+    for cid, s in read_scores(tmp_path).items():
+        pid = cid.rsplit("-", 1)[0]
+        best[pid] = max(best.get(pid, -2.0), s["clip_sim_dir"])
+    threshold = sorted(best.values())[len(best) // 2]  # about half the pairs lose every candidate
+    others = [o for o in PERMISSIVE if "sim_dir" not in o]
+    run_filter(tmp_path, cache_dir, *others, f"filter.thresholds.sim_dir={threshold}", "filter.top_k=2", out="strict")
+
+    def split_of(folder):
+        loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / folder))
+        return {pid: name for name, split in loaded.items() for pid in split["pair_id"]}
+
+    loose, strict = split_of("loose"), split_of("strict")
+    assert 0 < len(strict) < len(loose)
+    assert all(loose[pid] == name for pid, name in strict.items())
+
+
 def test_cache_entries_of_another_clip_or_changed_images_are_recomputed(tmp_path, cache_dir):
     candidates = tmp_path / "artifacts" / "candidates"
     make_candidates(candidates, pairs=1, per_pair=2)

@@ -214,7 +214,9 @@ def run(cfg: DictConfig) -> Path:
     kept, rejected = select(candidates, thresholds, top_k)
     for reason, n in rejected.items():
         summary.reject(reason, n)
-    assignment = assign_splits([k["pair_id"] for k in kept], fractions, int(f.split_seed))
+    # Splits are drawn over every scored pair, not only the survivors: a stricter threshold then removes
+    # pairs from their split but never moves one to another (test sets stay comparable across runs).
+    assignment = assign_splits([c["pair_id"] for c in candidates], fractions, int(f.split_seed))
     by_split = {name: [k for k in kept if assignment[k["pair_id"]] == name] for name in fractions}
     written = write_dataset(by_split, Path(f.out_dir), int(f.shard_size), summary)
     summary.records_out = sum(written.values())
