@@ -39,18 +39,19 @@ def build_components(preset: str, device: torch.device, dtype: torch.dtype, cach
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ip2p.config import config_dir
     from ip2p.models.loader import DiffusionComponents, load_diffusion
     from ip2p.models.tiny import ensure_tiny
 
     if preset == "tiny":
         import yaml
 
-        model_cfg = yaml.safe_load(open("conf/model/tiny.yaml"))
+        model_cfg = yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())
         return load_diffusion("tiny", "editor", model_cfg, cache, device, dtype)
     # sd15-random: the tokenizer only turns text into ids; ours (from the tiny preset) is fine for timing.
     import yaml
 
-    tiny_root = ensure_tiny(cache, yaml.safe_load(open("conf/model/tiny.yaml"))["build"])
+    tiny_root = ensure_tiny(cache, yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())["build"])
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_root / "editor" / "tokenizer")
@@ -86,16 +87,29 @@ def time_call(fn, device, repeats: int, warmup: bool = True) -> list[float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """Options every bench script shares."""
     ap.add_argument("--preset", default="tiny", choices=["tiny", "sd15-random"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", default="~/.cache/ip2p")
     ap.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
+
+
+def emit(results: dict, out: str | None) -> None:
+    """Print the JSON document and write it to `out` if given."""
+    text = json.dumps(results, indent=1)
+    print(text)
+    if out:
+        open(out, "w").write(text + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_common_arguments(ap)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
     args = ap.parse_args()
 
     from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -148,10 +162,7 @@ def main() -> None:
         results["runs"].append(row)
     if device.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        open(args.out, "w").write(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

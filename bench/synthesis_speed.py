@@ -23,18 +23,16 @@ every step: the most expensive case. Output: one JSON document (stdout, and --ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 
 # Same folder: the SD 1.5 architecture configs and the device sync of the editing benchmark.
-from edit_speed import CLIP_L14_TEXT, SD15_UNET, SD15_VAE, sync
+from edit_speed import CLIP_L14_TEXT, SD15_UNET, SD15_VAE, add_common_arguments, emit, sync
 
 INPUT_CAPTION = "a photo of a cat sitting on a sofa"
 OUTPUT_CAPTION = "a photo of a dog sitting on a sofa"
@@ -152,8 +150,7 @@ def timed(fn, device: torch.device) -> tuple[float | None, float | None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "sd15-random"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_arguments(ap)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--resolution", type=int, default=None, help="pixels per side (default: the model's native)")
     ap.add_argument("--steps", type=int, default=20)
@@ -161,9 +158,6 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--p", type=float, default=1.0, help="fraction of steps with copied self-attention")
     ap.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (all samples)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cache", default="~/.cache/ip2p")
-    ap.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
     args = ap.parse_args()
 
     import diffusers
@@ -224,10 +218,7 @@ def main() -> None:
         del runners
     if peaks:
         results["peak_mem_gib"] = max(peaks)
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from edit_speed import sync  # same folder
+from edit_speed import add_common_arguments, emit, sync  # same folder
 from synthesis_speed import build_base
 
 PRECISIONS = {"bf16": "bf16-mixed", "fp32": "32-true"}  # --precision -> Lightning's name
@@ -191,19 +189,15 @@ def summary(rounds: list[dict], batch_size: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "sd15-random"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_common_arguments(ap)
     ap.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of (ours, reference)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (train.data.num_workers)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--matmul-precision", default="high", help="float32 matmul precision (conf/trainer/gpu.yaml)")
-    ap.add_argument("--cache", default="~/.cache/ip2p")
-    ap.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         ap.error("need --steps >= 1, --warmup >= 0, --repeats >= 1")
@@ -246,10 +240,7 @@ def main() -> None:
         "anchor": ANCHOR,
     }
     results["ratio_ours_over_unet_only"] = results["ours"]["step_s_median"] / results["unet_only"]["step_s_median"]
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":
