@@ -30,6 +30,22 @@ def test_params_file_equals_composed_config(monkeypatch):
     assert committed == composed, "params.yaml is stale: run `ip2p params` and commit it"
 
 
+def test_dvc_hydra_composition_writes_the_same_params(monkeypatch, tmp_path):
+    """What `dvc exp run -S ...` writes (DVC's own Hydra composition) equals the committed file, and
+    group overrides such as experiment=small reach it."""
+    from dvc.utils.hydra import compose_and_dump
+
+    monkeypatch.delenv("IP2P_CACHE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    plain, small = tmp_path / "plain.yaml", tmp_path / "small.yaml"
+    compose_and_dump(plain, str(REPO / "conf"), None, "config", str(REPO), [])
+    compose_and_dump(small, str(REPO / "conf"), None, "config", str(REPO), ["experiment=small", "filter.top_k=3"])
+    assert yaml.safe_load(plain.read_text()) == committed
+    small_params = yaml.safe_load(small.read_text())
+    assert small_params["model"]["name"] == "sd15" and small_params["filter"]["top_k"] == 3
+
+
 def test_dvc_yaml_params_exist_in_params_file():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
