@@ -520,3 +520,14 @@ def test_unreadable_checkpoint_to_resume_is_a_one_line_error(tmp_path, cache_dir
     cfg.train.resume = str(not_lightning)
     with pytest.raises(Ip2pError, match="not a checkpoint of `ip2p train`"):
         resolve_resume(cfg, tmp_path / "checkpoints")
+
+
+def test_validation_shards_are_equal_sized_and_cover_every_item():
+    from ip2p.training.datamodule import ShardSampler
+
+    for num_items, world in [(1, 2), (5, 2), (3, 4), (8, 4), (0, 2)]:
+        shards = [[i for i, _ in ShardSampler(num_items, rank, world)] for rank in range(world)]
+        assert len({len(s) for s in shards}) == 1, (num_items, world, shards)  # no rank left without batches
+        assert set().union(*shards) == set(range(num_items))
+        assert len(shards[0]) == -(-num_items // world)
+    assert [i for i, _ in ShardSampler(5, 0, 1)] == [0, 1, 2, 3, 4]

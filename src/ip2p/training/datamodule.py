@@ -250,10 +250,15 @@ class StreamSampler(Sampler):
 
 
 class ShardSampler(Sampler):
-    """Validation: items rank, rank + W, ... in order, as (index, index) keys."""
+    """Validation: items rank, rank + W, ... in order, as (index, index) keys.
+
+    Every rank gets the same number of items (the list wraps around, as DistributedSampler pads):
+    a rank without validation batches would skip the synced val/loss reduction and hang the others."""
 
     def __init__(self, num_items: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, num_items, world_size))
+        per_rank = -(-num_items // world_size) if num_items else 0
+        padded = [i % num_items for i in range(per_rank * world_size)]
+        self.indices = padded[rank::world_size]
 
     def __len__(self) -> int:
         return len(self.indices)
