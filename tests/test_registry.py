@@ -84,6 +84,27 @@ def test_promote_moves_alias_and_edit_by_alias(registry, cfg, noise_image, tiny_
         load_diffusion(f"models:/{name}@nobody", "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
 
 
+def test_pyfunc_rejects_bad_requests_in_one_line(tiny_editor, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from ip2p.tracking.pyfunc_model import InstructPix2PixModel, image_to_b64
+
+    model_dir = export_pipeline(tiny_editor, tmp_path / "model")
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"pipeline": str(model_dir)},
+                                               model_config={"steps": 1, "resolution": 64})
+    model = InstructPix2PixModel()
+    model.load_context(context)
+    good = image_to_b64(Image.new("RGB", (64, 64), (10, 200, 30)))
+    assert len(model.predict(context, pd.DataFrame({"image": [good], "instruction": ["x"]}))) == 1
+    with pytest.raises(Ip2pError, match=r"row 1: `image` must be a base64-encoded image file"):
+        model.predict(context, pd.DataFrame({"image": [good, "not base64!"], "instruction": ["x", "y"]}))
+    with pytest.raises(Ip2pError, match=r"row 0: `image` must be"):
+        model.predict(context, pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()], "instruction": ["x"]}))
+    with pytest.raises(Ip2pError, match=r"row 0: steps must be at least 1"):
+        model.predict(context, pd.DataFrame({"image": [good], "instruction": ["x"], "steps": [0]}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,11 +25,20 @@ def image_to_b64(img: Image.Image) -> str:
 
 
 def b64_to_image(text: str) -> Image.Image:
-    from ip2p.editing.image_io import to_rgb
+    """A base64-encoded image file -> RGB; Ip2pError (one line) for anything else."""
+    import binascii
 
-    with Image.open(io.BytesIO(base64.b64decode(text))) as img:
-        img.load()
-        return to_rgb(img)
+    from PIL import UnidentifiedImageError
+
+    from ip2p.editing.image_io import to_rgb
+    from ip2p.errors import Ip2pError
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(str(text), validate=True))) as img:
+            img.load()
+            return to_rgb(img)
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
+        raise Ip2pError("`image` must be a base64-encoded image file (PNG, JPEG, ...)") from err
 
 
 def signature():
@@ -56,15 +65,22 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
         from ip2p.editing.image_io import resize_for_editing
         from ip2p.editing.pipeline import EditSettings
 
+        from ip2p.errors import Ip2pError
+
         d = self.defaults
         out = []
-        for _, row in model_input.iterrows():
+        for number, (_, row) in enumerate(model_input.iterrows()):
             settings = dict(steps=d.get("steps", 20), text_guidance=d.get("text_guidance", 7.5),
                             image_guidance=d.get("image_guidance", 1.5), seed=d.get("seed", 0))
             for key, cast in OPTIONAL_COLUMNS.items():
                 if key in row and pd.notna(row[key]):
                     settings[key] = cast(row[key])
-            image = resize_for_editing(b64_to_image(row["image"]), int(d.get("resolution", 512)))
+            if settings["steps"] < 1:
+                raise Ip2pError(f"row {number}: steps must be at least 1 (got {settings['steps']})")
+            try:
+                image = resize_for_editing(b64_to_image(row["image"]), int(d.get("resolution", 512)))
+            except Ip2pError as err:
+                raise Ip2pError(f"row {number}: {err}") from None
             edited = self.editor.edit(image, str(row["instruction"] or ""),
                                       EditSettings(scheduler=d.get("scheduler", "euler_ancestral"), progress=False,
                                                    num_images=1, **settings))[0]
