@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ip2p.data.validate import Blocklist, load_blocklist, load_token_counter, normalise_caption, word_count
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io import ResumableJsonl, StageSummary, read_jsonl, shard_of, stable_seed
 from ip2p.io.stage import shard_suffix
@@ -102,7 +103,7 @@ def _read_parquet(path: Path, wanted: list[str], batch_rows: int) -> Iterator[di
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a broken file
-        raise Ip2pError(f"cannot read parquet file '{path}': {str(err).splitlines()[0]}") from err
+        raise Ip2pError(f"cannot read parquet file '{path}': {first_line(err)}") from err
     names = set(parquet.schema_arrow.names)
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=[c for c in wanted if c in names]):
         yield from batch.to_pylist()

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def ensure_experiment(cfg: DictConfig) -> tuple[str, str]:
         found = client.get_experiment_by_name(name)
         if found is not None:
             return uri, found.experiment_id
-        raise Ip2pError(f"cannot open MLflow experiment '{name}' at {uri}: {str(err).splitlines()[0]}") from err
+        raise Ip2pError(f"cannot open MLflow experiment '{name}' at {uri}: {first_line(err)}") from err
 
 
 def wandb_logged_in() -> bool:

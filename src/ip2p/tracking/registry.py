@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json, build_once
 from ip2p.tracking.loggers import ensure_experiment, provenance, quiet_telemetry
@@ -81,7 +82,7 @@ def promote(tracking_uri: str, name: str, alias: str, version: str | None = None
         client.set_registered_model_alias(name, alias, str(version))
         client.set_model_version_tag(name, str(version), f"alias.{alias}", "set by ip2p promote")
     except MlflowException as err:
-        raise Ip2pError(f"cannot promote {name}: {err.message.splitlines()[0]}") from err
+        raise Ip2pError(f"cannot promote {name}: {first_line(err)}") from err
     return str(version)
 
 
@@ -101,8 +102,7 @@ def resolve_model_uri(uri: str, cache_dir: str | Path, tracking_uri: str | None 
             name, version = ref.rsplit("/", 1)
             mv = client.get_model_version(name, version)
     except (MlflowException, ValueError) as err:
-        message = getattr(err, "message", str(err)).splitlines()[0]
-        raise Ip2pError(f"cannot resolve '{uri}' in the registry at {mlflow.get_tracking_uri()}: {message}") from err
+        raise Ip2pError(f"cannot resolve '{uri}' in the registry at {mlflow.get_tracking_uri()}: {first_line(err)}") from err
     target = build_once(Path(cache_dir).expanduser() / "registry" / mv.name / f"v{mv.version}",
                         lambda folder: mlflow.artifacts.download_artifacts(
                             artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(folder)))

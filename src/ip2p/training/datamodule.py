@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ip2p.editing.image_io import pil_to_tensor, to_rgb
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
 
@@ -75,7 +76,7 @@ def load_parquet_split(dataset_dir: str | Path, split: str, cache_dir: str | Pat
     except Ip2pError:
         raise
     except Exception as err:  # pyarrow/datasets raise many types for a broken or foreign file
-        raise Ip2pError(f"cannot read the {split} split of '{dataset_dir}': {str(err).splitlines()[0]}") from err
+        raise Ip2pError(f"cannot read the {split} split of '{dataset_dir}': {first_line(err)}") from err
     ds = ds.select_columns(list(PARQUET_COLUMNS))
     for column in ("input_image", "edited_image"):
         if isinstance(ds.features[column], datasets.Image):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import DiffusionComponents, load_diffusion, widen_conv_in
@@ -231,7 +232,7 @@ def check_checkpoint(path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for foreign or broken files
         raise Ip2pError(f"cannot resume from '{path}': not a readable checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:120] if str(err) else ''})") from err
+                        f"{first_line(err)[:120]})") from err
     if not isinstance(state, dict) or not {"state_dict", "global_step"} <= set(state):
         raise Ip2pError(f"cannot resume from '{path}': not a checkpoint of `ip2p train` (no state_dict/global_step)")
 

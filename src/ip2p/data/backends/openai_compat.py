@@ -31,6 +31,7 @@ import requests
 
 from ip2p.data.backends.base import Request
 from ip2p.data.validate import few_shot_prefix, format_completion, format_prompt, load_human_examples, pick_examples
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io import atomic_write_json
 
@@ -159,7 +160,7 @@ class OpenAIBackend:
                 problem = type(err).__name__  # ChunkedEncodingError: the connection dropped mid-response
             except requests.RequestException as err:  # a bad URL or scheme: retrying cannot help
                 raise Ip2pError(f"cannot send a request to {self.url}: {type(err).__name__}: "
-                                f"{self._redact(str(err).splitlines()[0] if str(err) else '')}") from err
+                                f"{self._redact(first_line(err))}") from err
             else:
                 if resp.status_code == 200:
                     try:

@@ -26,6 +26,7 @@ import yaml
 
 from ip2p.data.backends.base import Request
 from ip2p.data.validate import format_completion
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 
 KINDS = ("colour", "material", "replace", "remove", "add", "style", "season", "time", "weather")
@@ -186,7 +187,7 @@ def load_grammar(path: str | None = None) -> Grammar:
     try:
         spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_WordsLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as err:
-        raise Ip2pError(f"cannot read the edit grammar '{path}': {str(err).splitlines()[0]}") from err
+        raise Ip2pError(f"cannot read the edit grammar '{path}': {first_line(err)}") from err
     return Grammar(spec)
 
 
