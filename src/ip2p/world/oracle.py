@@ -1,0 +1,156 @@
+"""The oracle: read a scene's attributes back from its pixels.
+
+It knows the world's rules (palette, backgrounds, styles, shapes) but not the scene, so it judges any
+64 px image: fresh renders, VAE reconstructions, generated or edited images. Steps:
+
+1. background and style together: the (background, style) whose expected image is closest to the
+   picture (per-pixel distance, capped so that objects and flakes count as a constant);
+2. snow: isolated near-white pixels brighter than the background; they are painted over with their
+   neighbourhood's median before objects are read;
+3. objects: pixels far from the expected background, split into connected parts; each part's colour is
+   the nearest palette colour (under the style) of its core pixels, its shape the one whose coverage
+   template, stretched to the part's box, is closest (L1) to the part's estimated per-pixel coverage;
+   size and position from the box.
+Under black and white the object colours collapse to grey levels, so colour reads as None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ip2p.world.render import background_image, coverage
+from ip2p.world.scene import styled
+from ip2p.world.vocab import BACKGROUNDS, CANVAS, COLOURS, HPOS, SHAPES, SIZE_SPLIT, VPOS
+
+DIST_CAP = 40.0        # per-pixel distance cap when matching backgrounds
+FOREGROUND = 20.0      # RGB distance from the expected background that marks an object pixel
+SHRINK = (0.0, 0.5, 1.0)  # the part's box is found from pixels a little covered; try these tighter boxes
+MIN_PART = 12          # pixels; smaller parts are noise
+SNOW_MIN = 238.0       # a flake's darkest channel
+SNOW_ABOVE_BG = 4.0    # and it is brighter than the background by this much (white is 245, flakes 250)
+SNOW_SHARE = 0.012     # share of flake pixels that makes a scene snowy
+BW_CHROMA = 14.0       # median chroma (max-min channel) of object pixels below which the scene is grey
+
+
+@dataclass
+class ReadObject:
+    shape: str
+    colour: str | None
+    side: float
+    x: float
+    y: float
+    pixels: int
+    shape_fit: float   # 1 - L1(coverage, template) / coverage
+
+    @property
+    def size(self) -> str:
+        return "small" if self.side < SIZE_SPLIT else "large"
+
+    @property
+    def hpos(self) -> str:
+        return HPOS[min(2, int(self.x / (CANVAS / 3)))]
+
+    @property
+    def vpos(self) -> str:
+        return VPOS[min(2, int(self.y / (CANVAS / 3)))]
+
+
+@dataclass
+class Reading:
+    background: str
+    style: str
+    objects: list[ReadObject] = field(default_factory=list)
+
+    def main_object(self) -> ReadObject | None:
+        return max(self.objects, key=lambda o: o.pixels) if self.objects else None
+
+
+_EXPECTED: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _expected(background: str, style: str) -> np.ndarray:
+    key = (background, style)
+    if key not in _EXPECTED:
+        _EXPECTED[key] = styled(background_image(background), style)
+    return _EXPECTED[key]
+
+
+def _background_and_style(img: np.ndarray) -> tuple[str, str, np.ndarray]:
+    best = None
+    for style in ("none", "night", "bw"):
+        for bg in BACKGROUNDS:
+            d = np.linalg.norm(img - _expected(bg, style), axis=-1)
+            score = np.minimum(d, DIST_CAP).mean()
+            if best is None or score < best[0]:
+                best = (score, bg, style, d)
+    _, bg, style, dist = best
+    return bg, style, dist
+
+
+def _read_part(img: np.ndarray, expected: np.ndarray, dist: np.ndarray, part: np.ndarray, style: str) -> ReadObject:
+    # The object's flat colour: its pixels farthest from the background (edges are blends).
+    core = part & (dist >= 0.7 * dist[part].max())
+    colour_rgb = np.median(img[core], axis=0)
+    colour = None
+    if style != "bw":
+        palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
+        votes = np.linalg.norm(img[core][:, None, :] - palette[None], axis=-1).argmin(1)
+        colour = list(COLOURS)[np.bincount(votes, minlength=len(COLOURS)).argmax()]
+    # Coverage of each pixel: where it lies between the background and the object's colour.
+    region = ndimage.binary_dilation(part, iterations=2)
+    span = colour_rgb - expected
+    alpha = ((img - expected) * span).sum(-1) / np.maximum((span ** 2).sum(-1), 1e-6)
+    alpha = np.where(region, np.clip(alpha, 0, 1), 0.0)
+    ys, xs = np.nonzero(alpha > 0.15)
+    x0, x1, y0, y1 = float(xs.min()), float(xs.max() + 1), float(ys.min()), float(ys.max() + 1)
+    best_shape, best_err = SHAPES[0], np.inf
+    for shape in SHAPES:
+        for sx in SHRINK:
+            for sy in SHRINK:
+                template = coverage(shape, x0 + sx, y0 + sy, x1 - sx, y1 - sy)
+                err = np.abs(template - alpha)[region].sum()
+                if err < best_err:
+                    best_shape, best_err = shape, err
+    fit = 1.0 - best_err / max(alpha.sum(), 1e-6)
+    side = max(x1 - x0, y1 - y0)
+    return ReadObject(best_shape, colour, side, (x0 + x1) / 2, (y0 + y1) / 2, int(part.sum()), float(fit))
+
+
+def read(image) -> Reading:
+    """Attributes of a [64, 64, 3] uint8 (or float 0-255) RGB image of the world."""
+    img = np.asarray(image, dtype=np.float64)
+    if img.shape != (CANVAS, CANVAS, 3):
+        raise ValueError(f"the oracle reads {CANVAS}x{CANVAS} RGB images, got shape {img.shape}")
+    bg, style, dist = _background_and_style(img)
+    expected = _expected(bg, style)
+
+    flakes = np.zeros(img.shape[:2], dtype=bool)
+    if style == "none":
+        flakes = (img.min(-1) >= SNOW_MIN) & (img.mean(-1) >= expected.mean(-1) + SNOW_ABOVE_BG)
+        if flakes.mean() >= SNOW_SHARE:
+            style = "snowy"
+            smooth = np.stack([ndimage.median_filter(img[..., c], size=5) for c in range(3)], -1)
+            img = np.where(flakes[..., None], smooth, img)
+            dist = np.linalg.norm(img - expected, axis=-1)
+        else:
+            flakes[:] = False
+
+    fg = dist > FOREGROUND
+    labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
+    objects = []
+    for k in range(1, n + 1):
+        part = labels == k
+        if part.sum() >= MIN_PART:
+            objects.append(_read_part(img, expected, dist, part, style))
+    # White, grey and black backgrounds look the same in black and white: the objects tell.
+    if style == "none" and bg in ("white", "gray", "black") and objects:
+        chroma = img[fg].max(-1) - img[fg].min(-1)
+        if np.median(chroma) < BW_CHROMA:
+            style = "bw"
+            for o in objects:
+                o.colour = None
+    objects.sort(key=lambda o: (o.x, o.y))
+    return Reading(bg, style, objects)
