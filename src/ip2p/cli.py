@@ -29,6 +29,12 @@ STAGES: dict[str, str] = {
     "evaluate": "ip2p.evaluation.run:run",
     "register": "ip2p.tracking.registry:run_register",
     "merge": "ip2p.io.merge:run",
+    "world-captions": "ip2p.world.source:run",
+    "pretrain-vae": "ip2p.pretrain.vae:run",
+    "pretrain-clip": "ip2p.pretrain.clip:run",
+    "pretrain-t2i": "ip2p.pretrain.t2i:run",
+    "pretrain-llm": "ip2p.pretrain.llm:run",
+    "pretrain-report": "ip2p.pretrain.report:run",
 }
 
 

@@ -26,7 +26,10 @@ from ip2p.world.scene import styled
 from ip2p.world.vocab import BACKGROUNDS, CANVAS, COLOURS, HPOS, SHAPES, SIZE_SPLIT, VPOS
 
 DIST_CAP = 40.0        # per-pixel distance cap when matching backgrounds
-FOREGROUND = 20.0      # RGB distance from the expected background that marks an object pixel
+FOREGROUND = 20.0      # RGB distance from the expected background that marks an object pixel, or
+CAST_FACTOR = 2.0      # this many times the median distance, if more (a generated image's colour cast)
+MIN_PEAK = 30.0        # a part's farthest pixel is at least this far from the background (objects are
+                       # at least scene.MIN_CONTRAST away; a drifting background is not)
 SHRINK = (0.0, 0.5, 1.0)  # the part's box is found from pixels a little covered; try these tighter boxes
 MIN_PART = 12          # pixels; smaller parts are noise
 SNOW_MIN = 238.0       # a flake's darkest channel
@@ -138,12 +141,12 @@ def read(image) -> Reading:
         else:
             flakes[:] = False
 
-    fg = dist > FOREGROUND
+    fg = dist > max(FOREGROUND, CAST_FACTOR * float(np.median(dist)))
     labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
     objects = []
     for k in range(1, n + 1):
         part = labels == k
-        if part.sum() >= MIN_PART:
+        if part.sum() >= MIN_PART and dist[part].max() >= MIN_PEAK:
             objects.append(_read_part(img, expected, dist, part, style))
     # White, grey and black backgrounds look the same in black and white: the objects tell.
     if style == "none" and bg in ("white", "gray", "black") and objects:
@@ -154,3 +157,11 @@ def read(image) -> Reading:
                 o.colour = None
     objects.sort(key=lambda o: (o.x, o.y))
     return Reading(bg, style, objects)
+
+
+def same_scene(a: Reading, b: Reading) -> bool:
+    """Do two readings describe the same scene (background, style, and each object's shape, colour
+    and size, objects matched by position)? Used to judge reconstructions against originals."""
+    if (a.background, a.style, len(a.objects)) != (b.background, b.style, len(b.objects)):
+        return False
+    return all((p.shape, p.colour, p.size) == (q.shape, q.colour, q.size) for p, q in zip(a.objects, b.objects))

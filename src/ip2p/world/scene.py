@@ -99,8 +99,11 @@ def visible(colour: str, background: str, style: str) -> bool:
 
 
 def valid(scene: Scene) -> bool:
-    """A scene of the world: known names, 1-2 objects inside the canvas, no overlap, all visible."""
+    """A scene of the world: known names, 1-2 objects inside the canvas, no overlap, all visible
+    (snow included: white flakes on a white background would not show, so it never snows there)."""
     if scene.background not in BACKGROUNDS or scene.style not in STYLES or not 1 <= len(scene.objects) <= 2:
+        return False
+    if scene.style == "snowy" and scene.background == "white":
         return False
     for o in scene.objects:
         if o.shape not in SHAPES or o.colour not in COLOURS or not visible(o.colour, scene.background, scene.style):

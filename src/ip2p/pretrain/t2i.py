@@ -1,0 +1,180 @@
+"""`ip2p pretrain-t2i`: the world's text-to-image base (the stand-in for Stable Diffusion 1.5),
+saved as a StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+
+Recipe (docs/miniature-world.md): as in SD, the text encoder is a frozen CLIP text tower (here the
+world CLIP's own) and the VAE is frozen; only the UNet trains. Every training scene is rendered and
+encoded once (posterior mean and std cached); each step draws fresh captions for its scenes (so the
+UNet sees many phrasings of one scene) and samples the posterior. SD's noise schedule (1000 steps,
+scaled-linear betas, epsilon target); the loss weighted by min(SNR, gamma) / SNR (min-SNR weighting,
+which converges faster than the plain loss); captions dropped to "" 10% of the time so that
+classifier-free guidance works; warmup + cosine learning rate; EMA weights are saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ip2p.io.atomic import atomic_file, atomic_folder, atomic_write_json
+from ip2p.models.tiny import _scheduler_config
+from ip2p.pretrain.loop import LoopConfig, train
+from ip2p.pretrain.vae import to_tensor
+from ip2p.sampling.text_to_image import encode_prompts, generate
+from ip2p.tracking.loggers import log_metrics, start_mlflow_run
+from ip2p.world.language import caption, plain_caption
+from ip2p.world.oracle import read
+from ip2p.world.render import render
+from ip2p.world.scene import Scene, sample_scenes
+
+log = logging.getLogger(__name__)
+
+
+def load_frozen(vae_dir: str, clip_dir: str, max_tokens: int):
+    """The world VAE, and the CLIP text tower as a CLIPTextModel (SD's text-encoder class) + tokenizer."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    clip = CLIPModel.from_pretrained(clip_dir)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=max_tokens)
+    return vae, text_encoder.eval().requires_grad_(False), tokenizer
+
+
+def build_unet(c: DictConfig, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    channels = tuple(c.channels)
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        layers_per_block=c.layers_per_block, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=c.attention_heads, norm_num_groups=c.norm_groups,
+    )
+
+
+@torch.no_grad()
+def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progress: bool = True) -> dict:
+    """Posterior mean and std of every scene's render, computed once (fp16 on disk)."""
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        if cached["mean"].shape[0] == len(scenes):
+            return cached
+    means, stds = [], []
+    for i in tqdm(range(0, len(scenes), batch), desc="encoding scenes", disable=not progress):
+        dist = vae.encode(to_tensor(np.stack([render(s) for s in scenes[i:i + batch]]))).latent_dist
+        means.append(dist.mean.half())
+        stds.append(dist.std.half())
+    cached = {"mean": torch.cat(means), "std": torch.cat(stds)}
+    with atomic_file(path) as tmp:
+        torch.save(cached, tmp)
+    return cached
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR(t), gamma) / SNR(t) for the epsilon target; gamma <= 0 turns weighting off."""
+    if gamma <= 0:
+        return torch.ones_like(t, dtype=torch.float32)
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def judge(unet, vae, text_encoder, tokenizer, c: DictConfig, scenes: list[Scene]) -> dict:
+    """Generate from the plain captions of held-out scenes; the oracle reads colour, background, shape."""
+    prompts = [plain_caption(s) for s in scenes]
+    images = generate(unet, vae, text_encoder, tokenizer, _scheduler_config(), prompts, steps=c.eval.steps,
+                      guidance=c.eval.guidance, seed=c.eval.seed, sampler=c.eval.sampler)
+    return score_generations(scenes, images)
+
+
+def score_generations(scenes: list[Scene], images: np.ndarray) -> dict:
+    """Share of generations whose main object has the caption's colour (where colour shows) and shape,
+    and whose background (and style) is the caption's; single-object captions are the first object."""
+    colour, shape, background, style = [], [], [], []
+    for s, img in zip(scenes, images):
+        r = read(img)
+        background.append(r.background == s.background)
+        style.append(r.style == s.style)
+        o = r.main_object()
+        truth = max(s.objects, key=lambda q: q.side)
+        if s.style != "bw":
+            colour.append(o is not None and any(o.colour == q.colour for q in s.objects) if len(s.objects) > 1
+                          else o is not None and o.colour == truth.colour)
+        shape.append(o is not None and (any(o.shape == q.shape for q in s.objects) if len(s.objects) > 1
+                                        else o.shape == truth.shape))
+    return {"colour": float(np.mean(colour)), "background": float(np.mean(background)),
+            "shape": float(np.mean(shape)), "style": float(np.mean(style))}
+
+
+def run(cfg: DictConfig) -> dict:
+    c = cfg.world.t2i
+    out = Path(c.output)
+    torch.manual_seed(c.seed)
+    # 1. frozen parts (world VAE and CLIP text tower) and the UNet to train
+    vae, text_encoder, tokenizer = load_frozen(c.vae, c.clip, cfg.world.clip.max_tokens)
+    unet = build_unet(c, text_encoder.config.hidden_size)
+    sched = _scheduler_config()
+    betas = torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["num_train_timesteps"]) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    # 2. the training scenes, encoded once
+    scenes = sample_scenes(c.seed, c.scenes)
+    cached = cache_latents(vae, scenes, Path(c.checkpoint).parent / "t2i_latents.pt", progress=cfg.progress)
+    empty = encode_prompts(tokenizer, text_encoder, [""])
+    eval_scenes = sample_scenes(c.eval.seed, c.eval.scenes)
+    loop = LoopConfig.from_cfg(c.loop, progress=cfg.progress)
+    scale = vae.config.scaling_factor
+
+    def loss_fn(step: int) -> dict:
+        rng = np.random.default_rng([c.seed, step])
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        idx = torch.from_numpy(rng.integers(0, len(scenes), c.batch_size))
+        mean, std = cached["mean"][idx].float(), cached["std"][idx].float()
+        x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+        prompts = [caption(scenes[i], rng) for i in idx.tolist()]
+        text = encode_prompts(tokenizer, text_encoder, prompts)
+        drop = torch.from_numpy(rng.random(c.batch_size) < c.caption_dropout)
+        text = torch.where(drop[:, None, None], empty.expand_as(text), text)
+        t = torch.randint(0, len(betas), (c.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        w = min_snr_weight(alphas_cumprod, t, c.min_snr_gamma)
+        return {"loss": (w * per_sample).mean(), "mse": per_sample.mean().detach()}
+
+    def evaluate(ema_unet, step: int) -> dict:
+        return judge(ema_unet, vae, text_encoder, tokenizer, c, eval_scenes)
+
+    with start_mlflow_run(cfg, "pretrain-t2i", {"parameters": sum(p.numel() for p in unet.parameters())}):
+        # 3. train; 4. judge the EMA UNet; 5. save the whole text-to-image pipeline
+        ema = train("pretrain-t2i", unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics)
+        final = ema.model.eval()
+        result = {**judge(final, vae, text_encoder, tokenizer, c, eval_scenes),
+                  "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps}
+        save_pipeline(out, final, vae, text_encoder, tokenizer, c.clip)
+        log_metrics({f"final/{k}": v for k, v in result.items()})
+    atomic_write_json(Path(cfg.paths.reports) / "pretrain_t2i.json", result)
+    log.info("pretrain-t2i: %s", result)
+    return result
+
+
+def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, clip_dir: str) -> None:
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=EulerAncestralDiscreteScheduler(**_scheduler_config()),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):  # CLIP's slow-tokenizer files beside tokenizer.json
+            (tmp / "tokenizer" / name).write_bytes((Path(clip_dir) / name).read_bytes())

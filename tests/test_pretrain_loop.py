@@ -1,0 +1,341 @@
+"""The pretraining loop: the learning-rate schedule follows its formula, a run killed after a
+checkpoint resumes to exactly the weights (and EMA weights) of an uninterrupted run, unreadable
+checkpoints are one-line Ip2pErrors, and a kill during a save never leaves a half-written checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ip2p.errors import Ip2pError
+from ip2p.pretrain.loop import LoopConfig, learning_rate, load_checkpoint, train
+from ip2p.training.ema import ExponentialMovingAverage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(**changes) -> LoopConfig:
+    base = dict(steps=20, lr=0.05, min_lr=0.005, warmup_steps=3, weight_decay=0.01, ema_decay=0.8,
+                grad_clip=1.0, checkpoint_every=5, eval_every=1000, log_every=5, progress=False)
+    base.update(changes)
+    return LoopConfig(**base)
+
+
+# ----------------------------------------------------------------------------------- learning rate
+
+
+def test_learning_rate_warmup_then_cosine():
+    c = config(steps=100, lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    # linear warmup: step s (0-based) uses lr * (s + 1) / warmup, reaching lr on the last warmup step
+    for s in range(10):
+        assert learning_rate(s, c) == pytest.approx(1e-3 * (s + 1) / 10, rel=1e-12)
+    assert learning_rate(9, c) == pytest.approx(1e-3, rel=1e-12)
+    assert learning_rate(10, c) == pytest.approx(1e-3, rel=1e-12)  # the cosine starts at lr
+    # half a cosine from lr (step 10) to min_lr (step 100), by hand
+    for s in (10, 25, 55, 80, 99):
+        t = (s - 10) / 90
+        hand = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * t)) / 2
+        assert learning_rate(s, c) == pytest.approx(hand, rel=1e-12)
+    assert learning_rate(55, c) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)  # the midpoint
+    assert learning_rate(100, c) == pytest.approx(1e-5, rel=1e-12)
+    # the last step trained (99) is within a hair of min_lr: (lr - min_lr) * (1 - cos(pi/90)) / 2
+    assert learning_rate(99, c) - 1e-5 == pytest.approx((1e-3 - 1e-5) * (1 - math.cos(math.pi / 90)) / 2, rel=1e-9)
+    # never below min_lr, non-increasing after warmup
+    lrs = [learning_rate(s, c) for s in range(10, 130)]
+    assert all(a >= b - 1e-18 for a, b in zip(lrs, lrs[1:]))
+    assert min(lrs) == pytest.approx(1e-5, rel=1e-12)
+
+
+def test_learning_rate_without_warmup():
+    c = config(steps=10, lr=0.1, min_lr=0.0, warmup_steps=0)
+    assert learning_rate(0, c) == pytest.approx(0.1)
+    assert learning_rate(5, c) == pytest.approx(0.05)
+    assert learning_rate(10, c) == pytest.approx(0.0, abs=1e-15)
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+W_TRUE = torch.tensor([[1.5], [-2.0], [0.5], [3.0]])
+
+
+def batch_loss(model: torch.nn.Module, step: int) -> dict[str, torch.Tensor]:
+    """Batch `step` is a pure function of the step: a Generator seeded by it."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, 4, generator=g)
+    y = x @ W_TRUE + 0.1 * torch.randn(16, 1, generator=g)
+    return {"loss": torch.nn.functional.mse_loss(model(x), y)}
+
+
+def new_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 1)
+
+
+class Kill(KeyboardInterrupt):
+    pass
+
+
+def test_resume_is_exact(tmp_path):
+    c = config()
+    # one uninterrupted run
+    model_a = new_model(0)
+    steps_a = []
+
+    def loss_a(step):
+        steps_a.append(step)
+        return batch_loss(model_a, step)
+
+    ema_a = train("a", model_a, loss_a, c, tmp_path / "a.pt")
+    assert steps_a == list(range(20))
+
+    # the same run, killed at step 12 (after the checkpoint at 10), then started again
+    model_b = new_model(0)
+    steps_b = []
+
+    def loss_b(step):
+        if step == 12:
+            raise Kill()
+        steps_b.append(step)
+        return batch_loss(model_b, step)
+
+    with pytest.raises(Kill):
+        train("b", model_b, loss_b, c, tmp_path / "b.pt")
+    assert steps_b == list(range(12))
+
+    model_c = new_model(123)  # a fresh process: different initial weights, all restored from the checkpoint
+    steps_c = []
+
+    def loss_c(step):
+        steps_c.append(step)
+        return batch_loss(model_c, step)
+
+    ema_c = train("c", model_c, loss_c, c, tmp_path / "b.pt")
+    assert steps_c == list(range(10, 20))  # resumed after the last checkpoint, not from 0 or 12
+
+    for p, q in zip(model_a.state_dict().values(), model_c.state_dict().values()):
+        assert torch.equal(p, q)
+    for p, q in zip(ema_a.state_dict().values(), ema_c.state_dict().values()):
+        assert torch.equal(p, q)
+    assert int(ema_c.num_updates) == 20
+    # the run actually learned something and the EMA differs from the raw weights (else the check is empty)
+    assert not torch.equal(ema_a.model.weight, model_a.weight)
+    assert batch_loss(model_a, 999)["loss"] < batch_loss(new_model(0), 999)["loss"]
+
+
+def test_ema_follows_its_formula_in_the_loop(tmp_path):
+    """The EMA the loop returns is the hand recursion ema <- d_n ema + (1 - d_n) w_n over the weights after
+    each step, d_n = min(decay, (1 + n) / (10 + n)) (warmup on), starting from the initial weights."""
+    c = config(steps=6, checkpoint_every=100, ema_decay=0.9, grad_clip=0.0)
+    model = new_model(1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = []
+
+    def loss(step):
+        if step > 0:
+            weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return batch_loss(model, step)
+
+    ema = train("e", model, loss, c, tmp_path / "e.pt")
+    weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert len(weights) == 6
+    hand = {k: v.clone() for k, v in init.items()}
+    for n, w in enumerate(weights, start=1):
+        d = min(0.9, (1 + n) / (10 + n))
+        for k in hand:
+            hand[k] = d * hand[k] + (1 - d) * w[k]
+    for k, v in ema.model.state_dict().items():
+        torch.testing.assert_close(v, hand[k], rtol=0, atol=1e-6)
+
+
+def test_finished_run_does_not_train_again(tmp_path):
+    c = config(steps=8, checkpoint_every=3)
+    model = new_model(2)
+    ema = train("f", model, lambda s: batch_loss(model, s), c, tmp_path / "f.pt")
+
+    def forbidden(step):
+        raise AssertionError(f"step {step} trained again")
+
+    again = new_model(3)
+    ema2 = train("f", again, forbidden, c, tmp_path / "f.pt")
+    assert torch.equal(again.weight, model.weight) and torch.equal(again.bias, model.bias)
+    assert torch.equal(ema2.model.weight, ema.model.weight)
+
+
+# ------------------------------------------------------------------------------- corrupt checkpoint
+
+
+def _train_once(path: Path):
+    model = new_model(0)
+    return train("x", model, lambda s: batch_loss(model, s), config(steps=3), path)
+
+
+def _assert_one_line_error(path: Path):
+    model = new_model(0)
+    with pytest.raises(Ip2pError) as info:
+        train("x", model, lambda s: batch_loss(model, s), config(steps=3), path)
+    msg = str(info.value)
+    assert msg and "\n" not in msg, msg
+    assert str(path) in msg
+
+
+def test_garbage_checkpoint_is_one_line_error(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"this is not a checkpoint\n" * 10)
+    _assert_one_line_error(path)
+
+
+def test_truncated_checkpoint_is_one_line_error(tmp_path):
+    path = tmp_path / "t.pt"
+    _train_once(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _assert_one_line_error(path)
+
+
+def test_empty_checkpoint_is_one_line_error(tmp_path):
+    path = tmp_path / "e.pt"
+    path.write_bytes(b"")
+    _assert_one_line_error(path)
+
+
+def test_checkpoint_of_another_model_is_one_line_error(tmp_path):
+    path = tmp_path / "other.pt"
+    other = torch.nn.Linear(4, 3)  # load_state_dict's size-mismatch message spans several lines
+    train("o", other, lambda s: {"loss": other(torch.ones(2, 4)).pow(2).mean()}, config(steps=2), path)
+    _assert_one_line_error(path)
+
+
+def test_checkpoint_missing_a_part_is_one_line_error(tmp_path):
+    path = tmp_path / "part.pt"
+    torch.save({"model": new_model(0).state_dict(), "step": 3}, path)
+    _assert_one_line_error(path)
+
+
+def test_checkpoint_missing_the_step_is_one_line_error(tmp_path):
+    path = tmp_path / "nostep.pt"
+    model = new_model(0)
+    opt = torch.optim.AdamW(model.parameters())
+    ema = ExponentialMovingAverage(model, decay=0.8, warmup=True)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}, path)
+    _assert_one_line_error(path)
+
+
+def test_logged_loss_after_resume_is_a_mean(tmp_path):
+    c = config(steps=20, log_every=8, checkpoint_every=5)
+    logged = []
+
+    def run(kill_at=None):
+        model = new_model(0)
+
+        def loss(step):
+            if step == kill_at:
+                raise Kill()
+            return {"loss": model(torch.zeros(1, 4)).sum() * 0 + 1.0}  # the loss is 1 at every step
+
+        try:
+            train("m", model, loss, c, tmp_path / "m.pt", log_metrics=lambda m, s: logged.append((s, m)))
+        except Kill:
+            pass
+
+    run(kill_at=6)  # checkpoint at 5, killed before the first log
+    assert logged == []
+    run()
+    losses = {s: m["train/loss"] for s, m in logged if "train/loss" in m}
+    assert sorted(losses) == [8, 16, 20]
+    for s, v in losses.items():
+        assert v == pytest.approx(1.0), (s, v)
+
+
+# --------------------------------------------------------------------------------- kill during save
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from ip2p.pretrain.loop import LoopConfig, train
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # ~4M params: model + EMA + 2 Adam moments ~ 67 MB per checkpoint
+    x = torch.ones(1, 1024)
+    c = LoopConfig(steps=100000, lr=1e-4, min_lr=1e-5, warmup_steps=1, weight_decay=0.0, ema_decay=0.9,
+                   grad_clip=0.0, checkpoint_every=1, eval_every=10**9, log_every=10**9, progress=False)
+    print("ready", flush=True)
+    train("kill", model, lambda s: {"loss": model(x).square().mean()}, c, Path(sys.argv[1]))
+""")
+
+
+def _run_and_kill(path: Path, saves_before_kill: int, timeout: float = 60.0) -> bool:
+    """Train in a child that saves a big checkpoint every step, and SIGKILL it while a save is in progress,
+    once `saves_before_kill` checkpoints have landed. A save is seen in progress when a temp file lies
+    beside the checkpoint, or when the checkpoint itself is shorter than a whole one (written in place).
+    If neither is ever seen, kill it after a while anyway: saving is most of what the child does.
+    Returns whether the kill happened during an observed save."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
+        deadline = time.monotonic() + timeout
+        landed, last_mtime, full_size, first_seen, mid_write = 0, None, 0, None, False
+        while True:
+            assert time.monotonic() < deadline, "the child never got going"
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_mtime_ns != last_mtime:
+                landed, last_mtime = landed + 1, st.st_mtime_ns
+                first_seen = first_seen or time.monotonic()
+            if landed >= saves_before_kill:
+                temp = any(p.name.startswith(f".{path.name}.") for p in path.parent.iterdir())
+                partial = st is not None and 0 < full_size and st.st_size < full_size
+                if temp or partial:
+                    mid_write = True
+                    break
+                if first_seen is not None and time.monotonic() - first_seen > 10.0:
+                    break
+            if st is not None:
+                full_size = max(full_size, st.st_size)
+            time.sleep(0.0002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    return mid_write
+
+
+def _loads(path: Path) -> int:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)
+    opt = torch.optim.AdamW(model.parameters())
+    ema = ExponentialMovingAverage(model, decay=0.9, warmup=True)
+    return load_checkpoint(path, model, ema, opt)
+
+
+def test_kill_during_first_save_leaves_no_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    _run_and_kill(path, saves_before_kill=0)
+    # either nothing (killed during the very first save) or a whole checkpoint
+    assert not path.exists() or _loads(path) >= 1
+
+
+def test_kill_during_a_later_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    _run_and_kill(path, saves_before_kill=2)
+    assert path.exists()
+    step = _loads(path)
+    assert step >= 2
