@@ -91,8 +91,9 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
     project = _project_copy(tmp_path / "project")
     env = {**os.environ, "IP2P_CACHE": str(cache_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "DVC_NO_ANALYTICS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    _dvc(project, env, "pull", "-q", "data.dvc")
+    _dvc(project, env, "pull", "-q")  # raw data and the world's pretrained models: nothing retrains
     assert (project / "data" / "captions.jsonl").is_file()
+    assert (project / "artifacts" / "world" / "base" / "model_index.json").is_file()
 
     first = _dvc(project, env, "repro")
     assert _ran(first) == STAGES

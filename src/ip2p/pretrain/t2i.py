@@ -43,7 +43,8 @@ def load_frozen(vae_dir: str, clip_dir: str, max_tokens: int):
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
     clip = CLIPModel.from_pretrained(clip_dir)
     text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    # transformers 4 wraps the tower in `.text_model`; transformers 5 is the tower itself.
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir, model_max_length=max_tokens)
     return vae, text_encoder.eval().requires_grad_(False), tokenizer
 
@@ -88,11 +89,12 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) 
     return torch.clamp(snr, max=gamma) / snr
 
 
-def judge(unet, vae, text_encoder, tokenizer, c: DictConfig, scenes: list[Scene]) -> dict:
-    """Generate from the plain captions of held-out scenes; the oracle reads colour, background, shape."""
+def judge(unet, vae, text_encoder, tokenizer, e: DictConfig, scenes: list[Scene]) -> dict:
+    """Generate from the plain captions of held-out scenes (sampler settings `e`: world.t2i.eval);
+    the oracle reads colour, background, shape and style."""
     prompts = [plain_caption(s) for s in scenes]
-    images = generate(unet, vae, text_encoder, tokenizer, _scheduler_config(), prompts, steps=c.eval.steps,
-                      guidance=c.eval.guidance, seed=c.eval.seed, sampler=c.eval.sampler)
+    images = generate(unet, vae, text_encoder, tokenizer, _scheduler_config(), prompts, steps=e.steps,
+                      guidance=e.guidance, seed=e.seed, sampler=e.sampler)
     return score_generations(scenes, images)
 
 
@@ -153,13 +155,13 @@ def run(cfg: DictConfig) -> dict:
         return {"loss": (w * per_sample).mean(), "mse": per_sample.mean().detach()}
 
     def evaluate(ema_unet, step: int) -> dict:
-        return judge(ema_unet, vae, text_encoder, tokenizer, c, eval_scenes)
+        return judge(ema_unet, vae, text_encoder, tokenizer, c.eval, eval_scenes)
 
     with start_mlflow_run(cfg, "pretrain-t2i", {"parameters": sum(p.numel() for p in unet.parameters())}):
         # 3. train; 4. judge the EMA UNet; 5. save the whole text-to-image pipeline
         ema = train("pretrain-t2i", unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics)
         final = ema.model.eval()
-        result = {**judge(final, vae, text_encoder, tokenizer, c, eval_scenes),
+        result = {**judge(final, vae, text_encoder, tokenizer, c.eval, eval_scenes),
                   "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps}
         save_pipeline(out, final, vae, text_encoder, tokenizer, c.clip)
         log_metrics({f"final/{k}": v for k, v in result.items()})
