@@ -5,7 +5,7 @@ It knows the world's rules (palette, backgrounds, styles, shapes) but not the sc
 
 1. background and style together: the (background, style) whose expected image is closest to the
    picture (per-pixel distance, capped so that objects and flakes count as a constant);
-2. snow: isolated near-white pixels brighter than the background; they are painted over with their
+2. snow: small near-grey specks brighter than their neighbourhood; they are painted over with the
    neighbourhood's median before objects are read;
 3. objects: pixels far from the expected background, split into connected parts; each part's colour is
    the nearest palette colour (under the style) of its core pixels, its shape the one whose coverage
@@ -23,7 +23,8 @@ from scipy import ndimage
 
 from ip2p.world.render import background_image, coverage
 from ip2p.world.scene import styled
-from ip2p.world.vocab import BACKGROUNDS, CANVAS, COLOURS, HPOS, SHAPES, SIZE_SPLIT, VPOS
+from ip2p.world.vocab import (BACKGROUNDS, CANVAS, COLOURS, GRASS, GRASS_STRIPE, HPOS, LUMA, NIGHT_SCALE, SHAPES,
+                              SIZE_SPLIT, VPOS)
 
 DIST_CAP = 40.0        # per-pixel distance cap when matching backgrounds
 FOREGROUND = 20.0      # RGB distance from the expected background that marks an object pixel, or
@@ -32,9 +33,14 @@ MIN_PEAK = 30.0        # a part's farthest pixel is at least this far from the b
                        # at least scene.MIN_CONTRAST away; a drifting background is not)
 SHRINK = (0.0, 0.5, 1.0)  # the part's box is found from pixels a little covered; try these tighter boxes
 MIN_PART = 12          # pixels; smaller parts are noise
-SNOW_MIN = 238.0       # a flake's darkest channel
-SNOW_ABOVE_BG = 4.0    # and it is brighter than the background by this much (white is 245, flakes 250)
-SNOW_SHARE = 0.012     # share of flake pixels that makes a scene snowy
+SNOW_LEVEL = 110.0     # a flake's darkest channel is at least this bright (a blurred flake on black too)
+SNOW_LIFT = 35.0       # and brighter than its 5x5 neighbourhood's median by this much
+SNOW_CHROMA = 60.0     # and close to grey (max - min channel; objects are saturated)
+SNOW_SPECK = 12        # pixels: flakes are specks; an object's rim is a bigger connected part
+SNOW_SHARE = 0.008     # share of speck pixels that makes a scene snowy (renders: ~3%)
+FLAKE_PART = 24        # pixels: a near-grey part this small, brighter than the background, is a flake
+PALETTE_TOL = 70.0     # an object's core colour lies this close to an object colour (x0.35 at night);
+                       # a dark halo or a drifting patch of background does not
 BW_CHROMA = 14.0       # median chroma (max-min channel) of object pixels below which the scene is grey
 
 
@@ -81,16 +87,46 @@ def _expected(background: str, style: str) -> np.ndarray:
     return _EXPECTED[key]
 
 
+def _background_distance(img: np.ndarray, bg: str, style: str) -> np.ndarray:
+    """Per-pixel RGB distance to the background. Grass counts either tone anywhere: a generated or
+    reconstructed lawn need not keep the stripes' exact phase."""
+    if bg == "grass":
+        return np.minimum(np.linalg.norm(img - styled(GRASS, style), axis=-1),
+                          np.linalg.norm(img - styled(GRASS_STRIPE, style), axis=-1))
+    return np.linalg.norm(img - _expected(bg, style), axis=-1)
+
+
+def _snow_specks(img: np.ndarray) -> np.ndarray:
+    """Small near-grey parts brighter than their surroundings: snow flakes, sharp or blurred."""
+    level = img.min(-1)
+    lift = level - ndimage.median_filter(level, size=5)
+    chroma = img.max(-1) - img.min(-1)
+    candidate = (lift >= SNOW_LIFT) & (chroma <= SNOW_CHROMA) & (level >= SNOW_LEVEL)
+    labels, n = ndimage.label(candidate)
+    if n == 0:
+        return candidate
+    sizes = ndimage.sum(candidate, labels, np.arange(1, n + 1))
+    return np.isin(labels, 1 + np.flatnonzero(sizes <= SNOW_SPECK))
+
+
 def _background_and_style(img: np.ndarray) -> tuple[str, str, np.ndarray]:
     best = None
     for style in ("none", "night", "bw"):
         for bg in BACKGROUNDS:
-            d = np.linalg.norm(img - _expected(bg, style), axis=-1)
+            d = _background_distance(img, bg, style)
             score = np.minimum(d, DIST_CAP).mean()
             if best is None or score < best[0]:
                 best = (score, bg, style, d)
     _, bg, style, dist = best
     return bg, style, dist
+
+
+def _palette_distance(rgb: np.ndarray, style: str) -> float:
+    if style == "bw":  # grey levels: compare luminance
+        lum = np.array(list(COLOURS.values()), dtype=np.float64) @ np.array(LUMA)
+        return float(np.abs(lum - rgb.mean()).min() * np.sqrt(3))
+    palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
+    return float(np.linalg.norm(palette - rgb, axis=-1).min())
 
 
 def _read_part(img: np.ndarray, expected: np.ndarray, dist: np.ndarray, part: np.ndarray, style: str) -> ReadObject:
@@ -130,24 +166,38 @@ def read(image) -> Reading:
     bg, style, dist = _background_and_style(img)
     expected = _expected(bg, style)
 
-    flakes = np.zeros(img.shape[:2], dtype=bool)
     if style == "none":
-        flakes = (img.min(-1) >= SNOW_MIN) & (img.mean(-1) >= expected.mean(-1) + SNOW_ABOVE_BG)
+        flakes = _snow_specks(img)
         if flakes.mean() >= SNOW_SHARE:
-            style = "snowy"
+            style = "snowy"  # paint the flakes (and their blurred rims) over before reading objects
+            flakes = ndimage.binary_dilation(flakes)
             smooth = np.stack([ndimage.median_filter(img[..., c], size=5) for c in range(3)], -1)
             img = np.where(flakes[..., None], smooth, img)
-            dist = np.linalg.norm(img - expected, axis=-1)
-        else:
-            flakes[:] = False
+            dist = _background_distance(img, bg, style)
 
     fg = dist > max(FOREGROUND, CAST_FACTOR * float(np.median(dist)))
     labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
-    objects = []
+    objects, flake_pixels = [], 0
+    bg_level = float(np.median(expected.min(-1)))
     for k in range(1, n + 1):
         part = labels == k
-        if part.sum() >= MIN_PART and dist[part].max() >= MIN_PEAK:
-            objects.append(_read_part(img, expected, dist, part, style))
+        if part.sum() < MIN_PART or dist[part].max() < MIN_PEAK:
+            continue
+        core = img[part & (dist >= 0.7 * dist[part].max())]
+        level, chroma = float(np.median(core.min(-1))), float(np.median(core.max(-1) - core.min(-1)))
+        if (style in ("none", "snowy") and part.sum() <= FLAKE_PART and chroma <= SNOW_CHROMA
+                and level >= bg_level + SNOW_LIFT):
+            flake_pixels += int(part.sum())  # a blurred flake, as a VAE or a generator draws one
+            continue
+        colour = np.median(core, axis=0)
+        near = _palette_distance(colour, style)
+        if style == "none" and bg in ("white", "gray", "black"):  # may still turn out black and white
+            near = min(near, _palette_distance(colour, "bw"))
+        if near > PALETTE_TOL * (NIGHT_SCALE if style == "night" else 1):
+            continue
+        objects.append(_read_part(img, expected, dist, part, style))
+    if style == "none" and flake_pixels / fg.size >= SNOW_SHARE:
+        style = "snowy"
     # White, grey and black backgrounds look the same in black and white: the objects tell.
     if style == "none" and bg in ("white", "gray", "black") and objects:
         chroma = img[fg].max(-1) - img[fg].min(-1)
