@@ -41,7 +41,7 @@ SNOW_SHARE = 0.008     # share of speck pixels that makes a scene snowy (renders
 FLAKE_PART = 24        # pixels: a near-grey part this small, brighter than the background, is a flake
 PALETTE_TOL = 70.0     # an object's core colour lies this close to an object colour (x0.35 at night);
                        # a dark halo or a drifting patch of background does not
-BW_CHROMA = 14.0       # median chroma (max-min channel) of object pixels below which the scene is grey
+BW_CHROMA = 40.0       # chroma (max-min channel) of every object's core below this: the scene is grey
 
 
 @dataclass
@@ -115,7 +115,9 @@ def _background_and_style(img: np.ndarray) -> tuple[str, str, np.ndarray]:
         for bg in BACKGROUNDS:
             d = _background_distance(img, bg, style)
             score = np.minimum(d, DIST_CAP).mean()
-            if best is None or score < best[0]:
+            # White, grey and black are the same in black and white: a tie keeps the earlier style
+            # ("none"; the objects decide below), so demand a real improvement, not float noise.
+            if best is None or score < best[0] - 1e-6:
                 best = (score, bg, style, d)
     _, bg, style, dist = best
     return bg, style, dist
@@ -177,7 +179,7 @@ def read(image) -> Reading:
 
     fg = dist > max(FOREGROUND, CAST_FACTOR * float(np.median(dist)))
     labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
-    objects, flake_pixels = [], 0
+    objects, object_chroma, flake_pixels = [], [], 0
     bg_level = float(np.median(expected.min(-1)))
     for k in range(1, n + 1):
         part = labels == k
@@ -196,12 +198,12 @@ def read(image) -> Reading:
         if near > PALETTE_TOL * (NIGHT_SCALE if style == "night" else 1):
             continue
         objects.append(_read_part(img, expected, dist, part, style))
+        object_chroma.append(chroma)
     if style == "none" and flake_pixels / fg.size >= SNOW_SHARE:
         style = "snowy"
     # White, grey and black backgrounds look the same in black and white: the objects tell.
     if style == "none" and bg in ("white", "gray", "black") and objects:
-        chroma = img[fg].max(-1) - img[fg].min(-1)
-        if np.median(chroma) < BW_CHROMA:
+        if max(object_chroma) < BW_CHROMA:  # the objects' cores, not their (grey) blurred rims
             style = "bw"
             for o in objects:
                 o.colour = None
