@@ -14,9 +14,17 @@ from ip2p.models.loader import load_clip, load_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 
+# What the shipped weights hold (a little under the measured value: these samples are smaller than
+# the report's). The targets are in reports/pretrain.json ("targets", "met"); the text-to-image
+# targets are not met yet, and its test says so as a strict expected failure.
+VAE_AGREEMENT = 0.70          # measured 0.81 on 300 scenes (target 0.98: grass and halos, see docs)
+CLIP = {"pairwise": 0.90, "direction_positive": 0.95}
+T2I = {"colour": 0.90, "background": 0.90, "shape": 0.75}   # the targets
+LLM_CONSISTENT = 0.08        # measured 0.21 on 200 held-out captions (target 0.90); well formed: 1.00
+
 
 @pytest.fixture(scope="module")
-def mini(monkeypatch_module=None):
+def mini():
     import os
 
     old = os.getcwd()
@@ -61,9 +69,12 @@ def test_vae_reconstructions_read_back_as_the_same_scenes(mini):
     _, parts, _ = mini
     result = judge(parts.vae, sample_scenes(777001, 100))
     assert result["oracle_agreement"] >= VAE_AGREEMENT, result
-    assert result["psnr"] >= 28.0, result
+    assert result["psnr"] >= 30.0, result
 
 
+@pytest.mark.xfail(strict=True, reason="the shipped text-to-image base ignores its caption (colour 0.04, "
+                   "background 0.14 on 64 held-out captions): SD's schedule leaks the latent mean at t=999; "
+                   "retrain with world.t2i.offset_noise (docs/miniature-world.md)")
 def test_text_to_image_draws_the_caption(mini):
     from ip2p.pretrain.t2i import judge
     from ip2p.world.scene import sample_scenes
@@ -81,7 +92,7 @@ def test_clip_tells_one_attribute_apart_and_points_the_right_way(mini):
 
     cfg, _, clip = mini
     result = judge(Encoder(clip.model, clip.processor, cfg.world.clip.max_tokens), 777003, 100)
-    assert result["caption_choice"] >= CLIP["caption_choice"], result
+    assert result["pairwise"] >= CLIP["pairwise"], result
     assert result["direction_positive"] >= CLIP["direction_positive"], result
 
 
@@ -93,4 +104,5 @@ def test_instruction_lm_writes_consistent_edits(mini):
     small = c.copy()
     small.eval.captions, small.eval.seed = 60, 777004
     result = judge(c.finetune.output, cfg, small)
-    assert result["valid_and_consistent"] >= LLM_CONSISTENT, result
+    assert result["well_formed"] >= 0.95, result  # the paper's format is learned...
+    assert result["valid_and_consistent"] >= LLM_CONSISTENT, result  # ...copying the caption much less

@@ -120,25 +120,36 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, lo
 
 @torch.no_grad()
 def judge(enc: Encoder, seed: int, n: int) -> dict:
-    """Caption choice among one-attribute variants, and the sign of the directional similarity."""
+    """On held-out scenes, against captions of the same scene edited in one attribute (plain form):
+      caption_choice       the true caption scores highest among all its variants (1 of up to 6)
+      pairwise_<kind>      the true caption beats the variant of that kind (1 of 2), and their mean
+      direction_positive   cos(E_img(after) - E_img(before), E_txt(after) - E_txt(before)) > 0 for
+                           the rendered before/after pairs (the paper's directional similarity)"""
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(seed, n)
     right, positive = [], []
+    pairwise: dict[str, list[bool]] = {k: [] for k in NEGATIVE_KINDS}
     for s in scenes:
-        variants = []
+        kinds, variants = [], []
         for kind in NEGATIVE_KINDS:
             try:
                 variants.append(sample_edit(s, rng, (kind,))[2])
+                kinds.append(kind)
             except ValueError:
                 continue
         texts = [plain_caption(s)] + [plain_caption(v) for v in variants]
         img = enc.images(np.stack([render(s)] + [render(v) for v in variants]))
         txt = enc.texts(texts)
-        right.append(bool((img[0] @ txt.T).argmax() == 0))
-        # before/after pairs: cos(E_img(after) - E_img(before), E_txt(after) - E_txt(before)) > 0
+        scores = img[0] @ txt.T
+        right.append(bool(scores.argmax() == 0))
+        for k, kind in enumerate(kinds):
+            pairwise[kind].append(bool(scores[0] > scores[k + 1]))
         d_img, d_txt = img[1:] - img[:1], txt[1:] - txt[:1]
         positive += (F.cosine_similarity(d_img, d_txt, dim=-1) > 0).tolist()
-    return {"caption_choice": float(np.mean(right)), "direction_positive": float(np.mean(positive))}
+    result = {"caption_choice": float(np.mean(right)), "direction_positive": float(np.mean(positive))}
+    result.update({f"pairwise_{k}": float(np.mean(v)) for k, v in pairwise.items() if v})
+    result["pairwise"] = float(np.mean([result[f"pairwise_{k}"] for k in pairwise if pairwise[k]]))
+    return result
 
 
 def run(cfg: DictConfig) -> dict:

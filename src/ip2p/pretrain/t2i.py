@@ -147,6 +147,8 @@ def run(cfg: DictConfig) -> dict:
         text = torch.where(drop[:, None, None], empty.expand_as(text), text)
         t = torch.randint(0, len(betas), (c.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        if c.offset_noise:  # a per-channel constant in the noise, so the model learns to move the mean
+            noise = noise + c.offset_noise * torch.randn((c.batch_size, noise.shape[1], 1, 1), generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=text).sample
