@@ -73,8 +73,8 @@ def test_vae_reconstructions_read_back_as_the_same_scenes(mini):
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped text-to-image base ignores its caption (colour 0.04, "
-                   "background 0.14 on 64 held-out captions): SD's schedule leaks the latent mean at t=999; "
-                   "retrain with world.t2i.offset_noise (docs/miniature-world.md)")
+                   "background 0.14 on 64 held-out captions); suspected cause and next steps in "
+                   "docs/miniature-world.md")
 def test_text_to_image_draws_the_caption(mini):
     from ip2p.pretrain.t2i import judge
     from ip2p.world.scene import sample_scenes
