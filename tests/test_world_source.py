@@ -4,7 +4,6 @@ scene as metadata, and the LM's fine-tuning examples in the paper's format."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ip2p.config import compose
 from ip2p.data import captions

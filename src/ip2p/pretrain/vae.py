@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from scipy import ndimage
 
 from ip2p.io.atomic import atomic_folder, atomic_write_json

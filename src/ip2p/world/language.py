@@ -690,7 +690,6 @@ def parse_instruction(text: str) -> ParsedInstruction | None:
             if up == down:
                 return None
             parsed = ParsedInstruction("size", target, "bigger" if up else "smaller")
-        kind = parsed.kind
     elif flags[1]:
         if free_colours or free_sizes or it or len(nps) != 1:
             return None

@@ -22,9 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from ip2p.world.render import background_image, coverage
-from ip2p.world.scene import styled
-from ip2p.world.vocab import (BACKGROUNDS, CANVAS, COLOURS, GRASS, GRASS_STRIPE, HPOS, LUMA, NIGHT_SCALE, SHAPES,
-                              SIZE_SPLIT, VPOS)
+from ip2p.world.scene import Placed, styled
+from ip2p.world.vocab import BACKGROUNDS, CANVAS, COLOURS, GRASS, GRASS_STRIPE, LUMA, NIGHT_SCALE, SHAPES
 
 DIST_CAP = 40.0        # per-pixel distance cap when matching backgrounds
 FOREGROUND = 20.0      # RGB distance from the expected background that marks an object pixel, or
@@ -45,7 +44,7 @@ BW_CHROMA = 40.0       # chroma (max-min channel) of every object's core below t
 
 
 @dataclass
-class ReadObject:
+class ReadObject(Placed):
     shape: str
     colour: str | None
     side: float
@@ -53,18 +52,6 @@ class ReadObject:
     y: float
     pixels: int
     shape_fit: float   # 1 - L1(coverage, template) / coverage
-
-    @property
-    def size(self) -> str:
-        return "small" if self.side < SIZE_SPLIT else "large"
-
-    @property
-    def hpos(self) -> str:
-        return HPOS[min(2, int(self.x / (CANVAS / 3)))]
-
-    @property
-    def vpos(self) -> str:
-        return VPOS[min(2, int(self.y / (CANVAS / 3)))]
 
 
 @dataclass

@@ -23,13 +23,12 @@ MARGIN = 1.0           # pixels between an object box and the canvas edge
 MIN_CONTRAST = 40.0    # RGB distance between an object and each background colour, after the style
 
 
-@dataclass(frozen=True)
-class Obj:
-    shape: str
-    colour: str
-    side: float      # bounding-box side in pixels
-    x: float         # centre, pixels from the left edge
-    y: float         # centre, pixels from the top edge
+class Placed:
+    """Size word and named position of anything with a box side and a centre (objects drawn or read)."""
+
+    side: float
+    x: float
+    y: float
 
     @property
     def size(self) -> str:
@@ -42,6 +41,15 @@ class Obj:
     @property
     def vpos(self) -> str:
         return VPOS[min(2, int(self.y / (CANVAS / 3)))]
+
+
+@dataclass(frozen=True)
+class Obj(Placed):
+    shape: str
+    colour: str
+    side: float      # bounding-box side in pixels
+    x: float         # centre, pixels from the left edge
+    y: float         # centre, pixels from the top edge
 
     def box(self) -> tuple[float, float, float, float]:
         h = self.side / 2
