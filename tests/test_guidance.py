@@ -176,3 +176,19 @@ def test_sampler_draws_noise_from_the_generator(stub_editor):
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(phi):
+    # diffusers' own implementation of Lin et al.'s rescale is the second implementation.
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from ip2p.sampling.guidance import rescale_guidance
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    guided = classifier_free_guidance(cond, uncond, 7.5)
+    ours = rescale_guidance(guided, cond, phi)
+    assert torch.allclose(ours, rescale_noise_cfg(guided, cond, guidance_rescale=phi), atol=1e-6)
+    if phi == 1.0:  # fully rescaled: each sample has the conditional prediction's spread
+        assert torch.allclose(ours.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5)

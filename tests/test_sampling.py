@@ -30,3 +30,26 @@ def test_sde_sampler_that_ignores_our_seed_is_refused():
     expected = "needs a package" if type(cls).__name__ == "DummyObject" else "outside the seeded generator"
     with pytest.raises(Ip2pError, match=expected):
         scheduler_class("DPMSolverSDEScheduler")
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_latents_are_never_clipped_when_the_checkpoint_config_is_silent(name):
+    """A config saved by an Euler scheduler (the released InstructPix2Pix checkpoint's) has no
+    clip_sample key; DDIM/DDPM would then clip x0 to [-1, 1] and wash out every latent beyond it."""
+    import torch
+
+    euler_config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    scheduler = make_scheduler(name, euler_config)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[0]
+    a = scheduler.alphas_cumprod[t]
+    x0 = torch.full((1, 4, 4, 4), 3.0)                     # a latent well outside [-1, 1]
+    eps = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = scheduler.step(eps, t, xt, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.pred_original_sample, x0, atol=1e-3)   # (xt - sqrt(1-a) eps) / sqrt(a)
+    # ...while a checkpoint that asks for clipping still gets it
+    clipped = make_scheduler(name, {**euler_config, "clip_sample": True})
+    clipped.set_timesteps(10)
+    assert float(clipped.step(eps, t, xt, generator=torch.Generator().manual_seed(0)).pred_original_sample.max()) <= 1.0

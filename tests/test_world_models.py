@@ -79,8 +79,8 @@ def test_text_to_image_draws_the_caption(mini):
     from ip2p.world.scene import sample_scenes
 
     cfg, parts, _ = mini
-    result = judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, cfg.world.t2i.eval,
-                   sample_scenes(777002, 48))
+    result = judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),
+                   cfg.world.t2i.eval, sample_scenes(777002, 48))
     assert result["colour"] >= T2I["colour"], result
     assert result["background"] >= T2I["background"], result
     assert result["shape"] >= T2I["shape"], result

@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from ip2p.io.atomic import atomic_file, atomic_write_json
 
 from ip2p.models.loader import ClipComponents, load_clip, load_diffusion
-from ip2p.models.tiny import _scheduler_config
 from ip2p.pretrain import clip as clip_stage
 from ip2p.pretrain import t2i as t2i_stage
 from ip2p.pretrain import vae as vae_stage
@@ -61,9 +60,9 @@ def generations_picture(parts, scenes, path: Path, seeds: int, c: DictConfig) ->
     prompts = [plain_caption(s) for s in scenes]
     fig, axes = plt.subplots(len(prompts), seeds + 1, figsize=(1.9 * (seeds + 1) + 2.2, 1.9 * len(prompts)))
     for row, (scene, prompt) in enumerate(zip(scenes, prompts)):
-        images = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, _scheduler_config(),
-                          [prompt] * seeds, steps=c.steps, guidance=c.guidance, seed=c.seed + 1000 * row,
-                          sampler=c.sampler)
+        images = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
+                          dict(parts.scheduler.config), [prompt] * seeds, steps=c.steps, guidance=c.guidance,
+                          seed=c.seed + 1000 * row, sampler=c.sampler, guidance_rescale=c.guidance_rescale)
         axes[row, 0].imshow(render(scene), interpolation="nearest")
         axes[row, 0].set_title("a render", fontsize=7)
         axes[row, 0].set_ylabel("\n".join(textwrap.wrap(prompt, 24)), fontsize=7, rotation=0, ha="right", va="center")
@@ -111,7 +110,8 @@ def run(cfg: DictConfig) -> dict:
     # 2. judge each against the world's truth on held-out scenes
     vae_result = vae_stage.judge(parts.vae, sample_scenes(c.seed, c.vae_scenes))
     t2i_scenes = sample_scenes(c.seed + 1, c.t2i_scenes)
-    t2i_result = t2i_stage.judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, c.t2i, t2i_scenes)
+    t2i_result = t2i_stage.judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
+                                 dict(parts.scheduler.config), c.t2i, t2i_scenes)
     clip_result = clip_stage.judge(clip_encoder(clip, w.clip.max_tokens), c.seed + 2, c.clip_scenes)
     llm_report = Path(cfg.paths.reports) / "pretrain_llm.json"
     llm_result = json.loads(llm_report.read_text()) if llm_report.exists() else {}

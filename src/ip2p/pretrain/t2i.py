@@ -81,20 +81,35 @@ def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progre
     return cached
 
 
-def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR(t), gamma) / SNR(t) for the epsilon target; gamma <= 0 turns weighting off."""
+def scheduler_config(schedule: DictConfig | dict | None) -> dict:
+    """SD 1.5's noise schedule with the world's overrides (`world.t2i.schedule`), saved with the base
+    so that every later stage (synthesis, editor training, editing) samples as the base was trained."""
+    return {**_scheduler_config(), **dict(schedule or {})}
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
+                   prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma loss weight; gamma <= 0 turns weighting off.
+
+    In terms of the clean-latent error, the plain epsilon loss weighs step t by SNR(t) and the plain
+    v loss by SNR(t) + 1; min-SNR clips that weight at gamma. So the epsilon loss is multiplied by
+    min(SNR, gamma) / SNR and the v loss by min(SNR + 1, gamma) / (SNR + 1), which keeps a weight of
+    at least 1 where SNR = 0 (the step that must draw the scene from nothing under a zero-terminal-SNR
+    schedule)."""
     if gamma <= 0:
         return torch.ones_like(t, dtype=torch.float32)
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
 
 
-def judge(unet, vae, text_encoder, tokenizer, e: DictConfig, scenes: list[Scene]) -> dict:
-    """Generate from the plain captions of held-out scenes (sampler settings `e`: world.t2i.eval);
-    the oracle reads colour, background, shape and style."""
+def judge(unet, vae, text_encoder, tokenizer, schedule: dict, e: DictConfig, scenes: list[Scene]) -> dict:
+    """Generate from the plain captions of held-out scenes (noise schedule `schedule`, sampler settings
+    `e`: world.t2i.eval); the oracle reads colour, background, shape and style."""
     prompts = [plain_caption(s) for s in scenes]
-    images = generate(unet, vae, text_encoder, tokenizer, _scheduler_config(), prompts, steps=e.steps,
-                      guidance=e.guidance, seed=e.seed, sampler=e.sampler)
+    images = generate(unet, vae, text_encoder, tokenizer, schedule, prompts, steps=e.steps,
+                      guidance=e.guidance, seed=e.seed, sampler=e.sampler, guidance_rescale=e.guidance_rescale)
     return score_generations(scenes, images)
 
 
@@ -124,9 +139,12 @@ def run(cfg: DictConfig) -> dict:
     # 1. frozen parts (world VAE and CLIP text tower) and the UNet to train
     vae, text_encoder, tokenizer = load_frozen(c.vae, c.clip, cfg.world.clip.max_tokens)
     unet = build_unet(c, text_encoder.config.hidden_size)
-    sched = _scheduler_config()
-    betas = torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["num_train_timesteps"]) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    from diffusers import DDPMScheduler
+
+    sched = scheduler_config(c.schedule)
+    noise_scheduler = DDPMScheduler.from_config(sched)  # its alphas_cumprod include the zero-SNR rescale
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    v_target = sched["prediction_type"] == "v_prediction"
     # 2. the training scenes, encoded once
     scenes = sample_scenes(c.seed, c.scenes)
     cached = cache_latents(vae, scenes, Path(c.checkpoint).parent / "t2i_latents.pt", progress=cfg.progress)
@@ -145,38 +163,39 @@ def run(cfg: DictConfig) -> dict:
         text = encode_prompts(tokenizer, text_encoder, prompts)
         drop = torch.from_numpy(rng.random(c.batch_size) < c.caption_dropout)
         text = torch.where(drop[:, None, None], empty.expand_as(text), text)
-        t = torch.randint(0, len(betas), (c.batch_size,), generator=g)
+        t = torch.randint(0, len(alphas_cumprod), (c.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         if c.offset_noise:  # a per-channel constant in the noise, so the model learns to move the mean
             noise = noise + c.offset_noise * torch.randn((c.batch_size, noise.shape[1], 1, 1), generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=text).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        w = min_snr_weight(alphas_cumprod, t, c.min_snr_gamma)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise  # v = sqrt(a) eps - sqrt(1-a) x0
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        w = min_snr_weight(alphas_cumprod, t, c.min_snr_gamma, sched["prediction_type"])
         return {"loss": (w * per_sample).mean(), "mse": per_sample.mean().detach()}
 
     def evaluate(ema_unet, step: int) -> dict:
-        return judge(ema_unet, vae, text_encoder, tokenizer, c.eval, eval_scenes)
+        return judge(ema_unet, vae, text_encoder, tokenizer, sched, c.eval, eval_scenes)
 
     with start_mlflow_run(cfg, "pretrain-t2i", {"parameters": sum(p.numel() for p in unet.parameters())}):
         # 3. train; 4. judge the EMA UNet; 5. save the whole text-to-image pipeline
         ema = train("pretrain-t2i", unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics)
         final = ema.model.eval()
-        result = {**judge(final, vae, text_encoder, tokenizer, c.eval, eval_scenes),
+        result = {**judge(final, vae, text_encoder, tokenizer, sched, c.eval, eval_scenes),
                   "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps}
-        save_pipeline(out, final, vae, text_encoder, tokenizer, c.clip)
+        save_pipeline(out, final, vae, text_encoder, tokenizer, c.clip, sched)
         log_metrics({f"final/{k}": v for k, v in result.items()})
     atomic_write_json(Path(cfg.paths.reports) / "pretrain_t2i.json", result)
     log.info("pretrain-t2i: %s", result)
     return result
 
 
-def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, clip_dir: str) -> None:
+def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, clip_dir: str, schedule: dict) -> None:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=EulerAncestralDiscreteScheduler(**_scheduler_config()),
+                                   scheduler=EulerAncestralDiscreteScheduler.from_config(schedule),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

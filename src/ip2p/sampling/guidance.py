@@ -34,3 +34,15 @@ def dual_guidance(
 def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Standard two-way guidance: eps = eps(0) + s * (eps(c) - eps(0))."""
     return eps_uncond + _per_sample(scale, eps_uncond) * (eps_cond - eps_uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, "Common diffusion noise schedules and sample steps are
+    flawed", eq. 15-16): bring the guided prediction back to the per-sample standard deviation of the
+    conditional one, then mix by phi. Large guidance on a zero-terminal-SNR model over-exposes
+    without it; phi = 0 leaves the prediction as it is."""
+    if phi == 0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided

@@ -42,8 +42,12 @@ def scheduler_class(name: str):
 
 
 def make_scheduler(name: str, base_config: dict):
-    """A fresh scheduler of class `name` (short name or diffusers class) with the checkpoint's noise schedule."""
-    return scheduler_class(name).from_config(base_config)
+    """A fresh scheduler of class `name` (short name or diffusers class) with the checkpoint's noise schedule.
+
+    Latents are not bounded to [-1, 1], so x0 is never clipped unless the checkpoint's own config asks
+    for it: DDIM and DDPM default to clip_sample=True, and a config saved by an Euler scheduler (as the
+    released InstructPix2Pix checkpoint's is) has no such key, so from_config alone would clip."""
+    return scheduler_class(name).from_config({"clip_sample": False, **dict(base_config)})
 
 
 # predict_noise(model_input, t, step_index) -> guided noise prediction with the shape of the latents

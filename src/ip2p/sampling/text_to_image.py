@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ip2p.sampling.guidance import classifier_free_guidance
+from ip2p.sampling.guidance import classifier_free_guidance, rescale_guidance
 from ip2p.sampling.loop import denoise, make_scheduler
 
 
@@ -21,8 +21,9 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts: list[str], *, steps: int,
              guidance: float, seed: int, sampler: str = "ddim", resolution: int | None = None,
-             batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """[B, H, W, 3] uint8 images for the prompts; prompt k uses noise seeded by seed + k."""
+             batch_size: int = 64, progress: bool = False, guidance_rescale: float = 0.0) -> np.ndarray:
+    """[B, H, W, 3] uint8 images for the prompts; prompt k uses noise seeded by seed + k. The model's
+    prediction (epsilon or v, as the scheduler config says) is guided, then optionally rescaled."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = (resolution or unet.config.sample_size * factor) // factor
     out = []
@@ -38,7 +39,7 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts
 
         def predict(x, t, _i):
             eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample.chunk(2)
-            return classifier_free_guidance(eps_c, eps_u, guidance)
+            return rescale_guidance(classifier_free_guidance(eps_c, eps_u, guidance), eps_c, guidance_rescale)
 
         scheduler = make_scheduler(sampler, scheduler_config)
         latents = denoise(scheduler, latents, predict, steps, generator=generator, progress=progress)

@@ -1,0 +1,54 @@
+"""The text-to-image base's noise schedule and loss weighting (ip2p.pretrain.t2i), checked against
+hand-written relations between the epsilon, v and clean-latent errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ip2p.pretrain.t2i import min_snr_weight, scheduler_config
+
+
+def _alphas(schedule: dict) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config(schedule)).alphas_cumprod
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise():
+    sd = _alphas({})
+    zero = _alphas({"rescale_betas_zero_snr": True})
+    assert float(sd[-1]) > 1e-3          # SD 1.5 leaves signal at the last step...
+    assert float(zero[-1]) == 0.0        # ...the rescaled schedule does not
+    assert torch.allclose(zero[0], sd[0], atol=1e-6)  # and starts where SD starts
+    assert bool((zero[1:] <= zero[:-1]).all())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weight_is_clipped_clean_latent_weight(prediction_type):
+    """weight * (prediction error)^2 == min(SNR [+1 for v], gamma) * (clean-latent error)^2."""
+    gamma = 5.0
+    alphas = _alphas({"rescale_betas_zero_snr": True})
+    t = torch.tensor([10, 200, 500, 800, 990])
+    a = alphas[t]
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    if prediction_type == "epsilon":
+        target, pred = eps, eps + 0.1 * torch.randn(5, generator=g)
+        x0_hat = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+    else:
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0
+        pred = target + 0.1 * torch.randn(5, generator=g)
+        x0_hat = a.sqrt() * xt - (1 - a).sqrt() * pred
+    snr = a / (1 - a)
+    clean_weight = torch.clamp(snr + (prediction_type == "v_prediction"), max=gamma)
+    w = min_snr_weight(alphas, t, gamma, prediction_type)
+    assert torch.allclose(w * (pred - target) ** 2, clean_weight * (x0_hat - x0) ** 2, rtol=1e-4, atol=1e-7)
+
+
+def test_v_weight_stays_finite_and_positive_at_zero_snr():
+    alphas = _alphas({"rescale_betas_zero_snr": True})
+    w = min_snr_weight(alphas, torch.tensor([999]), 5.0, "v_prediction")
+    assert float(w) == pytest.approx(1.0)   # SNR 0: clean-latent weight 1 (plain v loss)
+    assert float(min_snr_weight(alphas, torch.tensor([5]), 0.0, "v_prediction")) == 1.0  # gamma 0: off
