@@ -35,6 +35,9 @@ STAGES: dict[str, str] = {
     "pretrain-t2i": "ip2p.pretrain.t2i:run",
     "pretrain-llm": "ip2p.pretrain.llm:run",
     "pretrain-report": "ip2p.pretrain.report:run",
+    "world-calibrate": "ip2p.miniature.calibrate:run",
+    "world-judge": "ip2p.miniature.world_judge:run",
+    "world-eval": "ip2p.miniature.world_eval:run",
 }
 
 

@@ -1,0 +1,143 @@
+"""`ip2p world-judge`: the world's truth on what the data stages made, after `ip2p filter`.
+
+1. instructions: the share of the LM's triples that are valid and consistent with the world (the
+   edited caption describes a valid scene that differs from the input exactly as instructed);
+2. synthesis: for every candidate pair, the oracle reads both images and the world's verdict says
+   whether the instructed attribute changed (success) and the rest stayed (preservation): by edit kind
+   and as a curve over p (the fraction of steps with shared self-attention);
+3. filter: correctness of the kept vs the dropped candidates, i.e. the CLIP filter's precision and
+   recall against the truth; filtering must raise the share of correct pairs.
+
+Writes reports/world_judge.json (DVC metrics) and world_synthesis.png (correctness over p; kept vs
+dropped by kind). The stages themselves know nothing of the world: this reads their outputs, as a
+person would look at them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ip2p.data.dataset import SPLITS, list_pair_folders, read_pair_folder
+from ip2p.io.atomic import atomic_file, atomic_write_json
+from ip2p.io.jsonl import read_jsonl
+from ip2p.world.language import consistent, parse_instruction
+from ip2p.world.oracle import read
+from ip2p.world.verdict import judge_edit
+
+log = logging.getLogger(__name__)
+
+
+def judge_instructions(path: Path) -> dict:
+    problems: Counter = Counter()
+    rows = list(read_jsonl(path, problems))
+    ok = [consistent(r["input"], r["edit"], r["output"]) for r in rows]
+    kinds = Counter(p.kind for r in rows if (p := parse_instruction(r["edit"])) is not None)
+    return {"triples": len(rows), "valid_and_consistent": round(float(np.mean(ok)), 4) if rows else 0.0,
+            "by_kind": dict(sorted(kinds.items()))}
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def judge_candidates(root: Path, progress: bool) -> pd.DataFrame:
+    """One row per candidate: id, kind, p, cfg, judged, success, preserved, both."""
+    rows = []
+    for folder, seeds in tqdm(list(list_pair_folders(root)), desc="judging pairs", unit="pair", disable=not progress):
+        pair = read_pair_folder(folder, seeds)
+        for cand in pair.candidates:
+            v = judge_edit(read(_rgb(cand.image_0)), read(_rgb(cand.image_1)), pair.prompt["edit"])
+            m = cand.metadata
+            rows.append({"id": m.get("id", f"{pair.pair_id}-{cand.seed}"), "pair_id": pair.pair_id,
+                         "kind": v.kind if v else "unjudged", "p": m.get("p", np.nan), "cfg": m.get("cfg", np.nan),
+                         "judged": v is not None, "success": bool(v and v.success),
+                         "preserved": bool(v and v.preserved), "both": bool(v and v.both)})
+    return pd.DataFrame(rows)
+
+
+def kept_ids(dataset: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for split in SPLITS:
+        for part in sorted((dataset / split).glob("*.parquet")):
+            ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def filter_truth(cands: pd.DataFrame, kept: set[str]) -> dict:
+    """The CLIP filter against the truth: precision = correct share of kept, recall = kept share of correct."""
+    k = cands["id"].isin(kept)
+    correct = cands["both"]
+    return {"candidates": int(len(cands)), "kept": int(k.sum()),
+            "correct_before_filter": round(float(correct.mean()), 4),
+            "correct_after_filter": round(float(correct[k].mean()), 4) if k.any() else 0.0,
+            "correct_among_dropped": round(float(correct[~k].mean()), 4) if (~k).any() else 0.0,
+            "precision": round(float(correct[k].mean()), 4) if k.any() else 0.0,
+            "recall": round(float(k[correct].mean()), 4) if correct.any() else 0.0}
+
+
+def run(cfg: DictConfig) -> dict:
+    c = cfg.world.judge
+    out = Path(cfg.paths.reports)
+    # 1. instructions
+    result = {"instructions": judge_instructions(Path(c.instructions))}
+    # 2. synthesis: every candidate pair
+    cands = judge_candidates(Path(c.candidates), bool(cfg.progress))
+    by_kind = cands.groupby("kind")[["success", "preserved", "both"]].mean().round(4)
+    bins = pd.cut(cands["p"], np.linspace(0, 1, int(c.p_bins) + 1))
+    by_p = cands.groupby(bins, observed=True)["both"].agg(["mean", "count"])
+    result["synthesis"] = {"candidates": int(len(cands)), "judged": round(float(cands.judged.mean()), 4),
+                           "correct": round(float(cands.both.mean()), 4),
+                           "by_kind": {k: r.to_dict() for k, r in by_kind.iterrows()},
+                           "by_p": [{"p_low": float(i.left), "p_high": float(i.right), "correct": round(float(r["mean"]), 4),
+                                     "candidates": int(r["count"])} for i, r in by_p.iterrows()]}
+    # 3. filter
+    result["filter"] = filter_truth(cands, kept_ids(Path(c.dataset)))
+    result["filter"]["raises_correct_share"] = (result["filter"]["correct_after_filter"]
+                                                 > result["filter"]["correct_before_filter"])
+    atomic_write_json(out / "world_judge.json", result)
+    pictures(cands, kept_ids(Path(c.dataset)), by_p, out)
+    log.info("world-judge: instructions %.3f, synthesis %.3f, filter %.3f -> %.3f",
+             result["instructions"]["valid_and_consistent"], result["synthesis"]["correct"],
+             result["filter"]["correct_before_filter"], result["filter"]["correct_after_filter"])
+    return result
+
+
+def pictures(cands: pd.DataFrame, kept: set[str], by_p: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    mids = [i.mid for i in by_p.index]
+    left.plot(mids, by_p["mean"], "o-")
+    left.set(xlabel="p (fraction of steps with shared self-attention)", ylabel="correct pairs (oracle)",
+             title="Prompt-to-Prompt pairs vs p", ylim=(0, 1))
+    k = cands["id"].isin(kept)
+    kinds = sorted(cands.kind.unique())
+    x = np.arange(len(kinds))
+    for offset, (name, mask) in zip((-0.2, 0.2), (("kept by CLIP filter", k), ("dropped", ~k))):
+        vals = [cands[mask & (cands.kind == kd)].both.mean() if (mask & (cands.kind == kd)).any() else 0 for kd in kinds]
+        right.bar(x + offset, vals, width=0.4, label=name)
+    right.set_xticks(x, kinds, rotation=30, fontsize=8)
+    right.set(ylabel="correct pairs (oracle)", title="CLIP filter vs the truth", ylim=(0, 1))
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "world_synthesis.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

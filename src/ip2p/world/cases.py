@@ -1,0 +1,49 @@
+"""Held-out edit cases: rendered scenes (drawn by the renderer, never generated, as real photos are
+at test time) with one instruction each and the true edited scene, an equal number per edit kind.
+
+Drawn from a seed that no training data uses. Edits that pixels cannot show (recolouring in black and
+white) are not drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ip2p.world.language import plain_caption, sample_edit
+from ip2p.world.scene import Scene, sample_scene
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    kind: str
+    scene: Scene
+    instruction: str
+    edited: Scene
+    input_caption: str
+    output_caption: str
+
+
+def heldout_cases(seed: int, per_kind: int, kinds: tuple[str, ...], max_draws_per_case: int = 200) -> list[Case]:
+    """`per_kind` cases of each kind, in kind order; captions in the plain phrasing (what a user types)."""
+    rng = np.random.default_rng([seed, 7])
+    cases = []
+    for kind in kinds:
+        made = draws = 0
+        while made < per_kind:
+            draws += 1
+            if draws > max_draws_per_case * per_kind:
+                raise ValueError(f"could not draw {per_kind} '{kind}' cases from seed {seed}")
+            scene = sample_scene(rng)
+            if kind == "recolour" and scene.style == "bw":
+                continue
+            try:
+                _, text, edited = sample_edit(scene, rng, (kind,))
+            except ValueError:  # the kind does not apply to this scene
+                continue
+            cases.append(Case(f"{kind}-{made:04d}", kind, scene, text, edited, plain_caption(scene),
+                              plain_caption(edited)))
+            made += 1
+    return cases

@@ -1,0 +1,35 @@
+"""The miniature experiment's judges (ip2p.world.cases, ip2p.miniature): held-out cases and the
+filter-vs-truth arithmetic, checked by hand."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ip2p.miniature.world_judge import filter_truth
+from ip2p.world.cases import heldout_cases
+from ip2p.world.language import EDIT_KINDS, consistent
+from ip2p.world.render import render
+
+
+def test_heldout_cases_cover_every_kind_and_are_visible_edits():
+    cases = heldout_cases(123, 5, EDIT_KINDS)
+    assert [c.kind for c in cases] == [k for k in EDIT_KINDS for _ in range(5)]
+    assert len({c.id for c in cases}) == len(cases)
+    for c in cases:
+        assert consistent(c.input_caption, c.instruction, c.output_caption), c
+        assert not (c.kind == "recolour" and c.scene.style == "bw")
+        assert (render(c.scene) != render(c.edited)).any()   # the edit shows in pixels
+    again = heldout_cases(123, 5, EDIT_KINDS)
+    assert [c.instruction for c in again] == [c.instruction for c in cases]
+    assert [c.instruction for c in heldout_cases(124, 5, EDIT_KINDS)] != [c.instruction for c in cases]
+
+
+def test_filter_truth_by_hand():
+    cands = pd.DataFrame({"id": list("abcdef"), "both": [True, True, False, False, True, False]})
+    r = filter_truth(cands, kept={"a", "c", "e"})
+    # kept a, c, e: 2 of 3 correct; correct a, b, e: 2 of 3 kept; dropped b, d, f: 1 of 3 correct
+    assert r["kept"] == 3 and r["candidates"] == 6
+    assert r["precision"] == round(2 / 3, 4) == r["correct_after_filter"]
+    assert r["recall"] == round(2 / 3, 4)
+    assert r["correct_before_filter"] == 0.5
+    assert r["correct_among_dropped"] == round(1 / 3, 4)
