@@ -54,11 +54,12 @@ def judge_candidates(root: Path, progress: bool) -> pd.DataFrame:
     rows = []
     for folder, seeds in tqdm(list(list_pair_folders(root)), desc="judging pairs", unit="pair", disable=not progress):
         pair = read_pair_folder(folder, seeds)
+        parsed = parse_instruction(pair.prompt["edit"])
         for cand in pair.candidates:
             v = judge_edit(read(_rgb(cand.image_0)), read(_rgb(cand.image_1)), pair.prompt["edit"])
-            m = cand.metadata
+            m = cand.meta
             rows.append({"id": m.get("id", f"{pair.pair_id}-{cand.seed}"), "pair_id": pair.pair_id,
-                         "kind": v.kind if v else "unjudged", "p": m.get("p", np.nan), "cfg": m.get("cfg", np.nan),
+                         "kind": parsed.kind if parsed else "unparsed", "p": m.get("p", np.nan), "cfg": m.get("cfg", np.nan),
                          "judged": v is not None, "success": bool(v and v.success),
                          "preserved": bool(v and v.preserved), "both": bool(v and v.both)})
     return pd.DataFrame(rows)
