@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The project's main job on the embedded tiny default (random weights, CPU, no network): install,
-# then `dvc repro` through every stage: captions -> instructions -> synthesize -> filter -> train ->
-# evaluate -> register. Then edit the example image with the model the pipeline registered.
+# The project's main job: the paper reproduced in miniature (docs/miniature.md), on 2 CPU cores.
+# Install and pull the miniature world's foundation models (trained from scratch by the world's DVC
+# stages, shipped on the repository's DVC remote), then `dvc repro` of experiment=mini: world captions
+# -> instructions from the world LM -> Prompt-to-Prompt pairs -> CLIP filter -> editor training ->
+# guidance grid -> registry -> the world's truth on every stage. Then promote the registered editor
+# and edit held-out world scenes with it (reports/world_demo.png) and one image through the CLI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 WANDB_MODE=${WANDB_MODE:-offline}
+ip2p params experiment=mini    # params.yaml composes the mini experiment (`git checkout params.yaml`: tiny again)
 dvc repro
 ip2p promote --alias champion
-ip2p edit examples/landscape.png "make it snowy" -o outputs/demo/edited.png \
-  --model models:/instruct-pix2pix@champion --steps 20 --resolution 128 --seed 0 --no-progress
-echo "Reports: reports/ (eval.json, guidance_grid.png, clip_scores.png); edited example: outputs/demo/edited.png"
+ip2p world-demo --params params.yaml
+ip2p edit examples/world_scene.png "make the circle blue" -o outputs/demo/edited.png \
+  --model artifacts/model --steps 20 --resolution 64 --seed 0 --no-progress
+echo "Reports: reports/ (world_eval.json + world_eval.png: the editor judged by the world's truth;"
+echo "  world_judge.json: instructions, pairs and filter vs the truth; eval.json, guidance_grid.png)"
+echo "Edits: reports/world_demo.png (held-out scenes x instructions), outputs/demo/edited.png"

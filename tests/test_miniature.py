@@ -33,3 +33,19 @@ def test_filter_truth_by_hand():
     assert r["recall"] == round(2 / 3, 4)
     assert r["correct_before_filter"] == 0.5
     assert r["correct_among_dropped"] == round(1 / 3, 4)
+
+
+def test_mini_experiment_keeps_the_papers_settings():
+    """experiment=mini is the paper's chain on the world: the world's models and captions, the LM
+    (not the template), official attention control with p ~ U[0.1, 0.9], real filter thresholds."""
+    from ip2p.config import compose
+
+    cfg = compose(["experiment=mini"])
+    assert cfg.model.name == "mini" and cfg.instructions.backend == "hf"
+    assert cfg.instructions.model == cfg.model.llm and cfg.captions.source.endswith("world/captions.jsonl")
+    s = cfg.synthesis
+    assert s.attention.mode == "official" and (s.p_min, s.p_max) == (0.1, 0.9)
+    assert s.samples_per_pair > 1 and s.cfg_max > s.cfg_min
+    assert all(v > 0 for v in cfg.filter.thresholds.values())        # not opened up to -1
+    assert cfg.train.init == "base" and cfg.train.conditioning_dropout == 0.05 and not cfg.train.data.flip
+    assert cfg.world.eval.seed not in (cfg.world.source.seed, cfg.world.source.edits_seed, cfg.seed)

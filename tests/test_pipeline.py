@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from ip2p.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["captions", "instructions", "synthesize", "filter", "train", "evaluate", "register"]
+STAGES = ["captions", "instructions", "synthesize", "filter", "train", "evaluate", "register", "world_judge",
+          "world_eval"]
 # The miniature world's stages come first; their outputs are on the remote (dvc.lock), so `dvc pull`
 # gets them and `dvc repro` does not retrain them.
 WORLD_STAGES = ["world_captions", "pretrain_vae", "pretrain_clip", "pretrain_t2i", "pretrain_llm", "pretrain_report"]
@@ -100,10 +101,16 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
     assert (project / "artifacts" / "world" / "base" / "model_index.json").is_file()
 
     first = _dvc(project, env, "repro")
-    assert _ran(first) == STAGES
+    ran = _ran(first)
+    assert sorted(ran) == sorted(STAGES)
+    for before, after in [("captions", "instructions"), ("instructions", "synthesize"), ("synthesize", "filter"),
+                          ("filter", "train"), ("train", "evaluate"), ("evaluate", "register"),
+                          ("filter", "world_judge"), ("train", "world_eval")]:
+        assert ran.index(before) < ran.index(after), (before, after, ran)
     assert (project / "artifacts" / "model" / "model_index.json").is_file()
     for report in ["captions.json", "instructions.json", "synthesize.json", "filter.json", "train.json",
-                   "eval.json", "register.json", "guidance_grid.csv", "guidance_grid.png", "clip_scores.png"]:
+                   "eval.json", "register.json", "guidance_grid.csv", "guidance_grid.png", "clip_scores.png",
+                   "world_judge.json", "world_eval.json", "world_eval.png"]:
         assert (project / "reports" / report).is_file(), report
     evaluation = json.loads((project / "reports" / "eval.json").read_text())
     assert evaluation["num_samples"] >= 1 and -1 <= evaluation["clip_dir_sim"] <= 1
@@ -118,7 +125,7 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
                    cwd=project, check=True)
     # A filter parameter that changes the kept rows: filter and everything after it rerun, nothing before.
     third = _dvc(project, env, "exp", "run", "-S", "filter.top_k=1")
-    assert _ran(third) == ["filter", "train", "evaluate", "register"]
+    assert sorted(_ran(third)) == sorted(["filter", "train", "evaluate", "register", "world_judge", "world_eval"])
     assert yaml.safe_load((project / "params.yaml").read_text())["filter"]["top_k"] == 1
     metrics = json.loads(_dvc(project, env, "metrics", "show", "--json"))
     assert "reports/eval.json" in json.dumps(metrics)
