@@ -49,3 +49,15 @@ def test_mini_experiment_keeps_the_papers_settings():
     assert all(v > 0 for v in cfg.filter.thresholds.values())        # not opened up to -1
     assert cfg.train.init == "base" and cfg.train.conditioning_dropout == 0.05 and not cfg.train.data.flip
     assert cfg.world.eval.seed not in (cfg.world.source.seed, cfg.world.source.edits_seed, cfg.seed)
+
+
+def test_world_eval_summary_by_hand():
+    from ip2p.miniature.world_eval import summarise
+
+    rows = pd.DataFrame({"kind": ["recolour", "recolour", "background", "size"],
+                         "success": [True, False, True, True], "preserved": [True, True, False, True],
+                         "both": [True, False, False, True]})
+    s = summarise(rows, ["recolour", "background", "style"])
+    assert s["success_recolour"] == 0.5 and s["preserved_background"] == 0.0 and s["both_size"] == 1.0
+    # the headline is the unweighted mean over the headline kinds present (recolour, background)
+    assert s["success"] == round((0.5 + 1.0) / 2, 4) and s["preserved"] == 0.5 and s["both"] == 0.25

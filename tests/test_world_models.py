@@ -15,11 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What the shipped weights hold (a little under the measured value: these samples are smaller than
 # the report's). The issue's targets are in reports/pretrain.json ("targets", "met"); the text-to-image
-# targets are not met yet, and its test says so as a strict expected failure.
+# colour and shape targets are not met yet, and a test says so as a strict expected failure.
 VAE_AGREEMENT = 0.70          # measured 0.81 on 300 scenes (target 0.98: grass and halos, see docs)
 CLIP = {"pairwise": 0.90, "direction_positive": 0.95}
+T2I_HELD = {"colour": 0.60, "background": 0.85, "style": 0.75, "shape": 0.12}  # measured 0.77 / 0.95 / 0.87 / 0.25
 T2I = {"colour": 0.90, "background": 0.90, "shape": 0.75}   # the issue's targets
-LLM_CONSISTENT = 0.08        # measured 0.21 on 200 held-out captions (target 0.90); well formed: 1.00
+LLM_CONSISTENT = 0.50        # measured 0.66 on 200 held-out captions (target 0.90); well formed: 1.00
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +72,30 @@ def test_vae_reconstructions_read_back_as_the_same_scenes(mini):
     assert result["psnr"] >= 30.0, result
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped text-to-image base ignores its caption (colour 0.04, "
-                   "background 0.14 on 64 held-out captions); suspected cause and next steps in "
-                   "docs/miniature-world.md")
-def test_text_to_image_draws_the_caption(mini):
+@pytest.fixture(scope="module")
+def generations(mini):
     from ip2p.pretrain.t2i import judge
     from ip2p.world.scene import sample_scenes
 
     cfg, parts, _ = mini
-    result = judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),
-                   cfg.world.t2i.eval, sample_scenes(777002, 48))
-    assert result["colour"] >= T2I["colour"], result
-    assert result["background"] >= T2I["background"], result
-    assert result["shape"] >= T2I["shape"], result
+    return judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),
+                 cfg.world.report.t2i, sample_scenes(777002, 48))
+
+
+def test_text_to_image_draws_the_caption(mini, generations):
+    cfg, parts, _ = mini
+    # the base carries the schedule it was trained with, for every later stage to sample alike
+    assert parts.scheduler.config.prediction_type == cfg.world.t2i.schedule.prediction_type == "v_prediction"
+    assert parts.scheduler.config.rescale_betas_zero_snr
+    for attribute, level in T2I_HELD.items():
+        assert generations[attribute] >= level, (attribute, generations)
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped base draws colour 0.77 and shape 0.25 on 200 held-out "
+                   "captions (targets 0.90 / 0.75): shapes of 10-14 px objects on 16 x 16 latents; docs/miniature-world.md")
+def test_text_to_image_reaches_the_issue_targets(generations):
+    for attribute, target in T2I.items():
+        assert generations[attribute] >= target, (attribute, generations)
 
 
 def test_clip_tells_one_attribute_apart_and_points_the_right_way(mini):
@@ -104,4 +116,4 @@ def test_instruction_lm_writes_consistent_edits(mini):
     small.eval.captions, small.eval.seed = 60, 777004
     result = judge(c.finetune.output, cfg, small)
     assert result["well_formed"] >= 0.95, result  # the paper's format is learned...
-    assert result["valid_and_consistent"] >= LLM_CONSISTENT, result  # ...copying the caption much less
+    assert result["valid_and_consistent"] >= LLM_CONSISTENT, result  # ...and copying the caption mostly
