@@ -64,3 +64,16 @@ def test_the_wrong_edit_fails(cases):
 def test_unparseable_instruction_is_not_judged(cases):
     _, _, _, _, before, after = cases[0]
     assert judge_edit(before, after, "do something nice") is None
+
+
+def test_images_of_other_sizes_are_read_at_the_canvas_size(cases):
+    from PIL import Image
+
+    from ip2p.world.verdict import read_any
+
+    for scene, *_ in cases[:20]:
+        small = render(scene)
+        big = np.asarray(Image.fromarray(small).resize((128, 128), Image.Resampling.NEAREST))
+        a, b = read(small), read_any(big)
+        assert (a.background, a.style, [(o.shape, o.colour) for o in a.objects]) == \
+            (b.background, b.style, [(o.shape, o.colour) for o in b.objects])

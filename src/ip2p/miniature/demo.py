@@ -20,7 +20,7 @@ from ip2p.models.loader import load_diffusion
 from ip2p.world.cases import heldout_cases
 from ip2p.world.oracle import read
 from ip2p.world.render import render
-from ip2p.world.verdict import judge_edit
+from ip2p.world.verdict import judge_edit, read_any
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> dict:
         for col, case in enumerate(cases_of_row):
             before = render(case.scene)
             after = np.asarray(editor.edit(Image.fromarray(before), case.instruction, settings)[0].convert("RGB"))
-            v = judge_edit(read(before), read(after), case.instruction)
+            v = judge_edit(read(before), read_any(after), case.instruction)
             good += bool(v and v.both)
             top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
             top.imshow(before, interpolation="nearest")

@@ -33,7 +33,7 @@ from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.cases import Case, heldout_cases
 from ip2p.world.oracle import Reading, read
 from ip2p.world.render import render
-from ip2p.world.verdict import judge_edit
+from ip2p.world.verdict import judge_edit, read_any
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def verdict_rows(cases: list[Case], befores: list[Reading], images: np.ndarray, 
     """One row per case: the world's verdict on `images` (the method's outputs, case order)."""
     rows = []
     for case, before, img in zip(cases, befores, images):
-        v = judge_edit(before, read(img), case.instruction)
+        v = judge_edit(before, read_any(img), case.instruction)
         rows.append({"case": case.id, "kind": case.kind, "method": method,
                      "text_scale": cell.text_scale if cell else np.nan,
                      "image_scale": cell.image_scale if cell else np.nan,
@@ -115,7 +115,8 @@ def evaluate(cfg: DictConfig) -> dict:
         base = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, "float32")
         drawn = generate(base.unet, base.vae, base.text_encoder, base.tokenizer, dict(base.scheduler.config),
                          [case.output_caption for case in cases], steps=int(c.regenerate.steps),
-                         guidance=float(c.regenerate.guidance), seed=int(c.seed), sampler=str(c.regenerate.sampler))
+                         guidance=float(c.regenerate.guidance), seed=int(c.seed), sampler=str(c.regenerate.sampler),
+                         resolution=int(renders.shape[1]))
         methods["regenerate"] = pd.DataFrame(verdict_rows(cases, befores, drawn, "regenerate", None))
     if c.baselines.unfiltered_model:
         other = InstructPix2Pix(load_diffusion(c.baselines.unfiltered_model, "editor", cfg.model, cfg.paths.cache,

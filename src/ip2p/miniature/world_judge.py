@@ -29,8 +29,7 @@ from ip2p.data.dataset import SPLITS, list_pair_folders, read_pair_folder
 from ip2p.io.atomic import atomic_file, atomic_write_json
 from ip2p.io.jsonl import read_jsonl
 from ip2p.world.language import consistent, parse_instruction
-from ip2p.world.oracle import read
-from ip2p.world.verdict import judge_edit
+from ip2p.world.verdict import judge_edit, read_any
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def judge_candidates(root: Path, progress: bool) -> pd.DataFrame:
         pair = read_pair_folder(folder, seeds)
         parsed = parse_instruction(pair.prompt["edit"])
         for cand in pair.candidates:
-            v = judge_edit(read(_rgb(cand.image_0)), read(_rgb(cand.image_1)), pair.prompt["edit"])
+            v = judge_edit(read_any(_rgb(cand.image_0)), read_any(_rgb(cand.image_1)), pair.prompt["edit"])
             m = cand.meta
             rows.append({"id": m.get("id", f"{pair.pair_id}-{cand.seed}"), "pair_id": pair.pair_id,
                          "kind": parsed.kind if parsed else "unparsed", "p": m.get("p", np.nan), "cfg": m.get("cfg", np.nan),

@@ -12,8 +12,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, replace
 
+import numpy as np
+from PIL import Image
+
 from ip2p.world.language import ParsedInstruction, _resolve, parse_instruction
-from ip2p.world.oracle import Reading
+from ip2p.world.oracle import Reading, read
+from ip2p.world.vocab import CANVAS
 
 Key = tuple[str, str | None, str]
 
@@ -27,6 +31,16 @@ class EditVerdict:
     @property
     def both(self) -> bool:
         return self.success and self.preserved
+
+
+def read_any(image: np.ndarray | Image.Image) -> Reading:
+    """The oracle's reading of an RGB image of any size: resized to the world's canvas first (a model
+    may draw at another resolution than the world's 64 px)."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    img = img.convert("RGB")
+    if img.size != (CANVAS, CANVAS):
+        img = img.resize((CANVAS, CANVAS), Image.Resampling.BOX)
+    return read(np.asarray(img))
 
 
 def _keys(r: Reading, colours_visible: bool) -> list[Key]:
