@@ -16,6 +16,7 @@ from PIL import Image
 
 from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
 from ip2p.io.atomic import atomic_file
+from ip2p.io.figures import save_figure
 from ip2p.models.loader import load_diffusion
 from ip2p.world.cases import heldout_cases
 from ip2p.world.oracle import read
@@ -61,11 +62,7 @@ def run(cfg: DictConfig) -> dict:
                 ax.set_yticks([])
     fig.suptitle(f"The editor ({c.model}) on held-out world scenes: input above, edit below", fontsize=9)
     fig.tight_layout()
-    out = Path(c.picture)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    out = save_figure(fig, c.picture, dpi=110)
     scene_png = Path(c.scene_png)
     scene_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(scene_png) as tmp:

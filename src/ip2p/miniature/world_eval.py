@@ -26,8 +26,10 @@ from ip2p.editing.image_io import tensor_to_unit
 from ip2p.editing.pipeline import InstructPix2Pix
 from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells
 from ip2p.evaluation.run import score_grid
-from ip2p.io.atomic import atomic_file, atomic_write_json, atomic_write_text
+from ip2p.io.atomic import atomic_write_json, atomic_write_text
+from ip2p.io.figures import save_figure
 from ip2p.models.loader import load_clip, load_diffusion
+from ip2p.pretrain.vae import to_tensor, to_uint8
 from ip2p.sampling.text_to_image import generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.cases import Case, heldout_cases
@@ -38,11 +40,6 @@ from ip2p.world.verdict import judge_edit, read_any
 log = logging.getLogger(__name__)
 
 TRUTH = ("success", "preserved", "both")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def verdict_rows(cases: list[Case], befores: list[Reading], images: np.ndarray, method: str,
@@ -82,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict:
     cases = heldout_cases(int(c.seed), int(c.per_kind), tuple(c.kinds))
     renders = np.stack([render(case.scene) for case in cases])
     befores = [read(img) for img in renders]
-    inputs = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, 64, 64] in [-1, 1]
+    inputs = to_tensor(renders)  # [N, 3, 64, 64] in [-1, 1]
     ids = [case.id for case in cases]
     instructions = [case.instruction for case in cases]
 
@@ -149,15 +146,6 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def tradeoff_picture(grid: pd.DataFrame, path: Path) -> None:
     """Left: the truth (preservation vs success); right: the paper's CLIP axes. One line per text
     scale through the image scales, as the paper's figure."""
@@ -182,7 +170,7 @@ def tradeoff_picture(grid: pd.DataFrame, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("Held-out rendered scenes, guidance grid (labels: image guidance)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def failures_picture(cases: list[Case], renders: np.ndarray, edits: torch.Tensor, verdicts: pd.DataFrame,
@@ -214,4 +202,4 @@ def failures_picture(cases: list[Case], renders: np.ndarray, edits: torch.Tensor
     axes[0, 0].set_title("input", fontsize=8)
     axes[0, 2].set_title("true edit", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

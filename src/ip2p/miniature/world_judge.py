@@ -26,7 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ip2p.data.dataset import SPLITS, list_pair_folders, read_pair_folder
-from ip2p.io.atomic import atomic_file, atomic_write_json
+from ip2p.io.atomic import atomic_write_json
+from ip2p.io.figures import save_figure
 from ip2p.io.jsonl import read_jsonl
 from ip2p.world.language import consistent, parse_instruction
 from ip2p.world.verdict import judge_edit, read_any
@@ -78,11 +79,12 @@ def filter_truth(cands: pd.DataFrame, kept: set[str]) -> dict:
     """The CLIP filter against the truth: precision = correct share of kept, recall = kept share of correct."""
     k = cands["id"].isin(kept)
     correct = cands["both"]
+    precision = round(float(correct[k].mean()), 4) if k.any() else 0.0
     return {"candidates": int(len(cands)), "kept": int(k.sum()),
             "correct_before_filter": round(float(correct.mean()), 4),
-            "correct_after_filter": round(float(correct[k].mean()), 4) if k.any() else 0.0,
+            "correct_after_filter": precision,
             "correct_among_dropped": round(float(correct[~k].mean()), 4) if (~k).any() else 0.0,
-            "precision": round(float(correct[k].mean()), 4) if k.any() else 0.0,
+            "precision": precision,
             "recall": round(float(k[correct].mean()), 4) if correct.any() else 0.0}
 
 
@@ -102,11 +104,12 @@ def run(cfg: DictConfig) -> dict:
                            "by_p": [{"p_low": float(i.left), "p_high": float(i.right), "correct": round(float(r["mean"]), 4),
                                      "candidates": int(r["count"])} for i, r in by_p.iterrows()]}
     # 3. filter
-    result["filter"] = filter_truth(cands, kept_ids(Path(c.dataset)))
+    kept = kept_ids(Path(c.dataset))
+    result["filter"] = filter_truth(cands, kept)
     result["filter"]["raises_correct_share"] = (result["filter"]["correct_after_filter"]
                                                  > result["filter"]["correct_before_filter"])
     atomic_write_json(out / "world_judge.json", result)
-    pictures(cands, kept_ids(Path(c.dataset)), by_p, out)
+    pictures(cands, kept, by_p, out)
     log.info("world-judge: instructions %.3f, synthesis %.3f, filter %.3f -> %.3f",
              result["instructions"]["valid_and_consistent"], result["synthesis"]["correct"],
              result["filter"]["correct_before_filter"], result["filter"]["correct_after_filter"])
@@ -136,8 +139,4 @@ def pictures(cands: pd.DataFrame, kept: set[str], by_p: pd.DataFrame, out: Path)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "world_synthesis.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "world_synthesis.png")
