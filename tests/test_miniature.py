@@ -61,3 +61,37 @@ def test_world_eval_summary_by_hand():
     assert s["success_recolour"] == 0.5 and s["preserved_background"] == 0.0 and s["both_size"] == 1.0
     # the headline is the unweighted mean over the headline kinds present (recolour, background)
     assert s["success"] == round((0.5 + 1.0) / 2, 4) and s["preserved"] == 0.5 and s["both"] == 0.25
+
+
+def test_unseen_combinations_split_by_hand(tmp_path):
+    """A case is unseen when its true edited scene holds a (colour, shape, background) that no training
+    caption names; the split reads the training parquet's input and output captions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ip2p.miniature.world_eval import by_split, seen_combinations
+    from ip2p.world.cases import caption_combinations, scene_combinations, unseen_in
+
+    assert caption_combinations("a small red circle and a large blue star on grass") == {
+        ("red", "circle", "grass"), ("blue", "star", "grass")}
+    assert caption_combinations("a photo of a dog") == set()
+    assert seen_combinations(tmp_path) is None                    # no training split: no split
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"input_caption": ["a red circle on grass"],
+                             "output_caption": ["a blue circle on grass"]}), tmp_path / "train" / "part-0.parquet")
+    seen = seen_combinations(tmp_path)
+    assert seen == {("red", "circle", "grass"), ("blue", "circle", "grass")}
+
+    cases = heldout_cases(5, 4, ("recolour", "background"))
+    for c in cases:
+        assert unseen_in(c, seen) == any(k not in seen for k in scene_combinations(c.edited))
+    # a hand-made seen set: everything the first case's edit holds is seen, the second's is not
+    seen = scene_combinations(cases[0].edited)
+    unseen_ids = {c.id for c in cases if unseen_in(c, seen)}
+    assert cases[0].id not in unseen_ids
+    rows = pd.DataFrame({"case": [c.id for c in cases], "success": [True] * len(cases),
+                         "preserved": [c.id in unseen_ids for c in cases], "both": [False] * len(cases)})
+    split = by_split(rows, cases, seen)
+    assert split["seen"]["cases"] + split["unseen"]["cases"] == len(cases)
+    assert split["unseen"]["cases"] == len(unseen_ids)
+    assert split["seen"]["preserved"] == 0.0 and split["unseen"]["preserved"] == 1.0

@@ -32,7 +32,7 @@ from ip2p.models.loader import load_clip, load_diffusion
 from ip2p.pretrain.vae import to_tensor, to_uint8
 from ip2p.sampling.text_to_image import generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
-from ip2p.world.cases import Case, heldout_cases
+from ip2p.world.cases import Case, caption_combinations, heldout_cases, unseen_in
 from ip2p.world.oracle import Reading, read
 from ip2p.world.render import render
 from ip2p.world.verdict import judge_edit, read_any
@@ -62,6 +62,33 @@ def summarise(rows: pd.DataFrame, headline_kinds: list[str]) -> dict:
     out = {f"{m}_{k}": round(float(by_kind.loc[k, m]), 4) for k in by_kind.index for m in TRUTH}
     head = by_kind.loc[[k for k in headline_kinds if k in by_kind.index]]
     out.update({m: round(float(head[m].mean()), 4) for m in TRUTH})
+    return out
+
+
+def seen_combinations(dataset: Path) -> set | None:
+    """Every (colour, shape, background) that the editor's training captions (input and output) name;
+    None when there is no training split to read."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((dataset / "train").glob("*.parquet"))
+    if not parts:
+        return None
+    seen: set = set()
+    for part in parts:
+        table = pq.read_table(part, columns=["input_caption", "output_caption"])
+        for text in table.column("input_caption").to_pylist() + table.column("output_caption").to_pylist():
+            seen |= caption_combinations(text)
+    return seen
+
+
+def by_split(at_default: pd.DataFrame, cases: list[Case], seen: set) -> dict:
+    """Truth at the default cell for cases whose combinations the training captions name (seen) and
+    for those with at least one they never name (unseen), over all kinds."""
+    unseen = {case.id for case in cases if unseen_in(case, seen)}
+    split = at_default["case"].isin(unseen).map({True: "unseen", False: "seen"})
+    out = {}
+    for name, g in at_default.groupby(split):
+        out[name] = {"cases": int(len(g)), **{m: round(float(g[m].mean()), 4) for m in TRUTH}}
     return out
 
 
@@ -138,6 +165,9 @@ def evaluate(cfg: DictConfig) -> dict:
                             **{m: round(float(best[m]), 4) for m in TRUTH}},
               "judged": round(float(at_default["judged"].mean()), 4),
               "targets": dict(t), "met": met}
+    seen = seen_combinations(Path(c.training_data)) if c.training_data else None
+    if seen is not None:
+        result["editor_by_combination"] = by_split(at_default, cases, seen)
     atomic_write_json(out / "world_eval.json", result)
     tradeoff_picture(grid.reset_index(), out / "world_eval.png")
     failures_picture(cases, renders, edits[:, cells.index(default)], at_default, int(c.failures_shown),

@@ -11,8 +11,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ip2p.world.language import plain_caption, sample_edit
+from ip2p.world.language import parse_caption, plain_caption, sample_edit
 from ip2p.world.scene import Scene, sample_scene
+
+
+Combination = tuple[str, str, str]  # (object colour, object shape, background)
+
+
+def scene_combinations(scene: Scene) -> set[Combination]:
+    return {(o.colour, o.shape, scene.background) for o in scene.objects}
+
+
+def caption_combinations(text: str) -> set[Combination]:
+    """The combinations a caption names; empty when it does not read as a caption of the world."""
+    parsed = parse_caption(text)
+    return {(o.colour, o.shape, parsed.background) for o in parsed.objects} if parsed else set()
+
+
+def unseen_in(case: "Case", seen: set[Combination]) -> bool:
+    """Does the true edited scene hold an (object colour, shape, background) combination that no
+    training caption names? The editor must then draw something it never saw drawn."""
+    return bool(scene_combinations(case.edited) - seen)
 
 
 @dataclass(frozen=True)
