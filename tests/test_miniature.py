@@ -95,3 +95,41 @@ def test_unseen_combinations_split_by_hand(tmp_path):
     assert split["seen"]["cases"] + split["unseen"]["cases"] == len(cases)
     assert split["unseen"]["cases"] == len(unseen_ids)
     assert split["seen"]["preserved"] == 0.0 and split["unseen"]["preserved"] == 1.0
+
+
+def test_world_attention_runs_the_same_candidates_under_every_mode(tmp_path, cache_dir):
+    """`ip2p world-attention` on the tiny base: only world-readable triples, the candidates that `ip2p
+    synthesize` would draw, one row each per mode; `none` keeps seeds and guidance but copies nothing."""
+    import json
+
+    import numpy as np
+
+    from ip2p.config import compose
+    from ip2p.miniature.world_attention import mode_specs, run, world_triples
+    from ip2p.synthesis.pipeline import draw_samples
+    from ip2p.world.language import world_triple
+    from ip2p.world.scene import sample_scenes
+
+    rng = np.random.default_rng(0)
+    records = [{"id": f"w{i}", **world_triple(s, rng)} for i, s in enumerate(sample_scenes(3, 2))]
+    records.insert(1, {"id": "dog", "input": "a cat", "edit": "make it a dog", "output": "a dog"})
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "{broken\n")
+    assert [r["id"] for r in world_triples(path, 5)] == ["w0", "w1"]
+    assert [r["id"] for r in world_triples(path, 1)] == ["w0"]
+
+    specs = draw_samples(0, "w0", 3, (0.1, 0.9), (3.0, 6.0))
+    assert [s.p for s in mode_specs("none", specs)] == [0.0] * 3
+    assert [(s.seed, s.cfg) for s in mode_specs("none", specs)] == [(s.seed, s.cfg) for s in specs]
+    assert mode_specs("official", specs) == specs
+
+    cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", f"synthesis.input={path}",
+                   "synthesis.steps=3", "synthesis.resolution=64", f"paths.reports={tmp_path}",
+                   "world.attention.pairs=2", "world.attention.candidates=2", "logger=none"])
+    result = run(cfg)
+    assert result["pairs"] == 2 and set(result["modes"]) == {"official", "google", "none"}
+    for r in result["modes"].values():
+        assert r["candidates"] == 4 and sum(b["candidates"] for b in r["by_p"]) == 4
+        assert 0 <= r["both"] <= min(r["success"], r["preserved"]) <= 1
+    assert json.loads((tmp_path / "world_attention.json").read_text()) == result
+    assert (tmp_path / "world_attention.png").stat().st_size > 0

@@ -38,6 +38,7 @@ STAGES: dict[str, str] = {
     "world-calibrate": "ip2p.miniature.calibrate:run",
     "world-judge": "ip2p.miniature.world_judge:run",
     "world-eval": "ip2p.miniature.world_eval:run",
+    "world-attention": "ip2p.miniature.world_attention:run",
     "world-demo": "ip2p.miniature.demo:run",
 }
 
