@@ -37,7 +37,7 @@ from synthesis_speed import build_base
 
 PRECISIONS = {"bf16": "bf16-mixed", "fp32": "32-true"}  # --precision -> Lightning's name
 INSTRUCTIONS = ["make it snowy", "turn the cat into a dog", "add fireworks in the sky", "make it a watercolor"]
-ANCHOR = "facts.md, H100: UNet-only step at 256 px, batch 32, bf16 autocast, AdamW: 0.183 s, 175 samples/s, 21.3 GB"
+ANCHOR = "docs/method.md section 6, H100: UNet-only step at 256 px, batch 32, bf16 autocast, AdamW: 0.183 s, 175 samples/s, 21.3 GB"
 
 
 class MemorySource:

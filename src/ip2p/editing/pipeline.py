@@ -3,7 +3,7 @@
 Per step, ONE UNet call on a batch of three branches (the paper's dual classifier-free guidance):
     [ (text, image), (no text, image), (no text, no image) ]
 The image condition is the VAE posterior MODE, not multiplied by the scaling factor: the released
-checkpoint was trained that way (facts.md section 3) and diffusers' pipeline matches it.
+checkpoint was trained that way (docs/method.md section 3) and diffusers' pipeline matches it.
 """
 
 from __future__ import annotations

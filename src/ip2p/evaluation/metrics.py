@@ -3,7 +3,7 @@
   clip_image_sim   cos(E_img(input), E_img(edit))                      how much of the input is kept
   clip_dir_sim     cos(E_img(edit) - E_img(input), E_txt(out) - E_txt(in))   does the change follow the captions
   clip_text_sim    cos(E_img(edit), E_txt(output caption))
-and, where a ground-truth edited image exists (MagicBrush-style, facts.md section 5):
+and, where a ground-truth edited image exists (MagicBrush-style, docs/method.md section 5):
   l1, l2           mean |edit - gt| and mean (edit - gt)^2 on [0, 1] RGB
   clip_i_gt        cos(E_img(edit), E_img(gt))
 """

@@ -1,4 +1,4 @@
-"""The four CLIP scores of a candidate pair (facts.md section 2), from L2-normalised embeddings:
+"""The four CLIP scores of a candidate pair (docs/method.md section 2), from L2-normalised embeddings:
 
     clip_sim_0      cos(E_img(image_0), E_txt(input caption))
     clip_sim_1      cos(E_img(image_1), E_txt(output caption))

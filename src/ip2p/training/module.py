@@ -1,6 +1,6 @@
 """The InstructPix2Pix LightningModule: only the UNet trains; VAE and text encoder are frozen.
 
-One training example (facts.md section 3):
+One training example (docs/method.md section 3):
     target    = VAE(edited).latent_dist.sample() * scaling_factor     (what the UNet learns to denoise)
     condition = VAE(input).latent_dist.mode()                         (NOT scaled: the released model's convention)
     text      = CLIP text encoder(instruction)
