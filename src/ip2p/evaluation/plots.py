@@ -12,15 +12,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from ip2p.io.atomic import atomic_write_bytes  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+from ip2p.io.figures import save_figure  # noqa: E402
 
 
 def tradeoff_plot(grid: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -38,7 +30,7 @@ def tradeoff_plot(grid: pd.DataFrame, path: str | Path, title: str = "") -> Path
     ax.set_title(title or "Guidance trade-off (labels: image guidance scale)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, path, dpi=120, tight=True)
 
 
 def picture_grid(input_image: Image.Image, edits: dict[tuple[float, float], Image.Image], text_scales: list[float],

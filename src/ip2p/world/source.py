@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ip2p.io.atomic import atomic_file, atomic_write_json
+from ip2p.io.figures import save_figure
 from ip2p.world.language import caption, world_triple
 from ip2p.world.render import render
 from ip2p.world.scene import Scene, sample_scene, sample_scenes
@@ -59,10 +60,7 @@ def samples_picture(records: list[dict], path: Path, columns: int = 4) -> None:
         ax.axis("off")
     fig.suptitle("The miniature world: renders and their captions", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def run(cfg: DictConfig) -> dict:
