@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ip2p.editing.image_io import (
@@ -261,3 +262,14 @@ def test_save_image_atomic_unwritable_target_is_one_line_error(tmp_path):
     with pytest.raises(Ip2pError) as err:
         save_image_atomic(Image.new("RGB", (4, 4)), target)
     assert_one_line_naming(err, target)
+
+
+def test_uint8_batches_round_trip_through_vae_tensors():
+    from ip2p.io.arrays import to_tensor, to_uint8
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    x = to_tensor(images)
+    assert x.shape == (3, 3, 5, 7) and x.dtype == torch.float32
+    assert np.allclose(x.permute(0, 2, 3, 1).numpy(), images / 127.5 - 1.0, atol=1e-6)   # the hand formula
+    assert (to_uint8(x) == images).all()
+    assert (to_uint8(torch.full((1, 3, 1, 1), 4.0)) == 255).all() and (to_uint8(-x.abs() - 2) == 0).all()

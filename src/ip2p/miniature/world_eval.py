@@ -29,7 +29,7 @@ from ip2p.evaluation.run import score_grid
 from ip2p.io.atomic import atomic_write_json, atomic_write_text
 from ip2p.io.figures import save_figure
 from ip2p.models.loader import load_clip, load_diffusion
-from ip2p.pretrain.vae import to_tensor, to_uint8
+from ip2p.io.arrays import to_tensor, to_uint8
 from ip2p.sampling.text_to_image import generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.cases import Case, caption_combinations, heldout_cases, unseen_in

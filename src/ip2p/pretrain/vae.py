@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from scipy import ndimage
 
+from ip2p.io.arrays import to_tensor, to_uint8
 from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.pretrain.loop import LoopConfig, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
@@ -41,15 +42,6 @@ def build_vae(c: DictConfig):
         norm_num_groups=c.norm_groups, sample_size=64, mid_block_add_attention=c.mid_attention,
         scaling_factor=1.0,
     )
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """[B, H, W, 3] uint8 -> [B, 3, H, W] float in [-1, 1] (the diffusers convention)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def detail_weight(scene: Scene, boost: float) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ip2p.io.arrays import to_uint8
 from ip2p.sampling.guidance import classifier_free_guidance, rescale_guidance
 from ip2p.sampling.loop import denoise, make_scheduler
 
@@ -44,5 +45,5 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts
         scheduler = make_scheduler(sampler, scheduler_config)
         latents = denoise(scheduler, latents, predict, steps, generator=generator, progress=progress)
         images = vae.decode(latents / vae.config.scaling_factor).sample
-        out.append(((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        out.append(to_uint8(images))
     return np.concatenate(out)
