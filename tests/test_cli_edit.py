@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ip2p.cli import _compose_for, _edit_parser, main
-from ip2p.editing.image_io import edit_size, load_image, resize_for_editing
+from ip2p.io.images import edit_size, load_image, resize_for_editing
 
 FAST = ["--steps", "3", "--resolution", "128", "--seed", "1", "--no-progress"]
 

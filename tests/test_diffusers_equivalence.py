@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ip2p.editing import EditSettings, InstructPix2Pix, export_pipeline
-from ip2p.editing.image_io import pil_to_tensor, tensor_to_unit
+from ip2p.io.images import pil_to_tensor, tensor_to_unit
 from ip2p.sampling.loop import make_scheduler
 
 TOLERANCE = 1e-4

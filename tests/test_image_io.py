@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ip2p.editing.image_io import (
+from ip2p.io.images import (
     edit_size,
     load_image,
     pil_to_tensor,
@@ -265,7 +265,7 @@ def test_save_image_atomic_unwritable_target_is_one_line_error(tmp_path):
 
 
 def test_uint8_batches_round_trip_through_vae_tensors():
-    from ip2p.io.arrays import to_tensor, to_uint8
+    from ip2p.io.images import to_tensor, to_uint8
 
     images = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
     x = to_tensor(images)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ip2p.config import compose
 from ip2p.editing.export import export_pipeline
-from ip2p.editing.image_io import resize_for_editing
+from ip2p.io.images import resize_for_editing
 from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
 from ip2p.errors import Ip2pError
 from ip2p.models.loader import load_diffusion

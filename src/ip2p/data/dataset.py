@@ -54,7 +54,7 @@ def png_bytes(data: bytes) -> bytes:
     """Image file bytes -> PNG bytes (PNG input is kept byte for byte; others are decoded to RGB)."""
     if data.startswith(PNG_SIGNATURE):
         return data
-    from ip2p.editing.image_io import to_rgb
+    from ip2p.io.images import to_rgb
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()

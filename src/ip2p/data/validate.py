@@ -21,24 +21,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ip2p.errors import Ip2pError
-
-PROMPT_SUFFIX = "\n##\n"
-SEPARATOR = "\n%%\n"
-END = "\nEND"
+from ip2p.models.llm_format import END, PROMPT_SUFFIX, SEPARATOR, format_completion, format_prompt  # noqa: F401
 
 # Rejection reasons of the validator, in the order they are checked.
 MALFORMED, EMPTY, UNCHANGED = "malformed", "empty", "unchanged"
 OVERLONG_INSTRUCTION, OVERLONG_OUTPUT, BLOCKLISTED = "overlong_instruction", "overlong_output", "blocklisted"
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
-
-
-def format_prompt(caption: str) -> str:
-    return caption + PROMPT_SUFFIX
-
-
-def format_completion(edit: str, output: str) -> str:
-    return edit + SEPARATOR + output + END
 
 
 def few_shot_prefix(examples: Iterable[dict]) -> str:

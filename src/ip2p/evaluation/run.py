@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from ip2p.editing.image_io import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
+from ip2p.io.images import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
 from ip2p.editing.pipeline import InstructPix2Pix
 from ip2p.errors import Ip2pError
 from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ip2p.data.dataset import image_struct, png_bytes, write_split
-from ip2p.editing.image_io import to_rgb
+from ip2p.io.images import to_rgb
 from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
 from ip2p.filtering.metrics import METRICS, ClipScorer, clip_id

@@ -88,7 +88,7 @@ def resolve_source(source: str, role: str, model_cfg: Mapping[str, Any], cache_d
     if source == "tiny":
         return str(_tiny_root(model_cfg, cache_dir) / role)
     if str(source).startswith("models:/"):
-        from ip2p.tracking.registry import resolve_model_uri
+        from ip2p.models.registry_uri import resolve_model_uri
 
         return resolve_model_uri(str(source), cache_dir)
     return str(source)

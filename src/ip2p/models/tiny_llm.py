@@ -46,7 +46,7 @@ def ensure_tiny_llm(cache_dir: str | Path, build: Mapping[str, Any] | None = Non
 
 def tokenizer_texts() -> list[str]:
     """The packaged captions and edits, plus the completion format's markers in context."""
-    from ip2p.data.validate import END, PROMPT_SUFFIX, SEPARATOR
+    from ip2p.models.llm_format import END, PROMPT_SUFFIX, SEPARATOR
     from ip2p.models.tiny import tokenizer_corpus
 
     lines = tokenizer_corpus()

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from scipy import ndimage
 
-from ip2p.io.arrays import to_tensor, to_uint8
+from ip2p.io.images import to_tensor, to_uint8
 from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.pretrain.loop import LoopConfig, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run

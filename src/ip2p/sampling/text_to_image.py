@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ip2p.io.arrays import to_uint8
+from ip2p.io.images import to_uint8
 from ip2p.sampling.guidance import classifier_free_guidance, rescale_guidance
 from ip2p.sampling.loop import denoise, make_scheduler
 

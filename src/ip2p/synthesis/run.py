@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ip2p.editing.image_io import tensor_to_pil
+from ip2p.io.images import tensor_to_pil
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
 from ip2p.models.loader import load_diffusion

@@ -30,7 +30,7 @@ def b64_to_image(text: str) -> Image.Image:
 
     from PIL import UnidentifiedImageError
 
-    from ip2p.editing.image_io import to_rgb
+    from ip2p.io.images import to_rgb
     from ip2p.errors import Ip2pError
 
     try:
@@ -62,7 +62,7 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
         self.editor = InstructPix2Pix(components)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from ip2p.editing.image_io import resize_for_editing
+        from ip2p.io.images import resize_for_editing
         from ip2p.editing.pipeline import EditSettings
 
         from ip2p.errors import Ip2pError

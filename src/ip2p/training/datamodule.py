@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ip2p.editing.image_io import pil_to_tensor, to_rgb
+from ip2p.io.images import pil_to_tensor, to_rgb
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed

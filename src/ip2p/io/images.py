@@ -1,4 +1,6 @@
-"""Reading user images safely and resizing them the way the original InstructPix2Pix CLI did."""
+"""Images: reading user files safely, resizing them the way the original InstructPix2Pix CLI did, and
+converting batches between PIL / uint8 arrays and the [-1, 1] float tensors that VAEs take (the
+diffusers convention)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_bytes
-
 
 
 def load_image(path: str | Path, max_pixels: int) -> Image.Image:
@@ -125,3 +126,13 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
         return atomic_write_bytes(path, buffer.getvalue())
     except OSError as err:
         raise Ip2pError(f"cannot write '{path}': {err.strerror or type(err).__name__}") from err
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] float in [-1, 1] (clamped) -> [B, H, W, 3] uint8, rounded to the nearest level."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

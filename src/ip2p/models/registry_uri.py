@@ -1,0 +1,46 @@
+"""`models:/NAME@ALIAS` and `models:/NAME/VERSION`: registered editors resolved to a local diffusers
+folder, so that every loader takes a registry URI wherever it takes a folder (`ip2p edit --model`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ip2p.config import first_line
+from ip2p.errors import Ip2pError
+from ip2p.io.atomic import build_once
+
+
+def resolve_model_uri(uri: str, cache_dir: str | Path, tracking_uri: str | None = None) -> str:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> local diffusers folder (downloaded once per version)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    client = mlflow.MlflowClient()
+    ref = uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except (MlflowException, ValueError) as err:
+        raise Ip2pError(f"cannot resolve '{uri}' in the registry at {mlflow.get_tracking_uri()}: {first_line(err)}") from err
+    target = build_once(Path(cache_dir).expanduser() / "registry" / mv.name / f"v{mv.version}",
+                        lambda folder: mlflow.artifacts.download_artifacts(
+                            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(folder)))
+    return str(_pipeline_folder(target, uri))
+
+
+def _pipeline_folder(model_dir: Path, uri: str) -> Path:
+    """The `pipeline` artifact of a logged ip2p pyfunc model, as MLmodel records it."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"]["pipeline"]["path"]
+    except (OSError, KeyError, TypeError) as err:
+        raise Ip2pError(f"'{uri}' is not an ip2p editor model (no `pipeline` artifact in its MLmodel)") from err
+    return model_dir / relative
