@@ -319,6 +319,61 @@ def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
     assert torch.equal(ids, expected)
 
 
+def test_parquet_source_draws_caption_pairs_uniformly_then_a_candidate():
+    """The original's dataset: a caption pair with 3 kept candidates is seen as often as one with 1,
+    and its candidates share its visits; unit=row weighs every candidate equally."""
+    from ip2p.errors import Ip2pError
+    from ip2p.training.datamodule import ParquetSource
+
+    pair_ids = ["b", "a", "a", "a", "c", "c"]                       # a: 3 candidates, b: 1, c: 2
+    import datasets
+
+    table = datasets.Dataset.from_dict({"pair_id": pair_ids, "id": [f"{p}-{i}" for i, p in enumerate(pair_ids)]})
+    source = ParquetSource(table, "pair")
+    assert len(source) == 3 and source.groups == [[1, 2, 3], [0], [4, 5]]
+    assert len(ParquetSource(table, "row")) == 6 and ParquetSource(table, "row").groups == [[i] for i in range(6)]
+    with pytest.raises(Ip2pError, match="train.data.sampling"):
+        ParquetSource(table, "caption")
+    # the candidate drawn for a visit: uniform over the pair's rows, from the item's generator
+    picks = []
+    for position in range(3000):
+        g = torch.Generator().manual_seed(position)
+        rows = source.groups[0]
+        picks.append(rows[int(torch.randint(len(rows), (), generator=g))])
+    counts = np.bincount(picks, minlength=6)[1:4] / 3000
+    assert np.allclose(counts, 1 / 3, atol=0.04)
+    # a full pass of a sampler over pair items sees each caption pair once, whatever its candidate count
+    seen_pairs = sorted(pair_ids[source.groups[i][0]] for i in range(len(source)))
+    assert seen_pairs == ["a", "b", "c"]
+
+
+def test_parquet_datamodule_samples_pairs_by_default(tmp_path, tiny_editor):
+    """Two kept candidates of one caption pair plus one of another: 2 training items by default."""
+    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.training.datamodule import EditDataModule
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for row_id, pair_id in (("p1-1", "p1"), ("p1-2", "p1"), ("p2-1", "p2")):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        rows.append({"id": row_id, "pair_id": pair_id, "input_image": image_struct(_png(image)),
+                     "edited_image": image_struct(_png(255 - image)), "edit_prompt": "invert",
+                     "input_caption": "x", "output_caption": "y", "seed": 1, "p": 0.5, "cfg": 7.5,
+                     "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.2, "clip_sim_image": 0.8})
+    for split in ("train", "val"):
+        write_split(rows, tmp_path / "ds", split, shard_size=3)
+    data_cfg = {"format": "parquet", "dir": str(tmp_path / "ds"), "resolution": 32, "resize_min": 32,
+                "resize_max": 32, "flip": False, "num_workers": 0, "cache_dir": str(tmp_path / "hf")}
+    dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 2
+    ids = {dm.datasets["train"][(0, position)]["id"] for position in range(40)}
+    assert ids == {"p1-1", "p1-2"}                                   # item 0 is pair p1, both candidates drawn
+    dm_rows = EditDataModule({**data_cfg, "sampling": "row"}, tiny_editor.tokenizer, 2, 2, 1, seed=0)
+    dm_rows.setup("fit")
+    assert len(dm_rows.datasets["train"]) == 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # Whole runs
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
 
-PARQUET_COLUMNS = ("id", "input_image", "edited_image", "edit_prompt")
+PARQUET_COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt")
+SAMPLING_UNITS = ("pair", "row")
 
 
 @dataclass
@@ -85,16 +86,32 @@ def load_parquet_split(dataset_dir: str | Path, split: str, cache_dir: str | Pat
 
 
 class ParquetSource:
-    """Rows of our dataset stage's output (artifacts/dataset/<split>/part-*.parquet)."""
+    """Rows of our dataset stage's output (artifacts/dataset/<split>/part-*.parquet).
 
-    def __init__(self, table):
+    unit="pair" (the original's dataset): item i is the i-th caption pair and one of its surviving
+    candidates is drawn per visit, so every caption pair is seen equally often however many of its
+    candidates the filter kept. unit="row": item i is row i (a pair with 4 kept candidates is seen 4x
+    as often as one with 1)."""
+
+    def __init__(self, table, unit: str = "pair"):
+        if unit not in SAMPLING_UNITS:
+            raise Ip2pError(f"train.data.sampling must be one of {', '.join(SAMPLING_UNITS)} (got '{unit}')")
         self.table = table
+        if unit == "row":
+            self.groups = [[i] for i in range(len(table))]
+        else:
+            rows_of: dict[str, list[int]] = {}
+            for i, pair_id in enumerate(table["pair_id"]):
+                rows_of.setdefault(str(pair_id), []).append(i)
+            self.groups = [rows_of[k] for k in sorted(rows_of)]
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.groups)
 
     def load(self, index: int, generator: torch.Generator) -> Pair:
-        row = self.table[int(index)]
+        rows = self.groups[int(index)]
+        pick = rows[int(torch.randint(len(rows), (), generator=generator))] if len(rows) > 1 else rows[0]
+        row = self.table[pick]
         row_id = str(row["id"])
         return Pair(_decode(row["input_image"], "input_image", row_id),
                     _decode(row["edited_image"], "edited_image", row_id), str(row["edit_prompt"]), row_id)
@@ -317,7 +334,8 @@ class EditDataModule(pl.LightningDataModule):
         if self.cfg.get("format", "parquet") == "released":
             root = Path(self.cfg["dir"])
             return ReleasedSource(root, split, tuple(float(f) for f in self.cfg["released_splits"]))
-        return ParquetSource(load_parquet_split(self.cfg["dir"], split, self.cfg.get("cache_dir"), self.progress))
+        return ParquetSource(load_parquet_split(self.cfg["dir"], split, self.cfg.get("cache_dir"), self.progress),
+                             str(self.cfg.get("sampling", "pair")))
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
