@@ -142,13 +142,15 @@ def noise_png(seed: int, size: int = 32, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def make_candidates(root: Path, pairs: int = 6, per_pair: int = 3) -> None:
-    """Pair folders in the layout `ip2p synthesize` writes (images of random structure)."""
+def make_candidates(root: Path, pairs: int = 6, per_pair: int = 3, edits_per_caption: int = 1) -> None:
+    """Pair folders in the layout `ip2p synthesize` writes (images of random structure); every input
+    caption gets `edits_per_caption` consecutive pairs."""
     for i in range(pairs):
         pid = f"pair{i}"
         folder = root / pid
         folder.mkdir(parents=True)
-        prompt = {"input": f"a photo of a cat {i}", "edit": f"make it a dog {i}", "output": f"a photo of a dog {i}"}
+        caption = i // edits_per_caption
+        prompt = {"input": f"a photo of a cat {caption}", "edit": f"make it a dog {i}", "output": f"a photo of a dog {i}"}
         (folder / "prompt.json").write_text(json.dumps(prompt))
         lines = []
         for k in range(per_pair):
@@ -230,6 +232,40 @@ def test_filter_stage_end_to_end(tmp_path, cache_dir):
     strict = run_filter(tmp_path, cache_dir, "filter.thresholds.sim_image=2.0", out="strict")
     assert strict["records_out"] == 0 and strict["rejected"] == {"below_sim_image": 18}
     assert strict["scores_computed"] == 0
+
+
+def test_no_input_caption_straddles_two_splits(tmp_path, cache_dir):
+    """Three edits of each of 8 captions: with split_by=input_caption (the default) every caption's
+    pairs share one split; split_by=pair, seeded per pair, scatters some of them."""
+    import datasets
+
+    make_candidates(tmp_path / "artifacts" / "candidates", pairs=24, per_pair=1, edits_per_caption=3)
+
+    def splits_of_captions(folder: str) -> dict[str, set[str]]:
+        loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / folder))
+        out: dict[str, set[str]] = {}
+        for name, split in loaded.items():
+            for caption in split["input_caption"]:
+                out.setdefault(caption, set()).add(name)
+        return out
+
+    report = run_filter(tmp_path, cache_dir, *PERMISSIVE, out="by_caption")
+    by_caption = splits_of_captions("by_caption")
+    assert len(by_caption) == 8 and all(len(names) == 1 for names in by_caption.values())
+    # 8 captions cut 90/5/5 -> 6/1/1 captions, 3 pairs each
+    assert {name: s["pairs"] for name, s in report["splits"].items()} == {"train": 18, "val": 3, "test": 3}
+    run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.split_by=pair", out="by_pair")
+    assert any(len(names) > 1 for names in splits_of_captions("by_pair").values())
+    with pytest.raises(Ip2pError, match="filter.split_by"):
+        run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.split_by=row", out="bad")
+
+
+def test_split_group_normalises_the_input_caption():
+    from ip2p.filtering.select import split_group
+
+    assert split_group("input_caption", "p1", "A Cat  on a mat.") == split_group("input_caption", "p2", "a cat on a mat")
+    assert split_group("input_caption", "p1", "a cat") != split_group("input_caption", "p1", "a dog")
+    assert split_group("pair", "p1", "a cat") != split_group("pair", "p2", "a cat")
 
 
 def test_stricter_thresholds_never_move_a_pair_to_another_split(tmp_path, cache_dir):

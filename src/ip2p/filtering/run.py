@@ -4,7 +4,7 @@
       -> four CLIP scores per candidate (cached in filter.scores_dir, keyed by CLIP model and image
          files: re-filtering with new thresholds computes nothing)
       -> thresholds, then the top_k by clip_sim_dir per caption pair
-      -> caption pairs split train/val/test (seeded)
+      -> split train/val/test by input caption (seeded; filter.split_by)
       -> artifacts/dataset/{train,val,test}/part-NNNNN.parquet (staged, then swapped in whole)
     reports/filter.json (counts, kept fraction) and reports/clip_scores.png (score histograms).
 """
@@ -27,7 +27,8 @@ from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
 from ip2p.filtering.metrics import METRICS, ClipScorer, clip_id
 from ip2p.filtering.plots import plot_clip_scores
-from ip2p.filtering.select import THRESHOLD_ORDER, assign_splits, score_column, select, split_counts
+from ip2p.filtering.select import (SPLIT_UNITS, THRESHOLD_ORDER, assign_splits, score_column, select,
+                                   split_counts, split_group)
 from ip2p.io import StageSummary
 from ip2p.io.atomic import atomic_folder
 from ip2p.models.loader import load_clip, resolve_source
@@ -186,6 +187,8 @@ def run(cfg: DictConfig) -> Path:
     if top_k < 1:
         raise Ip2pError(f"filter.top_k must be at least 1 (got {top_k})")
     fractions = {str(k): float(v) for k, v in OmegaConf.to_container(f.splits, resolve=True).items()}
+    if f.split_by not in SPLIT_UNITS:
+        raise Ip2pError(f"filter.split_by must be one of {', '.join(SPLIT_UNITS)} (got '{f.split_by}')")
     split_counts(0, fractions)  # bad fractions fail before any scoring
     clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache))
     units, cache = _units(cfg, clip_model)
@@ -209,15 +212,16 @@ def run(cfg: DictConfig) -> Path:
             if c.scores is None:
                 summary.reject("unreadable_image")
                 continue
-            candidates.append({"candidate": c, "pair_id": c.pair_id, "seed": c.seed, **c.scores})
+            candidates.append({"candidate": c, "pair_id": c.pair_id, "seed": c.seed, **c.scores,
+                               "group": split_group(str(f.split_by), c.pair_id, c.input_caption)})
 
     kept, rejected = select(candidates, thresholds, top_k)
     for reason, n in rejected.items():
         summary.reject(reason, n)
-    # Splits are drawn over every scored pair, not only the survivors: a stricter threshold then removes
+    # Splits are drawn over every scored group, not only the survivors: a stricter threshold then removes
     # pairs from their split but never moves one to another (test sets stay comparable across runs).
-    assignment = assign_splits([c["pair_id"] for c in candidates], fractions, int(f.split_seed))
-    by_split = {name: [k for k in kept if assignment[k["pair_id"]] == name] for name in fractions}
+    assignment = assign_splits([c["group"] for c in candidates], fractions, int(f.split_seed))
+    by_split = {name: [k for k in kept if assignment[k["group"]] == name] for name in fractions}
     written = write_dataset(by_split, Path(f.out_dir), int(f.shard_size), summary)
     summary.records_out = sum(written.values())
 

@@ -1,4 +1,4 @@
-"""Which candidates become training pairs, and which split each caption pair goes to.
+"""Which candidates become training pairs, and which split each input caption (or caption pair) goes to.
 
 Thresholds are keyed by the config's names (sim_0, sim_1, sim_dir, sim_image); scores by the dataset
 columns (clip_sim_0, ...). A score of None means "not measurable" (e.g. an imported dataset without
@@ -86,10 +86,24 @@ def split_counts(num_pairs: int, fractions: Mapping[str, float]) -> dict[str, in
     return dict(zip(names, counts))
 
 
+SPLIT_UNITS = ("input_caption", "pair")
+
+
+def split_group(unit: str, pair_id: str, input_caption: str) -> str:
+    """What must not straddle two splits. input_caption (the default): every edit of one input caption
+    lands in one split, so a test image's caption never appeared in training (with several edits per
+    caption, a split by pair leaks it); compared lower-cased, whitespace collapsed, trailing ".!?"
+    dropped. pair: the caption pair."""
+    if unit == "pair":
+        return "pair:" + pair_id
+    return "caption:" + " ".join(input_caption.lower().split()).rstrip(".!?")
+
+
 def assign_splits(pair_ids: Sequence[str], fractions: Mapping[str, float], seed: int) -> dict[str, str]:
-    """Caption pair -> split. Pairs are ordered by a seeded hash of their id (a seeded shuffle that
-    does not depend on the other pairs) and cut into consecutive runs of split_counts' sizes, in the
-    order the splits are listed. All candidates of a pair land in the same split."""
+    """Group (a caption pair or an input caption: split_group) -> split. Groups are ordered by a seeded
+    hash of their key (a seeded shuffle that does not depend on the other groups) and cut into
+    consecutive runs of split_counts' sizes, in the order the splits are listed. All candidates of a
+    group land in the same split."""
     unique = sorted(set(pair_ids))
     order = sorted(unique, key=lambda pid: (stable_seed(seed, "split", pid), pid))
     assignment: dict[str, str] = {}
