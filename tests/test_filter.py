@@ -260,6 +260,18 @@ def test_no_input_caption_straddles_two_splits(tmp_path, cache_dir):
         run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.split_by=row", out="bad")
 
 
+def test_released_split_by_hand():
+    from ip2p.data.dataset import released_split_of
+
+    names = [f"{i:07d}" for i in range(20)][::-1]                 # listed out of order: sorted first
+    split = released_split_of(names, [0.9, 0.05, 0.05])
+    # floor(0.9 * 20) = 18, floor(0.95 * 20) = 19: 18 / 1 / 1, in sorted order
+    assert [n for n in sorted(names) if split[n] == "train"] == sorted(names)[:18]
+    assert split["0000018"] == "val" and split["0000019"] == "test"
+    with pytest.raises(Ip2pError, match="three fractions"):
+        released_split_of(names, [0.9, 0.1])
+
+
 def test_split_group_normalises_the_input_caption():
     from ip2p.filtering.select import split_group
 
@@ -339,6 +351,21 @@ def test_released_layout_import_round_trip(tmp_path, cache_dir):
                                      "clip_sim_image": 0.9}))
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     (released / "seeds.json").write_text(json.dumps([["0000000", [5, 6]], ["0000001", [7]]]))
+
+    # the release keeps its own split (sorted folders cut 50/0/50 here), as training on it cuts it
+    from ip2p.training.datamodule import released_entries
+
+    cut = ["filter.splits.train=0.5", "filter.splits.val=0.0", "filter.splits.test=0.5"]
+    report = run_filter(tmp_path, cache_dir, "filter.source=released", f"filter.source_dir={released}", *cut,
+                        out="own_split")
+    assert report["splits"] == {"train": {"pairs": 1, "rows": 2}, "val": {"pairs": 0, "rows": 0},
+                                "test": {"pairs": 1, "rows": 1}}
+    from ip2p.data.dataset import load_split
+
+    assert set(load_split(tmp_path / "own_split", "train")["pair_id"]) == {"0000000"}
+    assert set(load_split(tmp_path / "own_split", "test")["pair_id"]) == {"0000001"}
+    assert [e[0] for e in released_entries(released, "train", (0.5, 0.0, 0.5))] == ["0000000"]
+    assert [e[0] for e in released_entries(released, "test", (0.5, 0.0, 0.5))] == ["0000001"]
 
     report = run_filter(tmp_path, cache_dir, "filter.source=released", f"filter.source_dir={released}")
     assert report["scores_released"] == 3 and report["scores_computed"] == 0 and report["records_out"] == 3

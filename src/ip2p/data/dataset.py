@@ -21,7 +21,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
@@ -202,6 +202,18 @@ def read_pair_folder(folder: str | Path, seeds: Iterable[int] | None = None) -> 
             continue
         candidates.append(CandidateFiles(seed, image_0, image_1, metas.get(seed, {"seed": seed})))
     return PairFolder(folder.name, folder, prompt, candidates, problems)
+
+
+def released_split_of(names: Sequence[str], fractions: Sequence[float]) -> dict[str, str]:
+    """The release's own train/val/test split, as the original's dataset cuts it: folder names sorted,
+    then cut at floor(cumulative fraction x count). Training on the release and importing it with
+    `ip2p filter` both use this, so a folder is in the same split either way."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise Ip2pError(f"the release's split needs three fractions (train, val, test) summing to 1 (got {list(fractions)})")
+    ordered = sorted(names)
+    n = len(ordered)
+    cuts = [0, math.floor(fractions[0] * n), math.floor((fractions[0] + fractions[1]) * n), n]
+    return {name: split for i, split in enumerate(SPLITS) for name in ordered[cuts[i]:cuts[i + 1]]}
 
 
 def list_pair_folders(root: str | Path) -> Iterator[tuple[Path, list[int] | None]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ip2p.data.dataset import image_struct, png_bytes, write_split
+from ip2p.data.dataset import SPLITS, image_struct, list_pair_folders, png_bytes, released_split_of, write_split
 from ip2p.io.images import to_rgb
 from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
@@ -220,7 +221,15 @@ def run(cfg: DictConfig) -> Path:
         summary.reject(reason, n)
     # Splits are drawn over every scored group, not only the survivors: a stricter threshold then removes
     # pairs from their split but never moves one to another (test sets stay comparable across runs).
-    assignment = assign_splits([c["group"] for c in candidates], fractions, int(f.split_seed))
+    if str(f.source) == "released":  # the release keeps its own split (sorted folders, cut in order)
+        root = Path(str(f.source_dir))
+        names = [str(path.relative_to(root)).replace(os.sep, "/") for path, _ in list_pair_folders(root)]
+        released = released_split_of(names, [fractions.get(name, 0.0) for name in SPLITS])
+        for c in candidates:
+            c["group"] = c["pair_id"]
+        assignment = {name: split for name, split in released.items() if split in fractions}
+    else:
+        assignment = assign_splits([c["group"] for c in candidates], fractions, int(f.split_seed))
     by_split = {name: [k for k in kept if assignment[k["group"]] == name] for name in fractions}
     written = write_dataset(by_split, Path(f.out_dir), int(f.shard_size), summary)
     summary.records_out = sum(written.values())

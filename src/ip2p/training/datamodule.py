@@ -118,7 +118,10 @@ class ParquetSource:
 
 
 def released_entries(root: str | Path, split: str, fractions: tuple[float, float, float]) -> list[tuple[str, list]]:
-    """seeds.json of the released dataset, folders sorted, then cut 90/5/5 (train/val/test) like the original."""
+    """seeds.json of the released dataset, folders sorted, then cut 90/5/5 (train/val/test) like the original
+    (`released_split_of`, which `ip2p filter` uses too when it imports the release)."""
+    from ip2p.data.dataset import released_split_of
+
     root = Path(root)
     seeds_file = root / "seeds.json"
     if not seeds_file.is_file():
@@ -130,10 +133,8 @@ def released_entries(root: str | Path, split: str, fractions: tuple[float, float
         raise Ip2pError(f"'{seeds_file}' is not a list of [folder, [seeds...]] ({err})") from err
     if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != 3:
         raise Ip2pError(f"train.data.released_splits must be three fractions summing to 1 (got {list(fractions)})")
-    bounds = {"train": (0.0, fractions[0]), "val": (fractions[0], fractions[0] + fractions[1]),
-              "test": (fractions[0] + fractions[1], 1.0)}[split]
-    lo, hi = (math.floor(b * len(entries)) for b in bounds)
-    return [e for e in entries[lo:hi] if e[1]]
+    split_of = released_split_of([name for name, _ in entries], fractions)
+    return [e for e in entries if split_of[e[0]] == split and e[1]]
 
 
 class ReleasedSource:
