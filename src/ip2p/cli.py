@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from ip2p.checks import check_config
 from ip2p.errors import Ip2pError
 
 # stage name -> "module:function" taking the composed DictConfig. Later stages register here.
@@ -154,6 +155,7 @@ def cmd_edit(argv: list[str]) -> int:
         if args.dtype:
             cfg.dtype = args.dtype
         cfg.progress = not args.no_progress
+    check_config(cfg, {f"edit.{key}": "--" + key.replace("_", "-") for key in flags})
     for path in run(cfg):
         print(path)
     return 0
@@ -243,12 +245,14 @@ def cmd_stage(name: str, argv: list[str]) -> int:
         for variable, key in PARAMS_ENV_OVERRIDES.items():
             if os.environ.get(variable):
                 OmegaConf.update(cfg, key, os.environ[variable], force_add=True)
+        check_config(cfg)
         stage_run(cfg)
         return 0
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _main(cfg):
         try:
+            check_config(cfg)
             result = stage_run(cfg)
             return sweep_objective(result, cfg.get("sweep_objective"))
         except Ip2pError as err:

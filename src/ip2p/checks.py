@@ -1,0 +1,137 @@
+"""Every setting checked before any work starts: one place, one message per bad key.
+
+`ip2p <stage>` calls `check_config` on the whole composed configuration before the stage loads a
+model or reads data, so `train.lr=-1` or `filter.batch_size=0` fails in a second with one line
+instead of a traceback (or, worse, minutes in). Stages keep their own checks of what only they can
+know (files, data); these are the settings' ranges. Keys a configuration does not have are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+from ip2p.errors import Ip2pError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+Rule = Callable[[Any], str | None]  # None: fine; else what is wrong
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(low: float, integer: bool = False) -> Rule:
+    def rule(v):
+        if not _number(v) or (integer and int(v) != v):
+            return f"must be {'an integer' if integer else 'a number'} >= {low:g}"
+        return None if v >= low else f"must be >= {low:g}"
+    return rule
+
+
+def above(low: float) -> Rule:
+    def rule(v):
+        return None if _number(v) and v > low else f"must be a number > {low:g}"
+    return rule
+
+
+def within(low: float, high: float) -> Rule:
+    def rule(v):
+        return None if _number(v) and low <= v <= high else f"must be a number in [{low:g}, {high:g}]"
+    return rule
+
+
+def optional(rule: Rule) -> Rule:
+    return lambda v: None if v is None else rule(v)
+
+
+def sampler(v: Any) -> str | None:
+    from ip2p.sampling.loop import scheduler_class
+
+    try:
+        scheduler_class(str(v))
+    except Ip2pError as err:
+        return str(err)
+    return None
+
+
+POSITIVE_INT = at_least(1, integer=True)
+COUNT = at_least(0, integer=True)
+
+RULES: dict[str, Rule] = {
+    "edit.steps": POSITIVE_INT, "edit.num_images": POSITIVE_INT, "edit.scheduler": sampler,
+    "instructions.batch_size": POSITIVE_INT,
+    "synthesis.steps": POSITIVE_INT, "synthesis.samples_per_pair": POSITIVE_INT, "synthesis.batch_size": POSITIVE_INT,
+    "synthesis.sampler": sampler, "synthesis.p_min": within(0, 1), "synthesis.p_max": within(0, 1),
+    "synthesis.cfg_min": above(0), "synthesis.cfg_max": above(0),
+    "filter.batch_size": POSITIVE_INT, "filter.top_k": POSITIVE_INT, "filter.shard_size": POSITIVE_INT,
+    **{f"filter.{group}.{name}": within(-1, 1) for group in ("thresholds", "early_drop")
+       for name in ("sim_image", "sim_dir", "sim_0", "sim_1")},
+    "train.max_steps": POSITIVE_INT, "train.batch_size": POSITIVE_INT, "train.accumulate_grad_batches": POSITIVE_INT,
+    "train.lr": above(0), "train.weight_decay": at_least(0), "train.warmup_steps": COUNT,
+    "train.gradient_clip_val": optional(above(0)), "train.conditioning_dropout": within(0, 1 / 3),
+    "train.ema.decay": within(0, 1), "train.log_every_n_steps": POSITIVE_INT,
+    "train.data.num_workers": COUNT, "train.data.resolution": POSITIVE_INT,
+    "train.validation.every_n_steps": POSITIVE_INT, "train.validation.max_batches": optional(POSITIVE_INT),
+    "train.validation.batch_size": POSITIVE_INT, "train.validation.grid.num_images": COUNT,
+    "train.validation.grid.steps": POSITIVE_INT, "train.validation.grid.scheduler": sampler,
+    "train.checkpoint.every_n_steps": POSITIVE_INT, "train.export.scheduler": sampler,
+    "evaluate.num_samples": POSITIVE_INT, "evaluate.steps": POSITIVE_INT, "evaluate.scheduler": sampler,
+    "evaluate.batch_size": POSITIVE_INT, "evaluate.default_text_scale": at_least(0),
+    "evaluate.default_image_scale": at_least(0),
+    "register.serve.steps": POSITIVE_INT, "register.serve.scheduler": sampler,
+    "llm_finetune.batch_size": POSITIVE_INT, "llm_finetune.lr": above(0), "llm_finetune.weight_decay": at_least(0),
+    "llm_finetune.warmup_steps": COUNT, "llm_finetune.accumulate_grad_batches": POSITIVE_INT,
+    "shard.count": POSITIVE_INT, "shard.index": COUNT,
+}
+
+
+def _relations(get: Callable[[str], Any]) -> list[str]:
+    """Checks that involve several keys."""
+    problems = []
+    index, count = get("shard.index"), get("shard.count")
+    if _number(index) and _number(count) and count >= 1 and not index < count:
+        problems.append(f"shard.index must be < shard.count (got {index} of {count}: shards are 0..{count - 1})")
+    for low, high in (("synthesis.p_min", "synthesis.p_max"), ("synthesis.cfg_min", "synthesis.cfg_max")):
+        a, b = get(low), get(high)
+        if _number(a) and _number(b) and a > b:
+            problems.append(f"{low} must be <= {high} (got {a} > {b})")
+    for scales in ("evaluate.text_scales", "evaluate.image_scales"):
+        values = get(scales)
+        if values is not None and (not values or not all(_number(v) and v >= 0 for v in values)):
+            problems.append(f"{scales} must be a non-empty list of numbers >= 0 (got {values})")
+    return problems
+
+
+def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) -> list[str]:
+    """One line per bad key of the composed configuration; empty when all is well. `aliases` names a
+    key the way the user set it (a command-line flag such as --steps for edit.steps)."""
+    from omegaconf import OmegaConf
+
+    missing = object()
+
+    def get(key: str) -> Any:
+        value = OmegaConf.select(cfg, key, default=missing)
+        if value is missing:
+            return None
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    problems = []
+    for key, rule in RULES.items():
+        if OmegaConf.select(cfg, key, default=missing) is missing:
+            continue
+        value = get(key)
+        why = rule(value)
+        if why is not None:
+            name = (aliases or {}).get(key, key)
+            problems.append(f"{name} {why} (got {value!r})" if "got" not in why else f"{name}: {why}")
+    return problems + _relations(get)
+
+
+def check_config(cfg: "DictConfig", aliases: dict[str, str] | None = None) -> None:
+    """Raise one Ip2pError naming every bad key (joined on one line)."""
+    problems = config_problems(cfg, aliases)
+    if problems:
+        raise Ip2pError(f"{len(problems)} bad setting{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))

@@ -1,0 +1,60 @@
+"""Settings are checked for the whole composed configuration before any work (ip2p.checks): each bad
+key named on one line, through the real CLI for the cases a hostile user tried."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ip2p.checks import config_problems
+from ip2p.config import compose
+
+
+def test_the_shipped_configurations_pass():
+    for overrides in ([], ["experiment=tiny"], ["experiment=small"], ["experiment=mini"], ["experiment=paper"]):
+        assert config_problems(compose(overrides)) == [], overrides
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=-1", "train.lr"),
+    ("filter.batch_size=0", "filter.batch_size"),
+    ("filter.thresholds.sim_dir=5", "filter.thresholds.sim_dir"),
+    ("evaluate.steps=0", "evaluate.steps"),
+    ("train.validation.grid.scheduler=nosuch", "train.validation.grid.scheduler"),
+    ("shard.index=2", "shard.index"),                  # with shard.count=1
+    ("synthesis.p_min=0.95", "synthesis.p_min"),       # above p_max
+    ("train.conditioning_dropout=0.5", "train.conditioning_dropout"),
+    ("filter.top_k=2.5", "filter.top_k"),
+    ("evaluate.image_scales=[]", "evaluate.image_scales"),
+])
+def test_each_bad_key_is_named(override, key):
+    problems = config_problems(compose([override]))
+    assert len(problems) == 1 and problems[0].startswith(key), problems
+
+
+def test_several_bad_keys_are_all_reported():
+    problems = config_problems(compose(["train.lr=0", "filter.top_k=-3", "synthesis.steps=0"]))
+    assert sorted(p.split()[0].rstrip(":") for p in problems) == ["filter.top_k", "synthesis.steps", "train.lr"]
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "train.lr=-1"],
+    ["filter", "filter.batch_size=0"],
+    ["synthesize", "shard.index=2", "shard.count=2"],
+    ["filter", "shard.index=5", "shard.count=2"],
+    ["filter", "filter.thresholds.sim_dir=5"],
+    ["evaluate", "evaluate.steps=0"],
+    ["train", "train.validation.grid.scheduler=nosuch"],
+])
+def test_cli_refuses_bad_settings_with_one_line_before_work(args, tmp_path):
+    """Exit 1 and one line on stderr, no traceback, and nothing written (the stage never started)."""
+    out = subprocess.run([sys.executable, "-m", "ip2p.cli", *args, f"paths.artifacts={tmp_path / 'a'}",
+                          f"paths.reports={tmp_path / 'r'}", f"hydra.run.dir={tmp_path / 'h'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"ip2p {args[0]}: error: 1 bad setting: "), out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
