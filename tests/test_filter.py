@@ -447,3 +447,23 @@ def test_bad_inputs_are_counted_or_explained(tmp_path, cache_dir):
         run_filter(tmp_path, cache_dir, "filter.source=released")
     with pytest.raises(Ip2pError, match="unknown filter threshold"):
         run_filter(tmp_path, cache_dir, "+filter.thresholds.sim_foo=0.1")
+
+
+def test_score_cache_cuts_a_torn_last_line_before_appending(tmp_path):
+    """A kill mid-append leaves half a line; the next entry must not fuse with it (both would be lost)."""
+    from types import SimpleNamespace
+
+    from ip2p.filtering.importers import ScoreCache
+
+    path = tmp_path / "scores" / "candidates-x.jsonl"
+    path.parent.mkdir()
+    scores = {"clip_sim_0": 0.1, "clip_sim_1": 0.2, "clip_sim_dir": 0.3, "clip_sim_image": 0.4}
+    whole = json.dumps({"id": "a-1", "clip_model": "m", "fingerprint": "f1", **scores}) + "\n"
+    path.write_text(whole + '{"id": "a-2", "clip_mo')                 # killed while writing a-2
+    cache = ScoreCache(path, "m")
+    assert path.read_text() == whole
+    cache.put([SimpleNamespace(id="a-3", fingerprint="f3", scores=scores)])
+    again = ScoreCache(path, "m")
+    assert set(again._lines) == {"a-1", "a-3"}
+    assert again.get(SimpleNamespace(id="a-3", fingerprint="f3")) == scores
+    assert again.get(SimpleNamespace(id="a-3", fingerprint="other")) is None

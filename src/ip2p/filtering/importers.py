@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping
 
 from ip2p.data.dataset import list_pair_folders, read_pair_folder
 from ip2p.errors import Ip2pError
+from ip2p.io.jsonl import cut_torn_tail
 from ip2p.filtering.metrics import METRICS
 
 
@@ -92,6 +93,7 @@ class ScoreCache:
     def __init__(self, path: Path, clip_model: str):
         self.path = path
         self.clip_model = clip_model
+        cut_torn_tail(path)  # a kill mid-append: the next entry must not fuse with the torn line
         self._lines: dict[str, dict] = {line["id"]: line for line in _read_lines(path)}
 
     def get(self, candidate: "Candidate") -> dict | None:

@@ -32,6 +32,21 @@ def read_jsonl(path: str | Path, rejected: Counter | None = None) -> Iterator[di
             yield record
 
 
+def cut_torn_tail(path: str | Path) -> bytes:
+    """Truncate an append-only JSONL file after its last complete line (a killed writer leaves at most
+    one torn line; appending after it would fuse the next record into it and lose both). Returns the
+    kept bytes; a missing file is b""."""
+    path = Path(path)
+    if not path.exists():
+        return b""
+    data = path.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(len(keep))
+    return keep
+
+
 class ResumableJsonl:
     """Output of a stage (or one shard of it), written record by record.
 
@@ -55,14 +70,8 @@ class ResumableJsonl:
 
     def open(self) -> "ResumableJsonl":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():
-            data = self.partial.read_bytes()
-            keep = data[: data.rfind(b"\n") + 1]  # drop a torn last line
-            if len(keep) != len(data):
-                with open(self.partial, "r+b") as handle:
-                    handle.truncate(len(keep))
-            for line in keep.splitlines():
-                self.done.add(str(json.loads(line)[self.id_key]))
+        for line in cut_torn_tail(self.partial).splitlines():
+            self.done.add(str(json.loads(line)[self.id_key]))
         self._handle = open(self.partial, "ab")
         return self
 
