@@ -58,3 +58,27 @@ def test_cli_refuses_bad_settings_with_one_line_before_work(args, tmp_path):
     assert lines[-1].startswith(f"ip2p {args[0]}: error: 1 bad setting: "), out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
+    import errno
+
+    from ip2p import cli
+    from ip2p.errors import system_error_line
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out/part-00001.parquet")
+    assert system_error_line(full) == "no space left on device while writing '/data/out/part-00001.parquet'"
+    try:  # wrapped by a library: the cause is found
+        raise RuntimeError("write failed") from full
+    except RuntimeError as wrapped:
+        assert system_error_line(wrapped).startswith("no space left on device")
+    assert system_error_line(OSError(errno.ENOENT, "missing", "x")) is None   # not the machine's state
+    assert system_error_line(ValueError("bug")) is None
+
+    def write_on_a_full_disk(argv):
+        raise full
+
+    monkeypatch.setitem(cli.COMMANDS, "params", write_on_a_full_disk)
+    assert cli.main(["params"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ip2p params: error: no space left on device while writing '/data/out/part-00001.parquet'"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,44 @@ def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
     assert torch.equal(ids, expected)
 
 
+def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, dataset, cache_dir):
+    """resume=auto: last.ckpt is used when run.json's fingerprint is this run's; a changed recipe or
+    changed data starts fresh and moves the old checkpoints aside; max_steps may grow."""
+    from ip2p.training.run import record_run, resolve_resume, run_fingerprint
+
+    cfg = compose_train(tmp_path, dataset, cache_dir)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert resolve_resume(cfg, ckpt) is None                                 # nothing there: fresh
+    torch.save({"state_dict": {}, "global_step": 3}, ckpt / "last.ckpt")
+    torch.save({"state_dict": {}, "global_step": 2}, ckpt / "step-00000002.ckpt")
+    record_run(cfg, ckpt)
+    assert resolve_resume(cfg, ckpt) == str(ckpt / "last.ckpt")
+    longer = compose_train(tmp_path, dataset, cache_dir, **{"train.max_steps": 40, "train.export.enabled": "false"})
+    assert run_fingerprint(longer) == run_fingerprint(cfg)                    # extending a run continues it
+    other_lr = compose_train(tmp_path, dataset, cache_dir, **{"train.lr": 3e-4})
+    other_seed = compose_train(tmp_path, dataset, cache_dir, seed=1)
+    assert run_fingerprint(other_lr) != run_fingerprint(cfg) != run_fingerprint(other_seed)
+    assert resolve_resume(other_lr, ckpt) is None                           # another recipe: fresh
+    assert sorted(p.name for p in (ckpt / "superseded").iterdir()) == ["last.ckpt", "run.json", "step-00000002.ckpt"]
+    assert not list(ckpt.glob("*.ckpt"))
+    # data changed on disk (a rerun of the filter): fresh too
+    data = tmp_path / "data-copy"
+    shutil.copytree(dataset, data)
+    on_copy = compose_train(tmp_path, data, cache_dir)
+    torch.save({"state_dict": {}, "global_step": 3}, ckpt / "last.ckpt")
+    record_run(on_copy, ckpt)
+    assert resolve_resume(on_copy, ckpt) == str(ckpt / "last.ckpt")
+    (data / "train" / "part-00001.parquet").write_bytes(b"x" * 10)
+    assert resolve_resume(on_copy, ckpt) is None
+    # last: whatever wrote it; fresh: never
+    torch.save({"state_dict": {}, "global_step": 3}, ckpt / "last.ckpt")
+    assert resolve_resume(compose_train(tmp_path, dataset, cache_dir, **{"train.resume": "last"}), ckpt) == \
+        str(ckpt / "last.ckpt")
+    assert resolve_resume(compose_train(tmp_path, dataset, cache_dir, **{"train.resume": "fresh"}), ckpt) is None
+    assert not (ckpt / "last.ckpt").exists()
+
+
 def test_parquet_source_draws_caption_pairs_uniformly_then_a_candidate():
     """The original's dataset: a caption pair with 3 kept candidates is seen as often as one with 1,
     and its candidates share its visits; unit=row weighs every candidate equally."""
@@ -387,10 +426,10 @@ def test_resume_from_last_equals_an_uninterrupted_run(dataset, cache_dir, tmp_pa
 
     # A: 4 steps in one go (checkpoints at steps 2 and 4); exports the EMA model
     report_a = run(compose_train(tmp_path / "a", dataset, cache_dir))
-    # B: 3 steps, stop (last.ckpt at step 3, off the checkpoint interval); then `ckpt_path=last` continues
-    # to 4 in a fresh run
+    # B: 3 steps, stop (last.ckpt at step 3, off the checkpoint interval); then a plain rerun (resume=auto:
+    # the same recipe and data) continues to 4 in a fresh process
     run(compose_train(tmp_path / "b", dataset, cache_dir, **{"train.max_steps": 3, "train.export.enabled": "false"}))
-    report_b = run(compose_train(tmp_path / "b", dataset, cache_dir, ckpt_path="last"))
+    report_b = run(compose_train(tmp_path / "b", dataset, cache_dir))
     assert report_b["resumed_from_step"] == 3 and report_a["resumed_from_step"] == 0
     assert report_a["steps"] == report_b["steps"] == 4
 
@@ -586,3 +625,33 @@ def test_validation_shards_are_equal_sized_and_cover_every_item():
         assert set().union(*shards) == set(range(num_items))
         assert len(shards[0]) == -(-num_items // world)
     assert [i for i, _ in ShardSampler(5, 0, 1)] == [0, 1, 2, 3, 4]
+
+
+def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch, cfg):
+    """A save that fails half-way (a full disk) leaves the previous checkpoint and no partial file;
+    the trainer writes through this plugin."""
+    import errno
+
+    from ip2p.training.run import atomic_checkpoint_io, build_trainer, resolve_paths
+
+    io_plugin = atomic_checkpoint_io()
+    target = tmp_path / "last.ckpt"
+    io_plugin.save_checkpoint({"global_step": 1}, target)
+    before = target.read_bytes()
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+
+    def full_disk(checkpoint, path):  # Lightning's writer, on a disk that fills up half-way
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    from lightning_fabric.plugins.io import torch_io
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
+    with pytest.raises(OSError):
+        io_plugin.save_checkpoint({"global_step": 2}, target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    monkeypatch.undo()
+
+    trainer = build_trainer(cfg, resolve_paths(cfg), [], [])
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"

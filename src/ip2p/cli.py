@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ip2p.checks import check_config
-from ip2p.errors import Ip2pError
+from ip2p.errors import Ip2pError, system_error_line
 
 # stage name -> "module:function" taking the composed DictConfig. Later stages register here.
 STAGES: dict[str, str] = {
@@ -258,6 +258,12 @@ def cmd_stage(name: str, argv: list[str]) -> int:
         except Ip2pError as err:
             print(f"ip2p {name}: error: {err}", file=sys.stderr)
             sys.exit(1)
+        except OSError as err:
+            line = system_error_line(err)
+            if line is None:
+                raise
+            print(f"ip2p {name}: error: {line}", file=sys.stderr)
+            sys.exit(1)
 
     sys.argv = [f"ip2p-{name}", *argv, f"hydra.job.name={name}"]
     _main()
@@ -298,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Ip2pError as err:
         print(f"ip2p {command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        line = system_error_line(err)
+        if line is None:
+            raise
+        print(f"ip2p {command}: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ip2p {command}: interrupted", file=sys.stderr)

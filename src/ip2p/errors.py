@@ -3,3 +3,19 @@
 
 class Ip2pError(Exception):
     """A problem with the user's input or setup, explained in one line: no stack trace is shown."""
+
+
+# Operating-system failures that are the machine's state, not a bug: reported as one line naming the path.
+_SYSTEM_STATE = {28: "no space left on device", 122: "disk quota exceeded", 30: "read-only file system",
+                 13: "permission denied", 24: "too many open files"}
+
+
+def system_error_line(err: BaseException) -> str | None:
+    """One line for an OSError caused by the machine's state (a full disk, a quota, permissions), naming
+    the file; None for anything else (a real bug keeps its traceback)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _SYSTEM_STATE:
+            where = err.filename or err.filename2
+            return _SYSTEM_STATE[err.errno] + (f" while writing '{where}'" if where else "")
+        err = err.__cause__ or err.__context__
+    return None

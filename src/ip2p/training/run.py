@@ -13,6 +13,7 @@ processes themselves (trainer=multinode_torchrun / slurm); each runs `ip2p train
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -206,13 +207,68 @@ def cluster_plugins(trainer_cfg: DictConfig) -> list:
     raise Ip2pError(f"unknown trainer.cluster_environment '{cluster}' (auto, lightning, slurm, torchelastic)")
 
 
+# train.* keys that do not change the trajectory: a run that differs only in these continues the old one
+# (raising max_steps extends a finished run; moving outputs or logging differently changes nothing).
+NOT_IN_FINGERPRINT = ("resume", "max_steps", "checkpoint_dir", "export_dir", "reports_dir", "output_dir", "export",
+                      "log_every_n_steps", "validation", "checkpoint")
+
+
+def run_fingerprint(cfg: DictConfig) -> str:
+    """What makes one training trajectory: the recipe (train.* but NOT_IN_FINGERPRINT), the seed, the
+    models it starts from and the training data's files (names and sizes; not their bytes, which may be
+    terabytes)."""
+    import hashlib
+
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in NOT_IN_FINGERPRINT}
+    data_dir = Path(str(cfg.train.data.dir)).expanduser()
+    files = sorted((str(p.relative_to(data_dir)), p.stat().st_size) for p in data_dir.rglob("*")
+                   if p.is_file() and not p.name.startswith(".")) if data_dir.is_dir() else []
+    parts = {"train": recipe, "seed": cfg.seed, "model": OmegaConf.to_container(cfg.model, resolve=True),
+             "trainer": OmegaConf.to_container(cfg.trainer, resolve=True), "data": files}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def supersede(checkpoint_dir: Path) -> None:
+    """Move another run's checkpoints to <checkpoint_dir>/superseded/ (replacing older ones there), so
+    that this run's ModelCheckpoint never mixes with them and `last` never means theirs."""
+    if any(int(os.environ.get(k, "0") or 0) for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+        return  # only the first process of a multi-process launch touches the folder
+    old = [p for p in checkpoint_dir.glob("*.ckpt")] + [p for p in (checkpoint_dir / "run.json",) if p.exists()]
+    if not old:
+        return
+    target = checkpoint_dir / "superseded"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in old:
+        os.replace(path, target / path.name)
+    log.info("checkpoints of another run (other recipe or data) moved to %s", target)
+
+
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
-    """`ckpt_path` (top level) or `train.resume`: last -> <checkpoint_dir>/last.ckpt if present, else a path."""
+    """`ckpt_path` (top level) or `train.resume`:
+    auto (the default): <checkpoint_dir>/last.ckpt when it was written by this same recipe on the same
+        data (run.json's fingerprint), so a plain rerun after a kill continues; another run's
+        checkpoints are superseded and training starts fresh;
+    last: <checkpoint_dir>/last.ckpt if present, whatever wrote it; null / fresh: start from step 0;
+    a path: that checkpoint."""
     value = cfg.get("ckpt_path") or cfg.train.get("resume")
-    if not value:
+    last = checkpoint_dir / "last.ckpt"
+    if not value or str(value) == "fresh":
+        supersede(checkpoint_dir)
+        return None
+    if str(value) == "auto":
+        record = checkpoint_dir / "run.json"
+        try:
+            same = json.loads(record.read_text())["fingerprint"] == run_fingerprint(cfg)
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same and last.exists():
+            check_checkpoint(last)
+            log.info("resuming this run from %s", last)
+            return str(last)
+        supersede(checkpoint_dir)
         return None
     if str(value) == "last":
-        last = checkpoint_dir / "last.ckpt"
         if last.exists():
             check_checkpoint(last)
             return str(last)
@@ -223,6 +279,11 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         raise Ip2pError(f"checkpoint to resume from not found: '{value}'")
     check_checkpoint(path)
     return str(path.resolve())
+
+
+def record_run(cfg: DictConfig, checkpoint_dir: Path) -> None:
+    """run.json beside the checkpoints: the fingerprint that `resume=auto` compares."""
+    atomic_write_json(checkpoint_dir / "run.json", {"fingerprint": run_fingerprint(cfg)})
 
 
 def check_checkpoint(path: Path) -> None:
@@ -271,16 +332,40 @@ def prepare_ddp_relaunch(pinned: dict[str, str | None]) -> None:
             hc.run.dir = hc.runtime.output_dir
 
 
+def atomic_checkpoint_io():
+    """Lightning's torch checkpoint writer, but each file is written to a temp name beside its target and
+    renamed into place: a full disk or a kill mid-save leaves the previous step-N.ckpt / last.ckpt (or
+    nothing), never a truncated file that a resume would then choke on."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.partial")
+            try:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    return AtomicCheckpointIO()
+
+
 def build_trainer(cfg: DictConfig, paths: RunPaths, loggers: list, callbacks: list):
     import pytorch_lightning as pl
 
     t, tr = cfg.train, cfg.trainer
     devices, num_nodes = devices_and_nodes(tr)
+    strategy = build_strategy(tr)
+    plugins = cluster_plugins(tr)
+    if isinstance(strategy, str) or type(strategy).__name__ == "DDPStrategy":  # FSDP/DeepSpeed save shards their way
+        plugins.append(atomic_checkpoint_io())
     accumulate = int(t.accumulate_grad_batches)
     max_val = t.validation.max_batches
     return pl.Trainer(
-        accelerator=str(tr.accelerator), devices=devices, num_nodes=num_nodes, strategy=build_strategy(tr),
-        precision=str(tr.precision), plugins=cluster_plugins(tr) or None,
+        accelerator=str(tr.accelerator), devices=devices, num_nodes=num_nodes, strategy=strategy,
+        precision=str(tr.precision), plugins=plugins or None,
         max_steps=int(t.max_steps), max_epochs=-1, accumulate_grad_batches=accumulate,
         gradient_clip_val=None if t.gradient_clip_val is None else float(t.gradient_clip_val),
         # Validation counts micro-batches: every N optimizer steps is every N x accumulate batches.
@@ -360,11 +445,13 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, paths, loggers, callbacks)
     _check_launch(trainer)
     prepare_ddp_relaunch({**paths.pinned_overrides(), "train.resume": resume})
+    if trainer.is_global_zero:
+        record_run(cfg, paths.checkpoint_dir)
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         if trainer.interrupted:
-            raise Ip2pError("training was interrupted; resume with ckpt_path=last")
+            raise Ip2pError("training was interrupted; run the same command again to resume (train.resume=auto)")
         if module.validated_at_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final val loss and grid
         state = trainer.strategy.lightning_module_state_dict()  # gathers sharded weights (FSDP) on all ranks
