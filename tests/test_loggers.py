@@ -188,6 +188,38 @@ def test_start_mlflow_run_for_stages_without_lightning(cfg, tmp_path, monkeypatc
         assert nothing is None
 
 
+def test_runs_of_killed_processes_are_closed_as_failed(cfg, tmp_path, monkeypatch):
+    """A run left RUNNING by a process that is gone (kill -9) is marked FAILED by the next stage that
+    opens the experiment; a live process's run and another host's run are left alone."""
+    import socket
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from ip2p.config import compose
+    from ip2p.tracking.loggers import start_mlflow_run
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    stage_cfg = compose([f"paths.cache={cfg.paths.cache}", "logger.experiment=orphans"])
+    with start_mlflow_run(stage_cfg, "synthesize") as first:
+        tags = first.data.tags
+        assert tags["ip2p.host"] == socket.gethostname() and tags["ip2p.pid"] == str(os.getpid())
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("orphans").experiment_id
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()                 # a pid that has exited
+    host = socket.gethostname()
+    killed = client.create_run(experiment, tags={"ip2p.host": host, "ip2p.pid": gone}).info.run_id
+    alive = client.create_run(experiment, tags={"ip2p.host": host, "ip2p.pid": str(os.getpid())}).info.run_id
+    elsewhere = client.create_run(experiment, tags={"ip2p.host": "another-node", "ip2p.pid": gone}).info.run_id
+    with start_mlflow_run(stage_cfg, "filter"):
+        pass
+    status = {r: client.get_run(r).info.status for r in (killed, alive, elsewhere)}
+    assert status == {killed: "FAILED", alive: "RUNNING", elsewhere: "RUNNING"}
+    assert "killed" in client.get_run(killed).data.tags["ip2p.closed"]
+
+
 @pytest.mark.slow
 def test_sweep_gives_one_mlflow_run_per_job_with_a_shared_tag(dataset, cache_dir, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -177,7 +177,7 @@ def hydra_tags() -> dict[str, str]:
 
 def provenance(cfg: DictConfig, stage: str) -> dict[str, str]:
     """Tags every run carries: stage, git commit, DVC hash of the raw data and of the dataset, Hydra sweep."""
-    tags = {"stage": stage, **git_commit(), **hydra_tags()}
+    tags = {"stage": stage, **git_commit(), **hydra_tags(), **process_tags()}
     if tags.get("git_commit"):
         tags["mlflow.source.git.commit"] = tags["git_commit"]
     data_md5 = dvc_md5(f"{cfg.paths.data}.dvc")
@@ -231,6 +231,42 @@ def _ensure_sqlite_folder(uri: str) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: a run still RUNNING whose process is gone was killed (close_orphaned_runs)."""
+    import socket
+
+    return {"ip2p.host": socket.gethostname(), "ip2p.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def close_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Runs of this host left RUNNING by a process that no longer exists (a kill -9, a lost node) are
+    marked FAILED, so the tracking UI does not show them running forever. Returns their ids."""
+    import socket
+
+    host = socket.gethostname().replace("'", "")
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`ip2p.host` = '{host}'",
+                                  max_results=1000):
+        pid = run.data.tags.get("ip2p.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "ip2p.closed", f"process {pid} was gone: killed")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.info("marked %d run(s) of killed processes FAILED", len(closed))
+    return closed
+
+
 def ensure_experiment(cfg: DictConfig) -> tuple[str, str]:
     """(tracking_uri, experiment_id): the experiment is created with our artifact location if new."""
     import mlflow
@@ -243,6 +279,7 @@ def ensure_experiment(cfg: DictConfig) -> tuple[str, str]:
     try:
         found = client.get_experiment_by_name(name)
         if found is not None:
+            close_orphaned_runs(client, found.experiment_id)
             return uri, found.experiment_id
         return uri, client.create_experiment(name, artifact_location=mlflow_artifact_location(cfg, uri))
     except mlflow.exceptions.MlflowException as err:
