@@ -114,7 +114,7 @@ def main() -> None:
 
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
+    from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
     from ip2p.models.loader import resolve_dtype
 
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)

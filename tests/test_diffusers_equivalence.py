@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ip2p.editing import EditSettings, InstructPix2Pix, export_pipeline
 from ip2p.io.images import pil_to_tensor, tensor_to_unit
+from ip2p.models.export import export_pipeline
+from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.sampling.loop import make_scheduler
 
 TOLERANCE = 1e-4

@@ -121,7 +121,7 @@ def _cos(a, b):
 def test_one_cell_matches_independent_recomputation(evaluated, tiny_editor, tiny_clip, tmp_path):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    from ip2p.editing.export import export_pipeline
+    from ip2p.models.export import export_pipeline
     from ip2p.evaluation.run import load_test_pairs
 
     cfg, out, _, _ = evaluated

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from ip2p.errors import Ip2pError
-from ip2p.filtering.metrics import ClipScorer, clip_metrics
-from ip2p.filtering.select import assign_splits, first_failure, select, split_counts
+from ip2p.filtering.select import assign_splits, select, split_counts
+from ip2p.scoring.clip import ClipScorer, clip_metrics
+from ip2p.scoring.thresholds import first_failure
 
 THRESHOLDS = {"sim_image": 0.75, "sim_dir": 0.2, "sim_0": 0.2, "sim_1": 0.2}
 PERMISSIVE = [f"filter.thresholds.{k}=-1" for k in THRESHOLDS]
@@ -319,7 +320,7 @@ def test_cache_entries_of_another_clip_or_changed_images_are_recomputed(tmp_path
 
 
 def test_early_drop_scores_from_synthesis_are_used(tmp_path, cache_dir, tiny_clip):
-    from ip2p.filtering.metrics import clip_id
+    from ip2p.scoring.clip import clip_id
 
     candidates = tmp_path / "artifacts" / "candidates"
     make_candidates(candidates, pairs=1, per_pair=2)

@@ -13,7 +13,7 @@ import diffusers
 import pytest
 import torch
 
-from ip2p.editing.pipeline import InstructPix2Pix
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import DiffusionComponents
 from ip2p.sampling import classifier_free_guidance, dual_guidance
 

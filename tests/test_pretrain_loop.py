@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from ip2p.errors import Ip2pError
+from ip2p.models.ema import ExponentialMovingAverage
 from ip2p.pretrain.loop import LoopConfig, learning_rate, load_checkpoint, train
-from ip2p.training.ema import ExponentialMovingAverage
 
 REPO = Path(__file__).resolve().parents[1]
 

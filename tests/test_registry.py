@@ -18,10 +18,10 @@ import requests
 from PIL import Image
 
 from ip2p.config import compose
-from ip2p.editing.export import export_pipeline
-from ip2p.io.images import resize_for_editing
-from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
 from ip2p.errors import Ip2pError
+from ip2p.io.images import resize_for_editing
+from ip2p.models.export import export_pipeline
+from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.models.loader import load_diffusion
 from ip2p.tracking.registry import promote, run_register
 

@@ -384,7 +384,7 @@ def test_shards_partition_the_pairs_and_equal_an_unsharded_run(tmp_path, cache_d
 def test_early_drop_scores_and_drops(tmp_path, cache_dir, tiny_clip):
     from PIL import Image
 
-    from ip2p.filtering.metrics import ClipScorer
+    from ip2p.scoring.clip import ClipScorer
 
     instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
     keep_all = ["synthesis.early_drop=true"] + [f"filter.early_drop.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]

@@ -152,7 +152,7 @@ def test_latents_target_is_scaled_sample_and_condition_is_unscaled_mode(tiny_edi
 
 
 def test_ema_update_matches_hand_computation():
-    from ip2p.training.ema import ExponentialMovingAverage, ema_decay
+    from ip2p.models.ema import ExponentialMovingAverage, ema_decay
 
     model = torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in model.parameters()]
@@ -586,7 +586,7 @@ def test_default_ema_follows_the_original_warmup_rule():
     A constant 0.9999 would leave e^-1 = 37% of the untrained UNet in the EMA after the paper's 10k steps
     (98% after the tiny preset's 200): the exported editor would barely show the training."""
     from ip2p.config import compose
-    from ip2p.training.ema import ExponentialMovingAverage
+    from ip2p.models.ema import ExponentialMovingAverage
     from ip2p.training.module import TrainSettings
     from ip2p.training.run import settings_from_config
 

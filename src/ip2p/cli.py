@@ -169,7 +169,7 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--model-config", default=None, help="for a .ckpt/.safetensors --model: as for `ip2p edit`")
     p.add_argument("--scheduler", default="euler_ancestral", help="scheduler class stored in the folder")
     args = p.parse_args(argv)
-    from ip2p.editing.export import export_pipeline
+    from ip2p.models.export import export_pipeline
     from ip2p.models.loader import load_diffusion
 
     cfg = _compose_for(args.model, [], args.model_config)

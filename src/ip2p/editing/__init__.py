@@ -1,6 +1,2 @@
-"""Editing: image I/O and resizing, the dual-guidance sampler, export to the diffusers layout."""
-
-from ip2p.editing.export import export_pipeline
-from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
-
-__all__ = ["EditSettings", "InstructPix2Pix", "export_pipeline"]
+"""`ip2p edit`: edit images from the command line with any editor (preset, folder, checkpoint file
+or registry URI). The sampler itself is ip2p.models.instruct_pix2pix, shared with every stage."""

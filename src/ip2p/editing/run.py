@@ -7,9 +7,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ip2p.io.images import load_image, resize_for_editing, save_image_atomic
-from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
 from ip2p.errors import Ip2pError
+from ip2p.io.images import load_image, resize_for_editing, save_image_atomic
+from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.models.loader import load_diffusion
 from ip2p.sampling.loop import scheduler_class
 

@@ -12,8 +12,8 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ip2p.editing.pipeline import InstructPix2Pix
 from ip2p.io.stage import stable_seed
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 
 
 @dataclass(frozen=True)

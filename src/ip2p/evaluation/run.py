@@ -18,15 +18,15 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from ip2p.io.images import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
-from ip2p.editing.pipeline import InstructPix2Pix
 from ip2p.errors import Ip2pError
 from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells
-from ip2p.evaluation.metrics import edit_metrics, ground_truth_metrics
 from ip2p.evaluation.plots import picture_grid, tradeoff_plot
 from ip2p.io.atomic import atomic_write_json, atomic_write_text
+from ip2p.io.images import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
 from ip2p.models.clip_embed import embed_images, embed_texts
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_clip, load_diffusion
+from ip2p.scoring.edits import edit_metrics, ground_truth_metrics
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Mapping
 from ip2p.data.dataset import list_pair_folders, read_pair_folder
 from ip2p.errors import Ip2pError
 from ip2p.io.jsonl import cut_torn_tail
-from ip2p.filtering.metrics import METRICS
+from ip2p.scoring.clip import METRICS
 
 
 

@@ -23,16 +23,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ip2p.data.dataset import SPLITS, image_struct, list_pair_folders, png_bytes, released_split_of, write_split
-from ip2p.io.images import to_rgb
 from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
-from ip2p.filtering.metrics import METRICS, ClipScorer, clip_id
 from ip2p.filtering.plots import plot_clip_scores
-from ip2p.filtering.select import (SPLIT_UNITS, THRESHOLD_ORDER, assign_splits, score_column, select,
-                                   split_counts, split_group)
+from ip2p.filtering.select import SPLIT_UNITS, assign_splits, select, split_counts, split_group
 from ip2p.io import StageSummary
 from ip2p.io.atomic import atomic_folder
+from ip2p.io.images import to_rgb
 from ip2p.models.loader import load_clip, resolve_source
+from ip2p.scoring.clip import METRICS, ClipScorer, clip_id
+from ip2p.scoring.thresholds import THRESHOLD_ORDER, score_column
 
 log = logging.getLogger(__name__)
 

@@ -13,29 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
-
-# Order in which failed thresholds are reported (a candidate counts once, under its first failure).
-THRESHOLD_ORDER = ("sim_image", "sim_dir", "sim_0", "sim_1")
-
-
-def score_column(threshold_name: str) -> str:
-    return f"clip_{threshold_name}"
-
-
-def first_failure(scores: Mapping[str, float | None], thresholds: Mapping[str, float]) -> str | None:
-    """The reason a candidate is dropped ("nan_score", "below_<name>"), or None if it passes all."""
-    for name in THRESHOLD_ORDER:
-        if name not in thresholds:
-            continue
-        value = scores.get(score_column(name))
-        if value is None:
-            continue
-        if math.isnan(value):
-            return "nan_score"
-        if value < thresholds[name]:
-            return f"below_{name}"
-    return None
-
+from ip2p.scoring.thresholds import first_failure
 
 def _sort_key(row: Mapping[str, Any]) -> tuple:
     value = row.get("clip_sim_dir")

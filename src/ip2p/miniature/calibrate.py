@@ -17,9 +17,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from ip2p.filtering.metrics import METRICS, ClipScorer
 from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import load_clip
+from ip2p.scoring.clip import METRICS, ClipScorer
 from ip2p.world.cases import heldout_cases
 from ip2p.world.language import EDIT_KINDS, sample_edit
 from ip2p.world.render import render

@@ -14,9 +14,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from ip2p.editing.pipeline import EditSettings, InstructPix2Pix
 from ip2p.io.atomic import atomic_file
 from ip2p.io.figures import save_figure
+from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.models.loader import load_diffusion
 from ip2p.world.cases import heldout_cases
 from ip2p.world.oracle import read

@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from ip2p.editing.pipeline import InstructPix2Pix
 from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells
 from ip2p.evaluation.run import score_grid
 from ip2p.io.atomic import atomic_write_json, atomic_write_text
 from ip2p.io.figures import save_figure
 from ip2p.io.images import tensor_to_unit, to_tensor, to_uint8
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_clip, load_diffusion
 from ip2p.sampling.text_to_image import generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run

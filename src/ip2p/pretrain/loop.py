@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_file
-from ip2p.training.ema import ExponentialMovingAverage
+from ip2p.models.ema import ExponentialMovingAverage
 
 log = logging.getLogger(__name__)
 

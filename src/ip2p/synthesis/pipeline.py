@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ip2p.editing.pipeline import InstructPix2Pix
 from ip2p.io.stage import stable_seed
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import DiffusionComponents
 from ip2p.sampling import classifier_free_guidance, denoise, make_scheduler
 from ip2p.synthesis.attention import AttentionControl, GoogleSettings, attention_control

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ip2p.io.images import tensor_to_pil
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
+from ip2p.io.images import tensor_to_pil
 from ip2p.models.loader import load_diffusion
 from ip2p.sampling import make_scheduler
 from ip2p.sampling.loop import scheduler_class
@@ -143,7 +143,7 @@ class EarlyDrop:
     """CLIP scoring inside synthesis: candidates below filter.early_drop are not written."""
 
     def __init__(self, cfg: DictConfig):
-        from ip2p.filtering.metrics import ClipScorer
+        from ip2p.scoring.clip import ClipScorer
         from ip2p.models.loader import load_clip
 
         clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
@@ -152,7 +152,7 @@ class EarlyDrop:
 
     def __call__(self, images_0, images_1, record) -> list[dict | None]:
         """Scores of each candidate, or None for a candidate to drop."""
-        from ip2p.filtering.select import first_failure
+        from ip2p.scoring.thresholds import first_failure
 
         n = len(images_0)
         scores = self.scorer.score(images_0, images_1, [record["input"]] * n, [record["output"]] * n)

@@ -53,7 +53,7 @@ def signature():
 
 class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from ip2p.editing.pipeline import InstructPix2Pix
+        from ip2p.models.instruct_pix2pix import InstructPix2Pix
         from ip2p.models.loader import load_diffusion
 
         self.defaults = dict(context.model_config or {})
@@ -63,7 +63,7 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from ip2p.io.images import resize_for_editing
-        from ip2p.editing.pipeline import EditSettings
+        from ip2p.models.instruct_pix2pix import EditSettings
 
         from ip2p.errors import Ip2pError
 

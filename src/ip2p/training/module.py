@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
+from ip2p.models.ema import ExponentialMovingAverage
 from ip2p.models.loader import DiffusionComponents
-from ip2p.training.ema import ExponentialMovingAverage
 
 
 @dataclass
@@ -219,7 +219,7 @@ class InstructPix2PixModule(pl.LightningModule):
         """Edit `batch["input"]` by `batch["input_ids"]` with the EMA UNet (the editing sampler of
         ip2p.editing); returns images [B, 3, H, W] in [-1, 1]. `ema_unet`: a standalone copy of the EMA
         weights to use instead of the module's own (sharded strategies)."""
-        from ip2p.editing.pipeline import InstructPix2Pix
+        from ip2p.models.instruct_pix2pix import InstructPix2Pix
 
         self._frozen_to_device()
         unet = self.ema.model if ema_unet is None else ema_unet.to(self.device)

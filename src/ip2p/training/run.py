@@ -316,10 +316,10 @@ def prepare_ddp_relaunch(pinned: dict[str, str | None]) -> None:
     pinned_keys = set(pinned) | {"ckpt_path"}
     task = [o for o in hc.overrides.task if _override_key(o) not in pinned_keys]
     script = shutil.which("ip2p") or str(Path(sys.executable).parent / "ip2p")
-    if not Path(script).exists():
-        import ip2p.cli
+    if not Path(script).exists():  # no console script: the CLI module's file (found, not imported)
+        import importlib.util
 
-        script = ip2p.cli.__file__
+        script = importlib.util.find_spec("ip2p.cli").origin
     argv = [script, STAGE, *task, *(f"{k}={_quote(v)}" for k, v in pinned.items())]
     # Children log to <run folder>/<job>_rank<LOCAL_RANK>.log instead of appending to rank 0's log.
     if OmegaConf.select(hc, "job_logging.handlers.file.filename") is not None:
@@ -408,7 +408,7 @@ def _quiet_lightning() -> None:
 def run(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
-    from ip2p.editing.export import export_pipeline
+    from ip2p.models.export import export_pipeline
     from ip2p.tracking.loggers import close_loggers, log_file, make_loggers
     from ip2p.training.callbacks import (EMAUpdate, FinalCheckpoint, LossHistory, RunMetadata, SampleGrid,
                                          Throughput, checkpoint_callback)

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ip2p.evaluation.metrics import cosine, edit_metrics
 from ip2p.models.clip_embed import embed_images, embed_texts
 from ip2p.models.loader import ClipComponents
+from ip2p.scoring.edits import cosine, edit_metrics
 
 METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 

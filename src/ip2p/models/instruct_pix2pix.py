@@ -14,10 +14,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from ip2p.io.images import pil_to_tensor, tensor_to_pil
 from ip2p.models.loader import DiffusionComponents
 from ip2p.sampling.guidance import dual_guidance
 from ip2p.sampling.loop import denoise, make_scheduler
-from ip2p.io.images import pil_to_tensor, tensor_to_pil
 
 
 @dataclass

@@ -1,0 +1,96 @@
+"""Every import points down: a module imports only its own package or packages of a lower layer
+(docs/architecture.md). Read from the source with `ast`, so imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ip2p"
+
+# Lowest first. A module's layer is that of its longest matching prefix.
+LAYERS = [
+    ("ip2p.errors",),                                            # the bottom: the one user-facing exception
+    ("ip2p.config",),                                            # composing settings
+    ("ip2p.io",),                                                # files: atomic writes, JSONL, images, figures
+    ("ip2p.world",),                                             # the miniature world and its truth
+    ("ip2p.sampling",),                                          # schedulers, guidance, the denoising loop
+    ("ip2p.models",),                                            # loading, presets, the editing pipeline, export, EMA
+    ("ip2p.scoring", "ip2p.tracking.loggers", "ip2p.checks"),    # CLIP scores, run logging, settings checks
+    ("ip2p.data",),                                              # 1-2 captions, instructions, LM fine-tuning
+    ("ip2p.synthesis",),                                         # 3 Prompt-to-Prompt pairs
+    ("ip2p.filtering",),                                         # 4 CLIP filter -> dataset
+    ("ip2p.training", "ip2p.pretrain"),                          # 5 the editor; the world's foundation models
+    ("ip2p.evaluation",),                                        # 6 guidance grid
+    ("ip2p.editing", "ip2p.tracking"),                           # 7 editing, registry, serving
+    ("ip2p.miniature", "ip2p.cli"),                              # judges of the whole chain; the entry point
+]
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer, the prefix that placed it): the longest prefix wins (ip2p.tracking.loggers over ip2p.tracking)."""
+    best = None
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (index, prefix)
+    if best is None:
+        raise AssertionError(f"{module} has no layer in tests/test_layers.py")
+    return best
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+TOP_PACKAGE = "ip2p"  # src/ip2p/__init__.py: the version only, imports nothing of ours
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("ip2p")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ip2p") and node.level == 0:
+            found.add(node.module)
+            # `from ip2p.pretrain import vae` imports the submodule ip2p.pretrain.vae
+            found |= {f"{node.module}.{a.name}" for a in node.names
+                      if (SRC.parent / (node.module + "." + a.name).replace(".", "/")).with_suffix(".py").exists()}
+    return found
+
+
+MODULES = sorted(p for p in SRC.rglob("*.py") if module_name(p) != TOP_PACKAGE)
+
+
+def test_every_module_has_a_layer():
+    for path in MODULES:
+        layer_of(module_name(path))
+    assert not imports_of(SRC / "__init__.py")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_imports_point_down(path):
+    me = module_name(path)
+    my_layer, my_prefix = layer_of(me)
+    for target in imports_of(path):
+        if target == "ip2p":
+            continue
+        layer, prefix = layer_of(target)
+        same_package = prefix == my_prefix
+        assert same_package or layer < my_layer, (
+            f"{me} (layer {my_layer}, {my_prefix}) imports {target} (layer {layer}, {prefix}): imports must point down")
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    """The checker itself: a stage importing a later stage, and a lower layer importing a higher one."""
+    assert layer_of("ip2p.synthesis.run")[0] < layer_of("ip2p.filtering.run")[0]
+    assert layer_of("ip2p.tracking.loggers")[0] < layer_of("ip2p.tracking.registry")[0]
+    fake = SRC / "synthesis" / "run.py"
+    source = ast.parse("from ip2p.evaluation.grid import Cell\nimport ip2p.cli\n")
+    names = {n.module for n in ast.walk(source) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(source) if isinstance(n, ast.Import) for a in n.names}
+    me_layer = layer_of(module_name(fake))[0]
+    assert all(layer_of(n)[0] > me_layer for n in names)
