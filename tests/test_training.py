@@ -323,7 +323,7 @@ def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
 def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, dataset, cache_dir):
     """resume=auto: last.ckpt is used when run.json's fingerprint is this run's; a changed recipe or
     changed data starts fresh and moves the old checkpoints aside; max_steps may grow."""
-    from ip2p.training.run import record_run, resolve_resume, run_fingerprint
+    from ip2p.training.resume import record_run, resolve_resume, run_fingerprint
 
     cfg = compose_train(tmp_path, dataset, cache_dir)
     ckpt = tmp_path / "ckpt"
@@ -528,7 +528,7 @@ def test_trainer_configs_build_strategies_and_read_launcher_environment(monkeypa
 
     from ip2p.config import compose
     from ip2p.errors import Ip2pError
-    from ip2p.training.run import build_strategy, cluster_plugins, devices_and_nodes
+    from ip2p.training.launch import build_strategy, cluster_plugins, devices_and_nodes
 
     assert isinstance(build_strategy(compose(["trainer=ddp"]).trainer), DDPStrategy)
     fsdp = build_strategy(compose(["trainer=fsdp"]).trainer)
@@ -601,7 +601,7 @@ def test_default_ema_follows_the_original_warmup_rule():
 
 def test_unreadable_checkpoint_to_resume_is_a_one_line_error(tmp_path, cache_dir):
     from ip2p.errors import Ip2pError
-    from ip2p.training.run import resolve_resume
+    from ip2p.training.resume import resolve_resume
 
     cfg = compose_train(tmp_path, tmp_path / "dataset", cache_dir)
     bad = tmp_path / "bad.ckpt"
@@ -632,7 +632,8 @@ def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch, cfg):
     the trainer writes through this plugin."""
     import errno
 
-    from ip2p.training.run import atomic_checkpoint_io, build_trainer, resolve_paths
+    from ip2p.training.launch import atomic_checkpoint_io, build_trainer
+    from ip2p.training.run import resolve_paths
 
     io_plugin = atomic_checkpoint_io()
     target = tmp_path / "last.ckpt"

@@ -1,0 +1,113 @@
+"""Where `ip2p train` starts: resume this run's last checkpoint, or start fresh (train.resume).
+
+A run's fingerprint (the recipe, seed, models and training files) is written beside its checkpoints
+(run.json); `resume=auto` continues only a run with the same fingerprint, so a plain rerun after a
+kill continues and a rerun on new data (e.g. by `dvc repro`) does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ip2p.config import first_line
+from ip2p.errors import Ip2pError
+from ip2p.io.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+# train.* keys that do not change the trajectory: a run that differs only in these continues the old one
+# (raising max_steps extends a finished run; moving outputs or logging differently changes nothing).
+NOT_IN_FINGERPRINT = ("resume", "max_steps", "checkpoint_dir", "export_dir", "reports_dir", "output_dir", "export",
+                      "log_every_n_steps", "validation", "checkpoint")
+
+
+def run_fingerprint(cfg: DictConfig) -> str:
+    """What makes one training trajectory: the recipe (train.* but NOT_IN_FINGERPRINT), the seed, the
+    models it starts from and the training data's files (names and sizes; not their bytes, which may be
+    terabytes)."""
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in NOT_IN_FINGERPRINT}
+    data_dir = Path(str(cfg.train.data.dir)).expanduser()
+    files = sorted((str(p.relative_to(data_dir)), p.stat().st_size) for p in data_dir.rglob("*")
+                   if p.is_file() and not p.name.startswith(".")) if data_dir.is_dir() else []
+    parts = {"train": recipe, "seed": cfg.seed, "model": OmegaConf.to_container(cfg.model, resolve=True),
+             "trainer": OmegaConf.to_container(cfg.trainer, resolve=True), "data": files}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def supersede(checkpoint_dir: Path) -> None:
+    """Move another run's checkpoints to <checkpoint_dir>/superseded/ (replacing older ones there), so
+    that this run's ModelCheckpoint never mixes with them and `last` never means theirs."""
+    if any(int(os.environ.get(k, "0") or 0) for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
+        return  # only the first process of a multi-process launch touches the folder
+    old = [p for p in checkpoint_dir.glob("*.ckpt")] + [p for p in (checkpoint_dir / "run.json",) if p.exists()]
+    if not old:
+        return
+    target = checkpoint_dir / "superseded"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in old:
+        os.replace(path, target / path.name)
+    log.info("checkpoints of another run (other recipe or data) moved to %s", target)
+
+
+def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+    """`ckpt_path` (top level) or `train.resume`:
+    auto (the default): <checkpoint_dir>/last.ckpt when it was written by this same recipe on the same
+        data (run.json's fingerprint), so a plain rerun after a kill continues; another run's
+        checkpoints are superseded and training starts fresh;
+    last: <checkpoint_dir>/last.ckpt if present, whatever wrote it; null / fresh: start from step 0;
+    a path: that checkpoint."""
+    value = cfg.get("ckpt_path") or cfg.train.get("resume")
+    last = checkpoint_dir / "last.ckpt"
+    if not value or str(value) == "fresh":
+        supersede(checkpoint_dir)
+        return None
+    if str(value) == "auto":
+        record = checkpoint_dir / "run.json"
+        try:
+            same = json.loads(record.read_text())["fingerprint"] == run_fingerprint(cfg)
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same and last.exists():
+            check_checkpoint(last)
+            log.info("resuming this run from %s", last)
+            return str(last)
+        supersede(checkpoint_dir)
+        return None
+    if str(value) == "last":
+        if last.exists():
+            check_checkpoint(last)
+            return str(last)
+        log.info("no checkpoint at %s: training from the start", last)
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise Ip2pError(f"checkpoint to resume from not found: '{value}'")
+    check_checkpoint(path)
+    return str(path.resolve())
+
+
+def record_run(cfg: DictConfig, checkpoint_dir: Path) -> None:
+    """run.json beside the checkpoints: the fingerprint that `resume=auto` compares."""
+    atomic_write_json(checkpoint_dir / "run.json", {"fingerprint": run_fingerprint(cfg)})
+
+
+def check_checkpoint(path: Path) -> None:
+    """A one-line error, before Lightning's traceback, for a file that is not a checkpoint of this stage
+    (truncated, another format, the released .ckpt). Memory-mapped: the weights are not read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for foreign or broken files
+        raise Ip2pError(f"cannot resume from '{path}': not a readable checkpoint ({type(err).__name__}: "
+                        f"{first_line(err)[:120]})") from err
+    if not isinstance(state, dict) or not {"state_dict", "global_step"} <= set(state):
+        raise Ip2pError(f"cannot resume from '{path}': not a checkpoint of `ip2p train` (no state_dict/global_step)")
