@@ -127,6 +127,25 @@ def widen_conv_in(unet, in_channels: int):
     return unet
 
 
+def load_vae(source: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32"):
+    """An AutoencoderKL on its own: a VAE folder or hub id (config.json at its root, e.g.
+    stabilityai/sd-vae-ft-mse, the VAE the original decodes its synthesized pairs with), or the vae/ of
+    a pipeline folder. Frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    source = str(source)
+    folder = Path(source).expanduser()
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+    if _is_local(source) and not (folder / "config.json").is_file() and subfolder is None:
+        raise Ip2pError(f"'{source}' holds no VAE (expected config.json, or a pipeline folder with vae/)")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder) if _is_local(source) else source, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise Ip2pError(f"cannot load the VAE '{source}': {first_line(err)}") from err
+    vae = vae.eval().requires_grad_(False)
+    return vae.to(resolve_device(str(device)) if isinstance(device, str) else device, dtype=resolve_dtype(dtype))
+
+
 def load_diffusion(
     source: str,
     role: Role,

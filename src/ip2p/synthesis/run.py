@@ -8,6 +8,7 @@ shard_of(pair_id); reports/synthesize[.shard-...].json counts what went in, out 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
 from ip2p.io.images import tensor_to_pil
-from ip2p.models.loader import load_diffusion
+from ip2p.models.loader import load_diffusion, load_vae
 from ip2p.sampling import make_scheduler
 from ip2p.sampling.loop import scheduler_class
 from ip2p.synthesis.attention import MODES, GoogleSettings
@@ -205,6 +206,9 @@ def run(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = StageSummary("synthesize", int(cfg.shard.index), int(cfg.shard.count))
     components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+    decoder = cfg.synthesis.get("vae")
+    if decoder:  # the original decodes its pairs with SD's ft-MSE VAE; the latents are the base's either way
+        components = dataclasses.replace(components, vae=load_vae(str(decoder), cfg.device, cfg.dtype))
     check_one_call_per_step(settings, components.scheduler.config)
     sampler = PairSampler(components, settings)
     size = resolution(cfg, sampler)
