@@ -47,6 +47,10 @@ def optional(rule: Rule) -> Rule:
     return lambda v: None if v is None else rule(v)
 
 
+def one_of(*choices: str) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
 def sampler(v: Any) -> str | None:
     from ip2p.sampling.loop import scheduler_class
 
@@ -85,6 +89,8 @@ RULES: dict[str, Rule] = {
     "llm_finetune.batch_size": POSITIVE_INT, "llm_finetune.lr": above(0), "llm_finetune.weight_decay": at_least(0),
     "llm_finetune.warmup_steps": COUNT, "llm_finetune.accumulate_grad_batches": POSITIVE_INT,
     "shard.count": POSITIVE_INT, "shard.index": COUNT,
+    "filter.clip_preprocess": one_of("hf", "original"), "evaluate.clip_preprocess": one_of("hf", "original"),
+    "evaluate.clip_value_range": one_of("unit", "signed"),
 }
 
 
@@ -98,6 +104,9 @@ def _relations(get: Callable[[str], Any]) -> list[str]:
         a, b = get(low), get(high)
         if _number(a) and _number(b) and a > b:
             problems.append(f"{low} must be <= {high} (got {a} > {b})")
+    if get("evaluate.clip_value_range") == "signed" and get("evaluate.clip_preprocess") != "original":
+        problems.append("evaluate.clip_value_range=signed (the original metric script's [-1, 1]) needs "
+                        "evaluate.clip_preprocess=original")
     for scales in ("evaluate.text_scales", "evaluate.image_scales"):
         values = get(scales)
         if values is not None and (not values or not all(_number(v) and v >= 0 for v in values)):

@@ -26,11 +26,11 @@ from ip2p.io.images import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
 from ip2p.models.clip_embed import embed_images, embed_texts
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_clip, load_diffusion
-from ip2p.scoring.edits import edit_metrics, ground_truth_metrics
+from ip2p.scoring.edits import cosine, edit_metrics, ground_truth_metrics
 
 log = logging.getLogger(__name__)
 
-METRICS = ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "l1", "l2", "clip_i_gt"]
+METRICS = ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "clip_sim_0", "l1", "l2", "clip_i_gt"]
 
 
 def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int) -> list[dict]:
@@ -58,16 +58,20 @@ def _decode(struct: dict | None, resolution: int) -> Image.Image | None:
 
 
 def score_grid(clip, inputs: torch.Tensor, edits: torch.Tensor, gts: torch.Tensor | None,
-               captions_in: list[str], captions_out: list[str], cells: list[Cell]) -> pd.DataFrame:
-    """One row per (input, cell). inputs [N,3,H,W], edits [N,C,3,H,W], gts [N,3,H,W] or None; all in [0,1]."""
+               captions_in: list[str], captions_out: list[str], cells: list[Cell], preprocess: str = "hf",
+               value_range: str = "unit") -> pd.DataFrame:
+    """One row per (input, cell). inputs [N,3,H,W], edits [N,C,3,H,W], gts [N,3,H,W] or None; all in [0,1].
+    `preprocess` / `value_range`: how images reach CLIP (ip2p.models.clip_embed)."""
     n, c = edits.shape[:2]
-    e_in = embed_images(clip, inputs)
-    e_edit = embed_images(clip, edits.flatten(0, 1)).view(n, c, -1)
+    embed = lambda x: embed_images(clip, x, preprocess=preprocess, value_range=value_range)  # noqa: E731
+    e_in = embed(inputs)
+    e_edit = embed(edits.flatten(0, 1)).view(n, c, -1)
     t_in, t_out = embed_texts(clip, captions_in), embed_texts(clip, captions_out)
-    e_gt = embed_images(clip, gts) if gts is not None else None
+    e_gt = embed(gts) if gts is not None else None
     rows = []
+    input_text = cosine(e_in, t_in)  # the filter's clip_sim_0: how well the input matches its caption
     for k, cell in enumerate(cells):
-        m = edit_metrics(e_in, e_edit[:, k], t_in, t_out)
+        m = {**edit_metrics(e_in, e_edit[:, k], t_in, t_out), "clip_sim_0": input_text}
         if gts is not None:
             m.update(ground_truth_metrics(edits[:, k], gts, e_edit[:, k], e_gt))
         for i in range(n):
@@ -105,7 +109,8 @@ def evaluate(cfg: DictConfig) -> dict:
                       cells, int(e.steps), str(e.scheduler), int(e.seed), int(e.batch_size), bool(cfg.progress))
     per_edit = score_grid(clip, tensor_to_unit(pil_to_tensor(inputs)), tensor_to_unit(edits),
                           tensor_to_unit(pil_to_tensor(gts)) if has_gt else None,
-                          [r["input_caption"] for r in pairs], [r["output_caption"] for r in pairs], cells)
+                          [r["input_caption"] for r in pairs], [r["output_caption"] for r in pairs], cells,
+                          str(e.clip_preprocess), str(e.clip_value_range))
     metrics = [m for m in METRICS if m in per_edit]
     grid = per_edit.groupby(["text_scale", "image_scale"], sort=True)[metrics].mean().reset_index()
     grid.insert(2, "num_samples", len(pairs))

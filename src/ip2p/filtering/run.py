@@ -75,7 +75,7 @@ class Scoring:
     def scorer(self) -> ClipScorer:
         if self._scorer is None:
             clip = load_clip(self.cfg.model.clip, self.cfg.model, self.cfg.paths.cache, self.cfg.device)
-            self._scorer = ClipScorer(clip, self.batch_size)
+            self._scorer = ClipScorer(clip, self.batch_size, str(self.cfg.filter.clip_preprocess))
         return self._scorer
 
     def _compute(self, candidates: list[Candidate]) -> None:
@@ -191,7 +191,8 @@ def run(cfg: DictConfig) -> Path:
     if f.split_by not in SPLIT_UNITS:
         raise Ip2pError(f"filter.split_by must be one of {', '.join(SPLIT_UNITS)} (got '{f.split_by}')")
     split_counts(0, fractions)  # bad fractions fail before any scoring
-    clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache))
+    clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache),
+                         str(f.clip_preprocess))
     units, cache = _units(cfg, clip_model)
 
     summary = StageSummary("filter")

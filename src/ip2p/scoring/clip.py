@@ -5,8 +5,8 @@
     clip_sim_dir    cos(E_img(image_1) - E_img(image_0), E_txt(output caption) - E_txt(input caption))
     clip_sim_image  cos(E_img(image_0), E_img(image_1))
 
-Images reach CLIP through its own processor (ip2p.models.clip_embed): bicubic resize, centre crop,
-CLIP's mean/std normalisation of [0, 1] pixels.
+Images reach CLIP through its own processor (bicubic resize, centre crop, CLIP's mean/std), or as the
+original code resized them (`filter.clip_preprocess=original`; ip2p.models.clip_embed).
 """
 
 from __future__ import annotations
@@ -35,20 +35,22 @@ def clip_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Ten
     }
 
 
-def clip_id(source: str) -> str:
-    """A name for the scoring model (from its resolved source), stored next to cached scores so a
-    different CLIP recomputes them: the last two parts of a local folder (tiny-ce9bcd0796/clip), or the hub id."""
+def clip_id(source: str, preprocess: str = "hf") -> str:
+    """A name for the scorer (the resolved CLIP source and how images reach it), stored next to cached
+    scores so a different CLIP or preprocessing recomputes them: the last two parts of a local folder
+    (tiny-ce9bcd0796/clip) or the hub id, with "+original" for the original's preprocessing."""
     parts = str(source).replace("\\", "/").rstrip("/").split("/")
-    return "/".join(parts[-2:])
+    return "/".join(parts[-2:]) + ("" if preprocess == "hf" else f"+{preprocess}")
 
 
 class ClipScorer:
     """Scores batches of candidate pairs; text embeddings of repeated captions are computed once."""
 
-    def __init__(self, clip: ClipComponents, batch_size: int = 32):
+    def __init__(self, clip: ClipComponents, batch_size: int = 32, preprocess: str = "hf"):
         self.clip = clip
         self.batch_size = batch_size
-        self.name = clip_id(clip.source)
+        self.preprocess = preprocess
+        self.name = clip_id(clip.source, preprocess)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -68,8 +70,8 @@ class ClipScorer:
         measurable; the text scores are None."""
         if not images_0:
             return []
-        e0 = embed_images(self.clip, list(images_0), batch_size=self.batch_size)
-        e1 = embed_images(self.clip, list(images_1), batch_size=self.batch_size)
+        e0 = embed_images(self.clip, list(images_0), batch_size=self.batch_size, preprocess=self.preprocess)
+        e1 = embed_images(self.clip, list(images_1), batch_size=self.batch_size, preprocess=self.preprocess)
         if captions_0 is None or captions_1 is None:
             image_sim = cosine(e0, e1)
             return [{"clip_sim_0": None, "clip_sim_1": None, "clip_sim_dir": None,

@@ -148,7 +148,7 @@ class EarlyDrop:
         from ip2p.models.loader import load_clip
 
         clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
-        self.scorer = ClipScorer(clip, int(cfg.filter.batch_size))
+        self.scorer = ClipScorer(clip, int(cfg.filter.batch_size), str(cfg.filter.clip_preprocess))
         self.thresholds = dict(OmegaConf.to_container(cfg.filter.early_drop, resolve=True))
 
     def __call__(self, images_0, images_1, record) -> list[dict | None]:
