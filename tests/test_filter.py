@@ -259,6 +259,8 @@ def test_no_input_caption_straddles_two_splits(tmp_path, cache_dir):
     assert any(len(names) > 1 for names in splits_of_captions("by_pair").values())
     with pytest.raises(Ip2pError, match="filter.split_by"):
         run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.split_by=row", out="bad")
+    with pytest.raises(Ip2pError, match="not sharded"):  # it would silently write the whole dataset
+        run_filter(tmp_path, cache_dir, *PERMISSIVE, "shard.index=1", "shard.count=2", out="bad")
 
 
 def test_released_split_by_hand():

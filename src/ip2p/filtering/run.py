@@ -183,6 +183,8 @@ def write_dataset(by_split: dict[str, list[dict]], out_dir: Path, shard_size: in
 
 def run(cfg: DictConfig) -> Path:
     f = cfg.filter
+    if int(cfg.shard.count) != 1:  # it reads every synthesis shard's output and writes one dataset
+        raise Ip2pError(f"ip2p filter is not sharded: shard.count must be 1 (got {cfg.shard.count})")
     thresholds = thresholds_from_config(f.thresholds)
     top_k = int(f.top_k)
     if top_k < 1:
