@@ -3,6 +3,7 @@ hand-written relations between the epsilon, v and clean-latent errors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,3 +53,41 @@ def test_v_weight_stays_finite_and_positive_at_zero_snr():
     w = min_snr_weight(alphas, torch.tensor([999]), 5.0, "v_prediction")
     assert float(w) == pytest.approx(1.0)   # SNR 0: clean-latent weight 1 (plain v loss)
     assert float(min_snr_weight(alphas, torch.tensor([5]), 0.0, "v_prediction")) == 1.0  # gamma 0: off
+
+
+def test_object_mask_covers_each_object_and_its_rim():
+    """At f=4, a latent pixel is marked when its 4x4 patch touches an object, plus one latent pixel of
+    rim; the hand check: pixel coverage from the renderer, pooled by hand."""
+    from scipy import ndimage
+
+    from ip2p.pretrain.t2i import object_mask
+    from ip2p.world.render import object_coverage
+    from ip2p.world.scene import sample_scenes
+
+    for scene in sample_scenes(17, 20):
+        mask = object_mask(scene, 4)
+        assert mask.shape == (16, 16) and mask.dtype == bool
+        for o in scene.objects:
+            cover = object_coverage(o)
+            ys, xs = np.nonzero(cover)
+            assert mask[ys // 4, xs // 4].all()                  # every covered pixel's latent is marked
+        touched = np.zeros((16, 16), bool)
+        for o in scene.objects:
+            ys, xs = np.nonzero(object_coverage(o))
+            touched[ys // 4, xs // 4] = True
+        assert (mask == ndimage.binary_dilation(touched)).all()
+        assert mask.sum() < 256                                  # objects do not fill the canvas
+
+
+def test_pixel_weight_favours_objects_and_keeps_the_mean():
+    from ip2p.pretrain.t2i import pixel_weight
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True                                       # 4 of 16 pixels on an object
+    w = pixel_weight(masks, 4.0)
+    assert w.shape == (2, 1, 4, 4)
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    # sample 0: object pixels weigh 5, the rest 1, normalised by the mean (4*5 + 12*1) / 16 = 2
+    assert torch.isclose(w[0, 0, 0, 0], torch.tensor(5 / 2)) and torch.isclose(w[0, 0, 3, 3], torch.tensor(1 / 2))
+    assert torch.allclose(w[1], torch.ones(1, 4, 4))              # no object: a plain mean
+    assert torch.allclose(pixel_weight(masks, 0.0), torch.ones(2, 1, 4, 4))

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ip2p.io.atomic import atomic_file, atomic_write_json
-
+from ip2p.io.atomic import atomic_write_json
+from ip2p.io.figures import save_figure
 from ip2p.models.loader import ClipComponents, load_clip, load_diffusion
 from ip2p.pretrain import clip as clip_stage
 from ip2p.pretrain import t2i as t2i_stage
@@ -40,15 +40,6 @@ TARGETS = {"t2i_colour": 0.90, "t2i_background": 0.90, "t2i_shape": 0.75, "vae_o
 
 def clip_encoder(clip: ClipComponents, max_tokens: int) -> clip_stage.Encoder:
     return clip_stage.Encoder(clip.model, clip.processor, max_tokens)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 def generations_picture(parts, scenes, path: Path, seeds: int, c: DictConfig) -> None:
@@ -78,7 +69,7 @@ def generations_picture(parts, scenes, path: Path, seeds: int, c: DictConfig) ->
         ax.set_yticks([])
     fig.suptitle("Text-to-image base, generated from held-out captions (titles: what the oracle reads)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=90)
 
 
 def reconstructions_picture(vae, scenes, path: Path) -> None:
@@ -98,7 +89,7 @@ def reconstructions_picture(vae, scenes, path: Path) -> None:
     axes[0, 0].set_title("renders", fontsize=8, loc="left")
     axes[1, 0].set_title("VAE reconstructions", fontsize=8, loc="left")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=90)
 
 
 @torch.no_grad()

@@ -4,9 +4,10 @@ saved as a StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer
 Recipe (docs/miniature-world.md): as in SD, the text encoder is a frozen CLIP text tower (here the
 world CLIP's own) and the VAE is frozen; only the UNet trains. Every training scene is rendered and
 encoded once (posterior mean and std cached); each step draws fresh captions for its scenes (so the
-UNet sees many phrasings of one scene) and samples the posterior. SD's noise schedule (1000 steps,
-scaled-linear betas, epsilon target); the loss weighted by min(SNR, gamma) / SNR (min-SNR weighting,
-which converges faster than the plain loss); captions dropped to "" 10% of the time so that
+UNet sees many phrasings of one scene) and samples the posterior. SD's 1000-step scaled-linear betas,
+rescaled to zero terminal SNR, with the v target (`world.t2i.schedule`); min-SNR loss weighting over
+timesteps, and over latent pixels a weight that favours the objects (`object_weight`: they are a few
+percent of the pixels but all of the shape); captions dropped to "" 10% of the time so that
 classifier-free guidance works; warmup + cosine learning rate; EMA weights are saved.
 """
 
@@ -19,17 +20,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ip2p.io.atomic import atomic_file, atomic_folder, atomic_write_json
+from ip2p.io.images import to_tensor
 from ip2p.models.tiny import _scheduler_config
 from ip2p.pretrain.loop import LoopConfig, train
-from ip2p.pretrain.vae import to_tensor
 from ip2p.sampling.text_to_image import encode_prompts, generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import caption, plain_caption
 from ip2p.world.oracle import read
-from ip2p.world.render import render
+from ip2p.world.render import object_coverage, render
 from ip2p.world.scene import Scene, sample_scenes
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,22 @@ def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progre
     with atomic_file(path) as tmp:
         torch.save(cached, tmp)
     return cached
+
+
+def object_mask(scene: Scene, factor: int) -> np.ndarray:
+    """[64/factor]^2 bool: latent pixels whose factor x factor patch touches an object (or its rim)."""
+    cover = np.zeros((64, 64), dtype=np.float32)
+    for o in scene.objects:
+        cover = np.maximum(cover, object_coverage(o))
+    patches = cover.reshape(64 // factor, factor, 64 // factor, factor).max(axis=(1, 3))
+    return ndimage.binary_dilation(patches > 0, iterations=1)
+
+
+def pixel_weight(masks: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """[B, h, w] bool -> [B, 1, h, w] loss weights (1 + object_weight on objects), each sample's
+    weights normalised to mean 1 so the loss keeps the scale of a plain mean."""
+    w = 1.0 + object_weight * masks.float()[:, None]
+    return w / w.mean(dim=(2, 3), keepdim=True)
 
 
 def scheduler_config(schedule: DictConfig | dict | None) -> dict:
@@ -148,6 +166,8 @@ def run(cfg: DictConfig) -> dict:
     # 2. the training scenes, encoded once
     scenes = sample_scenes(c.seed, c.scenes)
     cached = cache_latents(vae, scenes, Path(c.checkpoint).parent / "t2i_latents.pt", progress=cfg.progress)
+    factor = 64 // cached["mean"].shape[-1]  # the VAE's downsampling
+    masks = torch.from_numpy(np.stack([object_mask(s, factor) for s in scenes]))
     empty = encode_prompts(tokenizer, text_encoder, [""])
     eval_scenes = sample_scenes(c.eval.seed, c.eval.scenes)
     loop = LoopConfig.from_cfg(c.loop, progress=cfg.progress)
@@ -171,7 +191,8 @@ def run(cfg: DictConfig) -> dict:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=text).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise  # v = sqrt(a) eps - sqrt(1-a) x0
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        per_pixel = F.mse_loss(pred, target, reduction="none") * pixel_weight(masks[idx], c.object_weight)
+        per_sample = per_pixel.mean(dim=(1, 2, 3))
         w = min_snr_weight(alphas_cumprod, t, c.min_snr_gamma, sched["prediction_type"])
         return {"loss": (w * per_sample).mean(), "mse": per_sample.mean().detach()}
 
