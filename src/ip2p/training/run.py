@@ -130,10 +130,11 @@ def run(cfg: DictConfig) -> dict:
     env_before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     paths = resolve_paths(cfg)
     resume = resolve_resume(cfg, paths.checkpoint_dir)
-    if resume is not None:  # resuming into its own checkpoint folder is the point, not a mistake
-        import warnings
+    # The folder holds this run's run.json, and a resumed run's own checkpoints: not a mistake to warn about
+    # (another run's checkpoints were moved to superseded/ by resolve_resume).
+    import warnings
 
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.trainer.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.trainer.matmul_precision))
