@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ip2p.checks import check_config
-from ip2p.errors import Ip2pError, system_error_line
+from ip2p.errors import Ip2pError, one_line
 
 # stage name -> "module:function" taking the composed DictConfig. Later stages register here.
 STAGES: dict[str, str] = {
@@ -255,11 +255,8 @@ def cmd_stage(name: str, argv: list[str]) -> int:
             check_config(cfg)
             result = stage_run(cfg)
             return sweep_objective(result, cfg.get("sweep_objective"))
-        except Ip2pError as err:
-            print(f"ip2p {name}: error: {err}", file=sys.stderr)
-            sys.exit(1)
-        except OSError as err:
-            line = system_error_line(err)
+        except (Ip2pError, OSError) as err:
+            line = one_line(err)
             if line is None:
                 raise
             print(f"ip2p {name}: error: {line}", file=sys.stderr)
@@ -302,11 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_stage(command, rest)
         print(f"ip2p: error: unknown command '{command}'\n{_usage()}", file=sys.stderr)
         return 2
-    except Ip2pError as err:
-        print(f"ip2p {command}: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        line = system_error_line(err)
+    except (Ip2pError, OSError) as err:
+        line = one_line(err)
         if line is None:
             raise
         print(f"ip2p {command}: error: {line}", file=sys.stderr)

@@ -19,3 +19,9 @@ def system_error_line(err: BaseException) -> str | None:
             return _SYSTEM_STATE[err.errno] + (f" while writing '{where}'" if where else "")
         err = err.__cause__ or err.__context__
     return None
+
+
+def one_line(err: BaseException) -> str | None:
+    """What the CLI prints for an error: ours as is, the machine's state (system_error_line) named;
+    None for anything else, which keeps its traceback."""
+    return str(err) if isinstance(err, Ip2pError) else system_error_line(err)

@@ -196,6 +196,7 @@ def run(cfg: DictConfig) -> Path:
     clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache),
                          str(f.clip_preprocess))
     units, cache = _units(cfg, clip_model)
+    released = str(f.source) == "released"
 
     summary = StageSummary("filter")
     scoring = Scoring(cfg, cache)
@@ -216,21 +217,20 @@ def run(cfg: DictConfig) -> Path:
             if c.scores is None:
                 summary.reject("unreadable_image")
                 continue
-            candidates.append({"candidate": c, "pair_id": c.pair_id, "seed": c.seed, **c.scores,
-                               "group": split_group(str(f.split_by), c.pair_id, c.input_caption)})
+            # a release keeps its own split by folder (the pair); ours are grouped by split_by
+            group = c.pair_id if released else split_group(str(f.split_by), c.pair_id, c.input_caption)
+            candidates.append({"candidate": c, "pair_id": c.pair_id, "seed": c.seed, **c.scores, "group": group})
 
     kept, rejected = select(candidates, thresholds, top_k)
     for reason, n in rejected.items():
         summary.reject(reason, n)
     # Splits are drawn over every scored group, not only the survivors: a stricter threshold then removes
     # pairs from their split but never moves one to another (test sets stay comparable across runs).
-    if str(f.source) == "released":  # the release keeps its own split (sorted folders, cut in order)
+    if released:  # the release keeps its own split (sorted folders, cut in order)
         root = Path(str(f.source_dir))
         names = [str(path.relative_to(root)).replace(os.sep, "/") for path, _ in list_pair_folders(root)]
-        released = released_split_of(names, [fractions.get(name, 0.0) for name in SPLITS])
-        for c in candidates:
-            c["group"] = c["pair_id"]
-        assignment = {name: split for name, split in released.items() if split in fractions}
+        split_of = released_split_of(names, [fractions.get(name, 0.0) for name in SPLITS])
+        assignment = {name: split for name, split in split_of.items() if split in fractions}
     else:
         assignment = assign_splits([c["group"] for c in candidates], fractions, int(f.split_seed))
     by_split = {name: [k for k in kept if assignment[k["group"]] == name] for name in fractions}
