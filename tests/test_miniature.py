@@ -133,3 +133,40 @@ def test_world_attention_runs_the_same_candidates_under_every_mode(tmp_path, cac
         assert 0 <= r["both"] <= min(r["success"], r["preserved"]) <= 1
     assert json.loads((tmp_path / "world_attention.json").read_text()) == result
     assert (tmp_path / "world_attention.png").stat().st_size > 0
+
+
+def test_world_pairs_are_true_edits_that_the_filter_reads(tmp_path):
+    """`ip2p world-pairs`: pair folders in the synthesis layout whose two renders the world's verdict
+    judges as the instructed edit (success, and the rest preserved); a rerun keeps finished folders and
+    draws the same pairs."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ip2p.config import compose
+    from ip2p.data.dataset import list_pair_folders, read_pair_folder
+    from ip2p.miniature.world_pairs import run
+    from ip2p.world.oracle import read
+    from ip2p.world.verdict import judge_edit
+
+    cfg = compose(["experiment=mini", f"paths.reports={tmp_path}", f"world.pairs.out_dir={tmp_path}/pairs",
+                   "world.pairs.pairs=30", "world.pairs.kinds=[recolour,background,reshape]", "progress=false"])
+    summary = run(cfg)
+    assert summary["written"] == 30 and sum(summary["by_kind"].values()) == 30
+    assert set(summary["by_kind"]) <= {"recolour", "background", "reshape"}
+    judged = both = 0
+    for folder, _ in list_pair_folders(tmp_path / "pairs"):
+        pf = read_pair_folder(folder)
+        (cand,) = pf.candidates
+        assert not pf.problems
+        before, after = (np.asarray(Image.open(p).convert("RGB")) for p in (cand.image_0, cand.image_1))
+        v = judge_edit(read(before), read(after), pf.prompt["edit"])
+        judged += v is not None
+        both += bool(v and v.both)
+    assert judged >= 27 and both >= 0.9 * judged
+    first = {p.name: (p / "prompt.json").read_text() for p in (tmp_path / "pairs").iterdir()}
+    again = run(cfg)
+    assert again["written"] == 0
+    assert {p.name: (p / "prompt.json").read_text() for p in (tmp_path / "pairs").iterdir()} == first
+    assert json.loads((tmp_path / "world_pairs.json").read_text())["pairs"] == 30

@@ -41,6 +41,7 @@ STAGES: dict[str, str] = {
     "world-eval": "ip2p.miniature.world_eval:run",
     "world-attention": "ip2p.miniature.world_attention:run",
     "world-demo": "ip2p.miniature.demo:run",
+    "world-pairs": "ip2p.miniature.world_pairs:run",
 }
 
 

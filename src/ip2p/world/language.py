@@ -772,14 +772,20 @@ def consistent(input_caption: str, instruction_text: str, output_caption: str) -
     return Counter(expected) == Counter(kb)
 
 
-def world_triple(scene: Scene, rng: np.random.Generator, p_plain: float = 0.4,
-                 kinds: tuple[str, ...] = EDIT_KINDS) -> dict[str, str]:
-    """{"input", "edit", "output", "kind"}: a random edit of the scene, with both captions written in
-    one phrasing so that they differ only in the edited words."""
+def world_edit(scene: Scene, rng: np.random.Generator, p_plain: float = 0.4,
+               kinds: tuple[str, ...] = EDIT_KINDS) -> tuple[dict[str, str], Scene]:
+    """({"input", "edit", "output", "kind"}, edited scene): a random edit of the scene, with both
+    captions written in one phrasing so that they differ only in the edited words."""
     edit, text, edited = sample_edit(scene, rng, kinds)
     form = sample_form(rng, p_plain)
     after = form
     if edit.kind == "remove" and edit.target == 0:  # the kept object keeps its words
         after = dc_replace(form, objects=form.objects[::-1])
-    return {"input": caption(scene, form=form), "edit": text, "output": caption(edited, form=after),
-            "kind": edit.kind}
+    return ({"input": caption(scene, form=form), "edit": text, "output": caption(edited, form=after),
+             "kind": edit.kind}, edited)
+
+
+def world_triple(scene: Scene, rng: np.random.Generator, p_plain: float = 0.4,
+                 kinds: tuple[str, ...] = EDIT_KINDS) -> dict[str, str]:
+    """{"input", "edit", "output", "kind"}: `world_edit` without the edited scene."""
+    return world_edit(scene, rng, p_plain, kinds)[0]
