@@ -2,6 +2,7 @@
 # folder or let the hub cache fill at run time (-v ~/.cache/huggingface:/home/ip2p/.cache/huggingface).
 #   docker build -t ip2p .
 #   docker run --gpus all -v "$PWD:/work" -w /work ip2p ip2p edit in.jpg "make it snowy" -o out.png --model ip2p
+#   docker run --gpus all -p 127.0.0.1:7860:7860 ip2p ip2p app --model ip2p --host 0.0.0.0   (the web editor)
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,4 +30,5 @@ RUN pip install --no-cache-dir -e . \
 
 USER 1000:1000
 WORKDIR /home/ip2p
+EXPOSE 7860
 CMD ["ip2p", "--help"]

@@ -13,6 +13,12 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "${IP2P_TORCH:-torch==2.13.0}"
 python -m pip install -q -e ".[dev]"
+# The web editor's browser test drives a real Chromium (Debian's; browser downloads are not possible).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian's chromium for the browser test"
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 ||
+   { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; })
+fi
 # Raw inputs (data/, tracked by data.dvc) come from the DVC remote folder inside the repo: no network.
 if [ ! -f data/captions.jsonl ] || [ ! -f data/human_edits.jsonl ]; then
   DVC_NO_ANALYTICS=1 dvc pull -q data.dvc

@@ -268,15 +268,45 @@ def cmd_stage(name: str, argv: list[str]) -> int:
     return 0
 
 
+def cmd_app(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ip2p app", description="The web editor: upload, instruct, edit, edit again.",
+                                epilog="Example: ip2p app experiment=mini --model artifacts/model")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=mini app.steps=20")
+    p.add_argument("--model", default=None,
+                   help="the editor shown first: preset (tiny, mini, ip2p), diffusers folder, checkpoint file, "
+                        "hub id or models:/NAME@ALIAS (default: the composed model preset)")
+    p.add_argument("--model-config", default=None, help="for a .ckpt/.safetensors --model: as for `ip2p edit`")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860)")
+    args = p.parse_args(argv)
+    from omegaconf import open_dict
+
+    from ip2p.editing.app import cleanup, launch
+
+    cfg = _compose_for(args.model, args.overrides, args.model_config)
+    with open_dict(cfg):
+        if args.host:
+            cfg.app.host = args.host
+        if args.port is not None:
+            cfg.app.port = args.port
+    check_config(cfg, {"app.host": "--host", "app.port": "--port"})
+    default = args.model if args.model and args.model_config is None else str(cfg.model.name if args.model is None
+                                                                                else cfg.model.editor)
+    page, app, _ = launch(cfg, default)
+    cleanup(app)
+    return 0
+
+
 # Environment variables that win over params.yaml (the same ones conf/ reads with ${oc.env:...}).
 PARAMS_ENV_OVERRIDES = {"IP2P_CACHE": "paths.cache", "MLFLOW_TRACKING_URI": "logger.mlflow.tracking_uri"}
 
-COMMANDS = {"edit": cmd_edit, "export": cmd_export, "promote": cmd_promote, "params": cmd_params}
+COMMANDS = {"edit": cmd_edit, "app": cmd_app, "export": cmd_export, "promote": cmd_promote, "params": cmd_params}
 
 
 def _usage() -> str:
     lines = ["usage: ip2p COMMAND [ARGS]", "", "commands:",
              "  edit       edit an image with an instruction (ip2p edit --help)",
+             "  app        the web editor in a browser (ip2p app --help)",
              "  export     write the editor as a diffusers pipeline folder (ip2p export --help)",
              "  promote    move a model-registry alias, e.g. candidate -> champion (ip2p promote --help)",
              "  params     write the composed configuration to params.yaml (for DVC; ip2p params --help)"]

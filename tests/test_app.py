@@ -1,0 +1,221 @@
+"""The web editor (`ip2p app`): its request rules and model pool (ip2p.editing.service), and the page
+itself driven in a real headless Chromium by Playwright."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ip2p.editing.service import EditorPool, Limits, Request, model_source, read_upload, request_problem, run_edit
+from ip2p.errors import Ip2pError
+
+LIMITS = Limits(max_input_pixels=10_000, max_instruction_chars=20, steps=(1, 50), text_guidance=(0.0, 20.0),
+                image_guidance=(0.0, 5.0), num_images=(1, 4), seed=(0, 1000))
+GOOD = Request("x.png", "make it snowy", 10, 7.5, 1.5, 2, 3)
+
+
+def _with(**change) -> Request:
+    return Request(**{**GOOD.__dict__, **change})
+
+
+def test_request_rules_by_hand():
+    assert request_problem(GOOD, LIMITS) is None
+    expected = {
+        "image_path": (None, "Upload an image first."),
+        "instruction": ("   ", "Type an instruction"),
+        "steps": (51, "Steps must be between 1 and 50 (got 51)"),
+        "text_guidance": (-0.5, "Text guidance must be between 0 and 20"),
+        "image_guidance": (float("nan"), "Image guidance must be between 0 and 5"),
+        "num_images": (0, "Number of images must be between 1 and 4"),
+        "seed": (1001, "Seed must be between 0 and 1000"),
+    }
+    for key, (value, message) in expected.items():
+        assert request_problem(_with(**{key: value}), LIMITS).startswith(message), key
+    assert "21 characters long; the limit is 20" in request_problem(_with(instruction="x" * 21), LIMITS)
+    assert request_problem(_with(steps=2.5), LIMITS) == "Steps must be a whole number (got 2.5)"
+
+
+def test_uploads_that_cannot_be_edited_get_one_line_without_the_server_path(tmp_path):
+    corrupt = tmp_path / "upload.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(Ip2pError) as err:
+        read_upload(str(corrupt), 10_000)
+    assert "not a readable image file" in str(err.value) and str(tmp_path) not in str(err.value)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 100)).save(big)        # 20,000 pixels over a 10,000 limit
+    with pytest.raises(Ip2pError) as err:
+        read_upload(str(big), 10_000)
+    assert str(err.value) == "the uploaded image is 200x100 = 20000 pixels, over the limit of 10000"
+    assert str(tmp_path) not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pool_loads_each_model_once_under_concurrent_requests(cfg):
+    pool = EditorPool(cfg.model, cfg.paths.cache, "cpu", "float32", keep=1)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(pool.get("tiny"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pool.loads == 1 and len(got) == 4 and all(e is got[0] for e in got)
+    source, model_cfg = model_source("tiny", cfg)
+    assert source == "tiny" and model_cfg.name == "tiny"
+    with pytest.raises(Ip2pError, match="is not a preset"):
+        model_source("no/such/folder/here", cfg)
+
+
+def test_app_edit_is_the_cli_edit(cfg, tmp_path, noise_image):
+    """One implementation: the app's edit and `ip2p edit`'s give the same pixels for the same request."""
+    from omegaconf import open_dict
+
+    from ip2p.editing.run import run as cli_run
+
+    path = tmp_path / "in.png"
+    noise_image.save(path)
+    pool = EditorPool(cfg.model, cfg.paths.cache, "cpu", "float32")
+    request = Request(str(path), "make it snowy", 3, 6.0, 1.3, 2, 11)
+    limits = Limits(10**8, 300, (1, 50), (0, 20), (0, 5), (1, 4), (0, 2**31 - 1))
+    _, app_images = run_edit(pool.get("tiny"), request, limits, "euler_ancestral", 128, progress=False)
+    c = cfg.copy()
+    with open_dict(c):
+        c.edit.update(input=str(path), instruction="make it snowy", output=str(tmp_path / "cli.png"), steps=3,
+                      text_guidance=6.0, image_guidance=1.3, num_images=2, seed=11, resolution=128,
+                      scheduler="euler_ancestral")
+    cli_paths = cli_run(c)
+    assert len(app_images) == len(cli_paths) == 2
+    for img, p in zip(app_images, cli_paths):
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(p)))
+    assert not np.array_equal(np.asarray(app_images[0]), np.asarray(app_images[1]))  # two variants
+
+
+# ---------------------------------------------------------------------------- the page in a browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image_bytes(page, selector: str) -> bytes:
+    src = page.locator(selector).first.get_attribute("src")
+    return page.request.get(src).body()
+
+
+def _type(box, text: str) -> None:
+    """Fill a text box and leave it, so the page's state has the value before the next click."""
+    box.fill(text)
+    box.press("Tab")
+
+
+def _status(page, contains: str, timeout: float = 120_000) -> str:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([sel, text]) => (document.querySelector(sel)?.innerText || '').includes(text)",
+                               arg=["#status", contains], timeout=timeout)
+    except PlaywrightTimeout:
+        page.screenshot(path="/tmp/app_fail.png")
+        raise AssertionError(f"status never said {contains!r}; it says {page.locator('#status').inner_text()!r}") from None
+    return page.locator("#status").inner_text()
+
+
+@pytest.mark.slow
+def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path):
+    """Headless Chromium: upload a world scene, instruct, generate (the edited image appears and differs
+    from the input), edit the result again, go back in the history, and a corrupt upload and an empty
+    instruction are answered in the page; two pages editing at once share one loaded model."""
+    from omegaconf import open_dict
+    from playwright.sync_api import sync_playwright
+
+    from ip2p.editing.app import cleanup, launch
+    from ip2p.world.render import render
+    from ip2p.world.scene import sample_scenes
+
+    assert Path(CHROMIUM).is_file(), "the browser test needs Debian's chromium (scripts/setup.sh installs it)"
+    scene = tmp_path / "scene.png"
+    Image.fromarray(render(sample_scenes(5, 1)[0])).save(scene)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a picture")
+    c = cfg.copy()
+    with open_dict(c):
+        c.app.port = _free_port()
+        c.app.steps = 2
+        c.app.output_dir = str(tmp_path / "out")
+    page_app, app, url = launch(c, "tiny", block=False)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(url)
+            instruction = page.locator("#instruction input, #instruction textarea").first
+
+            # an empty instruction is answered, nothing runs
+            page.locator("#input-image input[type=file]").set_input_files(str(scene))
+            _status(page, "Image loaded")
+            page.locator("#generate").click()
+            _status(page, "Type an instruction")
+
+            # generate: the edited image appears and differs from the input
+            _type(instruction, "make the star blue")
+            page.locator("#generate").click()
+            _status(page, "Edited in")
+            edited = Image.open(io.BytesIO(_image_bytes(page, "#edited img"))).convert("RGB")
+            original = Image.open(scene).convert("RGB").resize(edited.size)
+            assert not np.array_equal(np.asarray(edited), np.asarray(original))
+
+            # edit the result again: it becomes the input, the history holds the original and this step
+            page.locator("#again").click()
+            _status(page, "Editing the result again (step 1)")
+            assert page.locator("#history img").count() == 2
+            now_input = Image.open(io.BytesIO(_image_bytes(page, "#input-image img"))).convert("RGB")
+            assert np.array_equal(np.asarray(now_input), np.asarray(edited))
+            _type(instruction, "make it snowy")
+            page.locator("#generate").click()
+            _status(page, "Edited in")
+            assert page.locator("#history img").count() == 2   # the same chain goes on
+
+            # back to the original: it is the input again and later steps are dropped
+            page.locator("#history img").first.click()
+            _status(page, "Back to step 0")
+            assert page.locator("#history img").count() == 1
+            back = Image.open(io.BytesIO(_image_bytes(page, "#input-image img"))).convert("RGB")
+            assert np.array_equal(np.asarray(back), np.asarray(Image.open(scene).convert("RGB")))
+
+            # a corrupt upload is answered in the page, and so is Generate with it; the server goes on
+            fresh = browser.new_page()
+            fresh.goto(url)
+            fresh.locator("#input-image input[type=file]").set_input_files(str(corrupt))
+            assert "cannot read the uploaded image: not a readable image file" in _status(fresh, "Error")
+            _type(fresh.locator("#instruction input, #instruction textarea").first, "make it snowy")
+            fresh.locator("#generate").click()
+            fresh.wait_for_timeout(1000)
+            assert "not a readable image file" in _status(fresh, "Error")
+
+            # two pages at once: the queue runs them in turn, the model was loaded once
+            pages = [browser.new_page() for _ in range(2)]
+            for q in pages:
+                q.goto(url)
+                q.locator("#input-image input[type=file]").set_input_files(str(scene))
+                _status(q, "Image loaded")
+                _type(q.locator("#instruction input, #instruction textarea").first, "make it night")
+            for q in pages:
+                q.locator("#generate").click()
+            for q in pages:
+                _status(q, "Edited in")
+            assert app.pool.loads == 1
+            browser.close()
+    finally:
+        page_app.close()
+        cleanup(app)
