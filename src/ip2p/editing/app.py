@@ -59,22 +59,25 @@ def world_examples(folder: Path, seed: int, kinds: list[str]) -> list[list[str]]
     return rows
 
 
-def _uploaded_image_class():
+def uploaded_image(**kwargs):
+    """A gr.Image that hands over the uploaded file's path without decoding it: ip2p's loader decodes,
+    so a corrupt or huge upload gets a one-line message in the page instead of an error inside Gradio.
+    (The instance's preprocess is replaced: subclassing a Gradio component writes a .pyi file next to
+    this module at import time.)"""
+    import types
+
     import gradio as gr
 
-    class UploadedImage(gr.Image):
-        """gr.Image that hands over the uploaded file's path without decoding it: ip2p's loader decodes,
-        so a corrupt or huge upload gets a one-line message in the page instead of an error inside Gradio."""
+    image = gr.Image(type="filepath", **kwargs)
+    decode = image.preprocess
 
-        def get_block_name(self) -> str:
-            return "image"
+    def preprocess(self, payload):
+        if payload is not None and getattr(payload, "path", None) and not str(payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return decode(payload)
 
-        def preprocess(self, payload):
-            if payload is not None and getattr(payload, "path", None) and not str(payload.url or "").startswith("data:"):
-                return str(payload.path)
-            return super().preprocess(payload)
-
-    return UploadedImage
+    image.preprocess = types.MethodType(preprocess, image)
+    return image
 
 
 class App:
@@ -195,7 +198,6 @@ def build(cfg: DictConfig, default_model: str):
     app = App(cfg, default_model)
     lim = app.limits
     examples_on = a.examples == "world" or (a.examples == "auto" and app.native_size() == int(a.world_canvas))
-    UploadedImage = _uploaded_image_class()
     from ip2p.config import available_presets
 
     choices = list(dict.fromkeys([default_model, *available_presets("model")]))
@@ -216,7 +218,7 @@ def build(cfg: DictConfig, default_model: str):
             reset = gr.Button("Reset", elem_id="reset")
         status = gr.Markdown("", elem_id="status")
         with gr.Row():
-            image = UploadedImage(type="filepath", label="Input image", sources=["upload", "clipboard"],
+            image = uploaded_image(label="Input image", sources=["upload", "clipboard"],
                                   elem_id="input-image", height=int(a.image_height))
             gallery = gr.Gallery(label="Edited", columns=2, elem_id="edited", interactive=False,
                                  height=int(a.image_height), buttons=["download", "download_all", "fullscreen"])
