@@ -134,7 +134,8 @@ def _status(page, contains: str, timeout: float = 120_000) -> str:
 def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path):
     """Headless Chromium: upload a world scene, instruct, generate (the edited image appears and differs
     from the input), edit the result again, go back in the history, and a corrupt upload and an empty
-    instruction are answered in the page; two pages editing at once share one loaded model."""
+    instruction are answered in the page, an upload over the size limit is refused, the edit shows its
+    progress; two pages editing at once share one loaded model."""
     from omegaconf import open_dict
     from playwright.sync_api import sync_playwright
 
@@ -151,6 +152,7 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
     with open_dict(c):
         c.app.port = _free_port()
         c.app.steps = 2
+        c.app.limits.max_upload_mb = 1
         c.app.output_dir = str(tmp_path / "out")
     page_app, app, url = launch(c, "tiny", block=False)
     try:
@@ -182,8 +184,13 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
             now_input = Image.open(io.BytesIO(_image_bytes(page, "#input-image img"))).convert("RGB")
             assert np.array_equal(np.asarray(now_input), np.asarray(edited))
             _type(instruction, "make it snowy")
+            _type(page.locator("#steps input[type=number]"), "40")
             page.locator("#generate").click()
+            # the edit's progress bar (the sampler's own tqdm, followed by the page) shows steps done
+            page.wait_for_function("(document.querySelector('#edited')?.innerText || '').match(/\\d+\\/40 step/)",
+                                   timeout=60_000)
             _status(page, "Edited in")
+            _type(page.locator("#steps input[type=number]"), "2")
             assert page.locator("#history img").count() == 2   # the same chain goes on
 
             # back to the original: it is the input again and later steps are dropped
@@ -202,6 +209,14 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
             fresh.locator("#generate").click()
             fresh.wait_for_timeout(1000)
             assert "not a readable image file" in _status(fresh, "Error")
+
+            # an upload over app.limits.max_upload_mb is refused by the page
+            noise = tmp_path / "noise.png"
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(noise)
+            assert noise.stat().st_size > 1024 * 1024
+            fresh.reload()
+            fresh.locator("#input-image input[type=file]").set_input_files(str(noise))
+            fresh.wait_for_function("document.body.innerText.includes('exceed the maximum allowed size of 1')")
 
             # two pages at once: the queue runs them in turn, the model was loaded once
             pages = [browser.new_page() for _ in range(2)]
