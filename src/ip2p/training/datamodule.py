@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -26,6 +27,8 @@ from ip2p.io.images import pil_to_tensor, to_rgb
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
+
+log = logging.getLogger(__name__)
 
 PARQUET_COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt")
 SAMPLING_UNITS = ("pair", "row")
@@ -107,10 +110,13 @@ class ParquetSource:
     def __len__(self) -> int:
         return len(self.groups)
 
-    def load(self, index: int, generator: torch.Generator) -> Pair:
+    def pick(self, index: int, generator: torch.Generator) -> int:
+        """The row visited for item `index` (one draw from `generator` when the pair has several rows)."""
         rows = self.groups[int(index)]
-        pick = rows[int(torch.randint(len(rows), (), generator=generator))] if len(rows) > 1 else rows[0]
-        row = self.table[pick]
+        return rows[int(torch.randint(len(rows), (), generator=generator))] if len(rows) > 1 else rows[0]
+
+    def load(self, index: int, generator: torch.Generator) -> Pair:
+        row = self.table[self.pick(index, generator)]
         row_id = str(row["id"])
         return Pair(_decode(row["input_image"], "input_image", row_id),
                     _decode(row["edited_image"], "edited_image", row_id), str(row["edit_prompt"]), row_id)
@@ -179,25 +185,33 @@ def resize_short_side(img: Image.Image, short: int, size_of: Image.Image | None 
     return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
 
 
+def draw_short_side(generator: torch.Generator, resize_min: int, resize_max: int) -> int:
+    return int(torch.randint(resize_min, resize_max + 1, (), generator=generator))
+
+
+def draw_crop_and_flip(generator: torch.Generator, free_x: int, free_y: int, flip: bool) -> tuple[int, int, bool]:
+    """(left, top, mirrored): the draws after the short side, in this order (the latent cache repeats them)."""
+    left = int(torch.randint(free_x + 1, (), generator=generator))
+    top = int(torch.randint(free_y + 1, (), generator=generator))
+    mirrored = flip and float(torch.rand((), generator=generator)) < 0.5
+    return left, top, mirrored
+
+
 def augment_pair(inp: Image.Image, edited: Image.Image, resolution: int, resize_min: int, resize_max: int,
                  flip: bool, generator: torch.Generator | None) -> tuple[Image.Image, Image.Image]:
     """The same resize, crop and flip for both images. generator=None: resize to `resolution`,
     centre crop, no flip (validation)."""
-    if generator is None:
-        short = resolution
-    else:
-        short = int(torch.randint(resize_min, resize_max + 1, (), generator=generator))
+    short = resolution if generator is None else draw_short_side(generator, resize_min, resize_max)
     inp = resize_short_side(inp, short)
     edited = resize_short_side(edited, short, size_of=inp)
     free_x, free_y = inp.width - resolution, inp.height - resolution
     if generator is None:
-        left, top = free_x // 2, free_y // 2
+        left, top, mirrored = free_x // 2, free_y // 2, False
     else:
-        left = int(torch.randint(free_x + 1, (), generator=generator))
-        top = int(torch.randint(free_y + 1, (), generator=generator))
+        left, top, mirrored = draw_crop_and_flip(generator, free_x, free_y, flip)
     box = (left, top, left + resolution, top + resolution)
     inp, edited = inp.crop(box), edited.crop(box)
-    if generator is not None and flip and float(torch.rand((), generator=generator)) < 0.5:
+    if mirrored:
         inp = inp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         edited = edited.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return inp, edited
@@ -235,6 +249,47 @@ class EditPairDataset(Dataset):
         return {"input": pil_to_tensor([inp])[0], "edited": pil_to_tensor([edited])[0],
                 "input_ids": self.tokenize([pair.prompt])[0], "prompt": pair.prompt, "id": pair.id,
                 "index": int(index), "position": int(position)}
+
+
+class CachedPairDataset(Dataset):
+    """EditPairDataset's items from the latent cache (ip2p.training.latent_cache): the same row and the
+    same mirror choice for every key (the same generator draws, in the same order), latents instead of
+    images: {"latent_mean", "latent_logvar", "condition": [C, h, w], "text_embeds": [L, D], ...}."""
+
+    def __init__(self, source: "ParquetSource", cache, resize_min: int, resize_max: int, flip: bool, augment: bool,
+                 seed: int):
+        if len(cache) != len(source.table):
+            raise Ip2pError(f"the latent cache holds {len(cache)} rows, the split {len(source.table)}")
+        self.source, self.cache = source, cache
+        self.resize_min, self.resize_max = int(resize_min), int(resize_max)
+        self.flip, self.augment, self.seed = bool(flip), bool(augment), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> dict:
+        index, position = key if isinstance(key, tuple) else (key, key)
+        if self.augment:
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, "train-item", position))
+        else:
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, "val-item", index))
+        row = self.source.pick(index, generator)
+        mirrored = False
+        if self.augment:  # square rows at resize_min = resize_max = resolution: no crop is left to draw
+            draw_short_side(generator, self.resize_min, self.resize_max)
+            _, _, mirrored = draw_crop_and_flip(generator, 0, 0, self.flip)
+        table_row = self.source.table[row]
+        return {**self.cache.row(row, mirrored), "prompt": str(table_row["edit_prompt"]), "id": str(table_row["id"]),
+                "index": int(index), "position": int(position)}
+
+
+def cache_problem(data_cfg: Mapping[str, Any]) -> str | None:
+    """Why this data cannot train from cached latents (None: it can)."""
+    if data_cfg.get("format", "parquet") != "parquet":
+        return "the released format trains from images"
+    if not int(data_cfg["resize_min"]) == int(data_cfg["resize_max"]) == int(data_cfg["resolution"]):
+        return "random resized crops (resize_min, resize_max > resolution) need the images"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,16 +361,19 @@ class EditDataModule(pl.LightningDataModule):
     """`data_cfg` is `train.data` (see conf/train/default.yaml)."""
 
     def __init__(self, data_cfg: Mapping[str, Any], tokenizer, batch_size: int, val_batch_size: int,
-                 accumulate_grad_batches: int, seed: int, progress: bool = False):
+                 accumulate_grad_batches: int, seed: int, progress: bool = False, components=None):
         super().__init__()
         self.cfg = dict(data_cfg)
         self.tokenizer = tokenizer
+        self.components = components  # VAE and text encoder, for the latent cache
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size)
         self.accumulate = int(accumulate_grad_batches)
         self.seed = int(seed)
         self.progress = bool(progress)
-        self.datasets: dict[str, EditPairDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.image_datasets: dict[str, EditPairDataset] = {}
+        self.cached = self._use_cache()
         fmt = self.cfg.get("format", "parquet")
         if fmt not in ("parquet", "released"):
             raise Ip2pError(f"train.data.format must be parquet or released (got '{fmt}')")
@@ -323,6 +381,22 @@ class EditDataModule(pl.LightningDataModule):
                 int(self.cfg["resize_max"]) < int(self.cfg["resize_min"]):
             raise Ip2pError("train.data needs resolution <= resize_min <= resize_max "
                             f"(got {self.cfg['resolution']}, {self.cfg['resize_min']}, {self.cfg['resize_max']})")
+
+    def _use_cache(self) -> bool:
+        """train.data.cache_latents: true (required), false, or auto (when the data allows it)."""
+        wanted = str(self.cfg.get("cache_latents", "false")).lower()
+        if wanted not in ("true", "false", "auto"):
+            raise Ip2pError(f"train.data.cache_latents must be true, false or auto (got '{wanted}')")
+        if wanted == "false":
+            return False
+        problem = cache_problem(self.cfg)
+        if problem and wanted == "true":
+            raise Ip2pError(f"train.data.cache_latents=true: {problem}; set it to auto or false")
+        if problem:
+            log.info("training from images, not cached latents: %s", problem)
+        if not problem and self.components is None:
+            raise Ip2pError("cached latents need the VAE and text encoder (EditDataModule(components=...))")
+        return not problem
 
     def prepare_data(self) -> None:
         """Once per node: build the memory-mapped arrow cache of the parquet splits."""
@@ -342,12 +416,38 @@ class EditDataModule(pl.LightningDataModule):
             return
         c = self.cfg
         for split in ("train", "val"):
-            self.datasets[split] = EditPairDataset(
-                self._source(split), self.tokenizer, c["resolution"], c["resize_min"], c["resize_max"],
+            source = self._source(split)
+            self.image_datasets[split] = EditPairDataset(
+                source, self.tokenizer, c["resolution"], c["resize_min"], c["resize_max"],
                 c["flip"], augment=(split == "train"), seed=self.seed)
+            self.datasets[split] = self.image_datasets[split]
+            if self.cached and len(source.table):
+                self._cache_split(split, source)
         if len(self.datasets["train"]) == 0:
             raise Ip2pError(f"no training pairs in '{self.cfg['dir']}' (run the filter stage first, "
                             "or set train.data.dir)")
+
+    def _cache_split(self, split: str, source: "ParquetSource") -> None:
+        from ip2p.training.latent_cache import LatentCache, NotSquareError, build_latent_cache
+
+        c = self.cfg
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        for module in (self.components.vae, self.components.text_encoder):
+            module.to(device)  # encode where training runs (the module keeps them there)
+        try:
+            folder = build_latent_cache(c["latent_cache_dir"], c["dir"], split, source.table, self.components,
+                                        int(c["resolution"]), bool(c["flip"]) and split == "train",
+                                        int(c.get("cache_batch_size", 32)), str(c.get("cache_dtype", "float32")),
+                                        self.progress)
+        except NotSquareError as err:
+            if str(c.get("cache_latents")).lower() == "true":
+                raise
+            log.info("training from images, not cached latents: %s", err)
+            self.cached = False
+            self.datasets = dict(self.image_datasets)
+            return
+        self.datasets[split] = CachedPairDataset(source, LatentCache(folder), c["resize_min"], c["resize_max"],
+                                                 c["flip"], augment=(split == "train"), seed=self.seed)
 
     @property
     def rows(self) -> dict[str, int]:
@@ -376,7 +476,7 @@ class EditDataModule(pl.LightningDataModule):
 
     def fixed_pairs(self, count: int) -> dict | None:
         """The first `count` validation pairs (no augmentation), as one batch: the sample grid's inputs."""
-        ds = self.datasets.get("val")
+        ds = self.image_datasets.get("val")  # images, also when training reads cached latents
         if ds is None or len(ds) == 0 or count < 1:
             return None
         return collate([ds[(i, i)] for i in range(min(count, len(ds)))])

@@ -9,6 +9,8 @@ One training example (docs/method.md section 3):
     (dropped text = embedding of "", dropped image = zero latent), so the model also learns the
     unconditional predictions that classifier-free guidance needs at sampling time.
     loss = || UNet([noisy target, condition], t, text) - (noise or velocity) ||^2
+With train.data.cache_latents the posteriors and text states come precomputed (ip2p.training.latent_cache)
+and the target is drawn from the cached posterior with the same generator draw.
 
 Randomness (VAE sample, noise, timesteps, dropout) comes from a generator seeded by the batch's
 stream position, never from global RNG state, so a resumed run repeats an uninterrupted one exactly.
@@ -74,6 +76,17 @@ def encode_pair(vae, edited: torch.Tensor, inp: torch.Tensor, generator: torch.G
     target = vae.encode(edited.to(vae.dtype)).latent_dist.sample(generator=generator) * vae.config.scaling_factor
     condition = vae.encode(inp.to(vae.dtype)).latent_dist.mode()
     return target, condition
+
+
+def sample_cached_pair(batch: dict, generator: torch.Generator | None, device, scaling_factor: float):
+    """Cached posteriors -> (target latents, condition), the same draw as encode_pair's
+    `latent_dist.sample(generator)`: mean + exp(logvar / 2) * noise, noise of the latents' shape."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    mean = batch["latent_mean"].to(device)
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    target = (mean + torch.exp(0.5 * batch["latent_logvar"].to(device)) * noise) * scaling_factor
+    return target, batch["condition"].to(device)
 
 
 def ema_unet_from_state(state: dict, unet_config):
@@ -164,10 +177,15 @@ class InstructPix2PixModule(pl.LightningModule):
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float) -> torch.Tensor:
         """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`."""
         self._frozen_to_device()
-        edited = batch["edited"].to(self.device)
-        inp = batch["input"].to(self.device)
-        text = self.encode_text(batch["input_ids"])
-        target_latents, condition = encode_pair(self.frozen.vae, edited, inp, generator)
+        if "latent_mean" in batch:  # cached latents (ip2p.training.latent_cache): no VAE, no text encoder
+            target_latents, condition = sample_cached_pair(batch, generator, self.device,
+                                                           self.frozen.vae.config.scaling_factor)
+            text = batch["text_embeds"].to(self.device)
+        else:
+            edited = batch["edited"].to(self.device)
+            inp = batch["input"].to(self.device)
+            text = self.encode_text(batch["input_ids"])
+            target_latents, condition = encode_pair(self.frozen.vae, edited, inp, generator)
         batch_size = target_latents.shape[0]
         noise = torch.randn(target_latents.shape, generator=generator, device=self.device,
                             dtype=target_latents.dtype)

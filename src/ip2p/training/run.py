@@ -143,7 +143,7 @@ def run(cfg: DictConfig) -> dict:
     module = InstructPix2PixModule(components, settings_from_config(cfg))
     data_cfg = OmegaConf.to_container(t.data, resolve=True)
     datamodule = EditDataModule(data_cfg, components.tokenizer, int(t.batch_size), int(t.validation.batch_size),
-                                int(t.accumulate_grad_batches), int(cfg.seed), bool(cfg.progress))
+                                int(t.accumulate_grad_batches), int(cfg.seed), bool(cfg.progress), components)
 
     loggers = make_loggers(cfg, STAGE)
     history = LossHistory(paths.reports_dir / "train_loss.csv")
