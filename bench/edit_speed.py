@@ -48,6 +48,8 @@ def build_components(preset: str, device: torch.device, dtype: torch.dtype, cach
 
         model_cfg = yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())
         return load_diffusion("tiny", "editor", model_cfg, cache, device, dtype)
+    if preset == "mini":  # the miniature world's base, widened to an editor (`dvc pull pretrain_t2i`)
+        return load_diffusion("artifacts/world/base", "editor", {"name": "mini"}, cache, device, dtype)
     # sd15-random: the tokenizer only turns text into ids; ours (from the tiny preset) is fine for timing.
     import yaml
 
@@ -89,7 +91,7 @@ def time_call(fn, device, repeats: int, warmup: bool = True) -> list[float]:
 
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     """Options every bench script shares."""
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "sd15-random"])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "mini", "sd15-random"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", default="~/.cache/ip2p")

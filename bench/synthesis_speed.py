@@ -51,6 +51,8 @@ def build_base(preset: str, device: torch.device, dtype: torch.dtype, cache: str
     tiny_cfg = yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())
     if preset == "tiny":
         return load_diffusion("tiny", "base", tiny_cfg, cache, device, dtype)
+    if preset == "mini":  # the miniature world's base (`dvc pull pretrain_t2i` or `bash scripts/main.sh`)
+        return load_diffusion("artifacts/world/base", "base", {"name": "mini"}, cache, device, dtype)
     from diffusers import (
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,

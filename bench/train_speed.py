@@ -6,6 +6,8 @@ real `pl.Trainer`) vs a UNet-only reference step on the same UNet.
              collate). One step: VAE encoding of both images, text encoding, conditioning dropout, UNet
              forward/backward, AdamW, EMA update (timed from on_train_batch_start to on_train_batch_end;
              `wall` also counts loading the next batch).
+  ours_cached_latents  the same Trainer step reading the latent cache (train.data.cache_latents): no VAE or
+             text encoder per step (the cache is built once before the timed rounds).
   unet_only  reference: noise prediction + MSE + AdamW on precomputed latents and text embeddings
              (no VAE, no text encoder, no EMA), same UNet, same autocast and optimizer settings.
 
@@ -71,6 +73,40 @@ def train_loader(tokenizer, args, device: torch.device):
     r = args.resolution
     dataset = EditPairDataset(MemorySource(max(2 * args.batch_size, 8), r), tokenizer, r, r, r, flip=True,
                               augment=True, seed=0)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=StreamSampler(len(dataset), seed=0),
+                      num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                      pin_memory=device.type == "cuda", collate_fn=collate)
+
+
+def cached_loader(parts, args, device: torch.device, root: str):
+    """The same kind of pairs through the latent cache (ip2p.training.latent_cache): built once here
+    (not timed), then read by CachedPairDataset as `ip2p train` does with train.data.cache_latents."""
+    import datasets
+    from torch.utils.data import DataLoader
+
+    from ip2p.data.dataset import image_struct, png_bytes
+    from ip2p.training.datamodule import CachedPairDataset, ParquetSource, StreamSampler, collate
+    from ip2p.training.latent_cache import LatentCache, build_latent_cache
+
+    r = args.resolution
+    pairs = MemorySource(max(2 * args.batch_size, 8), r).pairs
+
+    def encoded(img) -> dict:
+        import io
+
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        return image_struct(png_bytes(buffer.getvalue()))
+
+    table = datasets.Dataset.from_dict({"id": [p.id for p in pairs], "pair_id": [p.id for p in pairs],
+                                        "input_image": [encoded(p.input) for p in pairs],
+                                        "edited_image": [encoded(p.edited) for p in pairs],
+                                        "edit_prompt": [p.prompt for p in pairs]})
+    for part in (parts.vae, parts.text_encoder):
+        part.to(device)
+    folder = build_latent_cache(os.path.join(root, "latents"), root, "train", table, parts, r, True, 32, "float32",
+                                False)
+    dataset = CachedPairDataset(ParquetSource(table, "row"), LatentCache(folder), r, r, flip=True, augment=True, seed=0)
     return DataLoader(dataset, batch_size=args.batch_size, sampler=StreamSampler(len(dataset), seed=0),
                       num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
                       pin_memory=device.type == "cuda", collate_fn=collate)
@@ -219,10 +255,12 @@ def main() -> None:
     module = InstructPix2PixModule(parts, TrainSettings(gradient_checkpointing=args.gradient_checkpointing))
     loader = train_loader(parts.tokenizer, args, device)
 
-    ours, reference = [], []
+    ours, cached, reference = [], [], []
     with tempfile.TemporaryDirectory() as root:
-        for _ in range(args.repeats):  # interleaved, so that drift hits both alike
+        loader_cached = cached_loader(parts, args, device, root)
+        for _ in range(args.repeats):  # interleaved, so that drift hits all alike
             ours.append(ours_round(module, loader, args, device, root))
+            cached.append(ours_round(module, loader_cached, args, device, root))
             reference.append(unet_only_round(module, args, device))
     results = {
         "preset": args.preset, "device": str(device), "precision": args.precision,
@@ -236,10 +274,13 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "ours": summary(ours, args.batch_size),
+        "ours_cached_latents": summary(cached, args.batch_size),
         "unet_only": summary(reference, args.batch_size),
         "anchor": ANCHOR,
     }
     results["ratio_ours_over_unet_only"] = results["ours"]["step_s_median"] / results["unet_only"]["step_s_median"]
+    results["ratio_ours_cached_over_unet_only"] = (results["ours_cached_latents"]["step_s_median"]
+                                                   / results["unet_only"]["step_s_median"])
     emit(results, args.out)
 
 

@@ -118,3 +118,21 @@ def test_data_that_needs_images_trains_from_images_or_says_why(tmp_path, tiny_ed
         _datamodule(_data_cfg(root, tmp_path, "true", resize_max=40), tiny_editor)
     with pytest.raises(Ip2pError, match="must be true, false or auto"):
         _datamodule(_data_cfg(root, tmp_path, "sometimes"), tiny_editor)
+
+
+def test_training_run_from_cached_latents(square_dataset, tmp_path, cache_dir):
+    """`ip2p train` end to end with train.data.cache_latents=true: steps, validation, sample grid, export."""
+    import json
+
+    from test_training import compose_train
+
+    from ip2p.training.run import run
+
+    cfg = compose_train(tmp_path, square_dataset, cache_dir, **{
+        "train.data.resize_max": 32, "train.data.cache_latents": "true",
+        "train.data.latent_cache_dir": str(tmp_path / "latents")})
+    report = run(cfg)
+    assert report["steps"] == 4 and report["val_loss"] > 0
+    assert len(list((tmp_path / "latents").glob("train-*"))) == 1
+    assert (tmp_path / "artifacts" / "model" / "unet" / "config.json").is_file()
+    assert json.loads((tmp_path / "reports" / "train.json").read_text())["steps"] == 4

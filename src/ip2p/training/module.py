@@ -207,7 +207,7 @@ class InstructPix2PixModule(pl.LightningModule):
         generator = self.batch_generator("train-step", batch["position"][0])
         loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout)
         self.last_loss = float(loss.detach())
-        batch_size = batch["input"].shape[0]
+        batch_size = len(batch["id"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
@@ -217,7 +217,7 @@ class InstructPix2PixModule(pl.LightningModule):
         # The same noise and timesteps at every evaluation: val losses are comparable across steps.
         generator = self.batch_generator("val-step", batch["index"][0])
         loss = self.diffusion_loss(batch, generator, dropout=0.0)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch["input"].shape[0])
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["id"]))
         return loss
 
     def on_validation_epoch_end(self) -> None:
