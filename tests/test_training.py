@@ -335,6 +335,11 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
     assert resolve_resume(cfg, ckpt) == str(ckpt / "last.ckpt")
     longer = compose_train(tmp_path, dataset, cache_dir, **{"train.max_steps": 40, "train.export.enabled": "false"})
     assert run_fingerprint(longer) == run_fingerprint(cfg)                    # extending a run continues it
+    cached = compose_train(tmp_path, dataset, cache_dir, **{"train.data.cache_latents": "true",
+                                                            "train.data.num_workers": 2})
+    assert run_fingerprint(cached) == run_fingerprint(cfg)                    # cached latents: the same losses
+    flipless = compose_train(tmp_path, dataset, cache_dir, **{"train.data.flip": "false"})
+    assert run_fingerprint(flipless) != run_fingerprint(cfg)                  # but the data recipe counts
     other_lr = compose_train(tmp_path, dataset, cache_dir, **{"train.lr": 3e-4})
     other_seed = compose_train(tmp_path, dataset, cache_dir, seed=1)
     assert run_fingerprint(other_lr) != run_fingerprint(cfg) != run_fingerprint(other_seed)
