@@ -31,7 +31,8 @@ NOT_IN_FINGERPRINT = ("resume", "max_steps", "checkpoint_dir", "export_dir", "re
 
 
 # train.data.* keys that change how batches are made, not what they hold: reading cached latents gives
-# the loss of encoding every batch (tests/test_latent_cache.py), so a run may switch between the two.
+# the loss of encoding every batch (tests/test_latent_cache.py), so a run may switch between the two
+# (a float32 cache; a float16 one rounds the latents and counts as another recipe).
 DATA_NOT_IN_FINGERPRINT = ("cache_latents", "latent_cache_dir", "cache_batch_size", "cache_dir", "num_workers")
 
 
@@ -40,7 +41,8 @@ def run_fingerprint(cfg: DictConfig) -> str:
     models it starts from and the training data's files (names and sizes; not their bytes, which may be
     terabytes)."""
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in NOT_IN_FINGERPRINT}
-    recipe["data"] = {k: v for k, v in recipe["data"].items() if k not in DATA_NOT_IN_FINGERPRINT}
+    recipe["data"] = {k: v for k, v in recipe["data"].items()
+                      if k not in DATA_NOT_IN_FINGERPRINT and not (k == "cache_dtype" and v == "float32")}
     data_dir = Path(str(cfg.train.data.dir)).expanduser()
     files = sorted((str(p.relative_to(data_dir)), p.stat().st_size) for p in data_dir.rglob("*")
                    if p.is_file() and not p.name.startswith(".")) if data_dir.is_dir() else []
