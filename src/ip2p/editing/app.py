@@ -201,7 +201,7 @@ def build(cfg: DictConfig, default_model: str):
     from ip2p.config import available_presets
 
     choices = list(dict.fromkeys([default_model, *available_presets("model")]))
-    with gr.Blocks(title="ip2p editor") as page:
+    with gr.Blocks(title="ip2p editor", analytics_enabled=False) as page:
         gr.Markdown(f"## {TITLE}\nUpload an image, type an edit (\"make it snowy\", \"turn the circle red\") and press "
                     "**Generate**. Text guidance: how strongly to follow the instruction; image guidance: how "
                     "closely to keep the input.")

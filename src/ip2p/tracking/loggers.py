@@ -39,10 +39,10 @@ BACKENDS = ("mlflow", "wandb")
 
 
 def quiet_telemetry() -> None:
-    """No usage reporting from MLflow, W&B or Hugging Face (users may still opt in by setting these)."""
+    """No usage reporting from MLflow, W&B, Hugging Face or Gradio (users may still opt in by setting these)."""
     for name, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_ERROR_REPORTING": "false",
                         "WANDB_DISABLE_CODE": "true", "HF_HUB_DISABLE_TELEMETRY": "1", "DISABLE_TELEMETRY": "1",
-                        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+                        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "GRADIO_ANALYTICS_ENABLED": "False"}.items():
         os.environ.setdefault(name, value)
 
 
