@@ -153,6 +153,7 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
         c.app.port = _free_port()
         c.app.steps = 2
         c.app.limits.max_upload_mb = 1
+        c.app.examples = "world"
         c.app.output_dir = str(tmp_path / "out")
     page_app, app, url = launch(c, "tiny", block=False)
     try:
@@ -225,11 +226,31 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
                 q.locator("#input-image input[type=file]").set_input_files(str(scene))
                 _status(q, "Image loaded")
                 _type(q.locator("#instruction input, #instruction textarea").first, "make it night")
+            _type(pages[1].locator("#num-images input[type=number]"), "2")   # two variants on the second page
             for q in pages:
                 q.locator("#generate").click()
             for q in pages:
                 _status(q, "Edited in")
             assert app.pool.loads == 1
+            assert pages[0].locator("#edited img").count() == 1 and pages[1].locator("#edited img").count() == 2
+            assert "2 variant(s)" in pages[1].locator("#status").inner_text()
+            assert pages[1].locator("#downloads a").count() >= 2          # a download link for each
+            a, b = (pages[1].request.get(pages[1].locator("#edited img").nth(k).get_attribute("src")).body()
+                    for k in (0, 1))
+            assert a != b                                                  # different variants
+
+            # world examples: one click fills the image and the instruction
+            from ip2p.editing.app import world_examples
+
+            first = world_examples(tmp_path / "examples", int(c.app.examples_seed), list(c.app.example_kinds))[0]
+            _type(instruction, "")
+            before = page.locator("#input-image img").first.get_attribute("src")
+            page.locator("#examples tbody tr").first.click()
+            page.wait_for_function("t => document.querySelector('#instruction input')?.value === t", arg=first[1])
+            page.wait_for_function("s => document.querySelector('#input-image img')?.getAttribute('src') !== s",
+                                   arg=before)
+            shown = Image.open(io.BytesIO(_image_bytes(page, "#input-image img"))).convert("RGB")
+            assert np.array_equal(np.asarray(shown), np.asarray(Image.open(first[0]).convert("RGB")))
             browser.close()
     finally:
         page_app.close()

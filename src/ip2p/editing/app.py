@@ -242,7 +242,7 @@ def build(cfg: DictConfig, default_model: str):
                                      allow_preview=False, interactive=False, elem_id="history", height=160)
         if examples_on:
             gr.Examples(world_examples(app.out_dir / "examples", int(a.examples_seed), list(a.example_kinds)),
-                        inputs=[image, instruction], label="World scenes (64 px) with instructions")
+                        inputs=[image, instruction], label="World scenes (64 px) with instructions", elem_id="examples")
 
         def on_generate(model_, image_, instruction_, steps_, seed_, rs, tg, ig, rg, n, history_,
                         progress=gr.Progress(track_tqdm=True)):
