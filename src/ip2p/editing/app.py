@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ip2p.editing.service import EditorPool, Limits, Request, model_source, native_resolution, read_upload, run_edit
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError, one_line
 from ip2p.io.images import save_image_atomic
 
@@ -113,7 +114,7 @@ class App:
 
     # ---- handlers
     def generate(self, model, image_path, instruction, steps, seed, randomize_seed, text_guidance,
-                 image_guidance, randomize_guidance, num_images, history, progress=None):
+                 image_guidance, randomize_guidance, num_images, history):
         """-> variants gallery, variant paths, seed, text guidance, image guidance, status, downloads,
         history, history gallery."""
         import gradio as gr
@@ -128,7 +129,7 @@ class App:
             _, images = run_edit(editor, request, self.limits, str(self.a.scheduler), self.a.resolution, progress=True)
             paths = self.save_variants(images)
         except Exception as err:  # the page answers; the server goes on
-            message = one_line(err) or f"unexpected error ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            message = one_line(err) or f"unexpected error ({type(err).__name__}: {first_line(err)})"
             if one_line(err) is None:
                 log.exception("app: edit failed")
             return (gr.skip(), gr.skip(), seed, text_guidance, image_guidance, f"**Error:** {message}", gr.skip(),
@@ -246,7 +247,8 @@ def build(cfg: DictConfig, default_model: str):
 
         def on_generate(model_, image_, instruction_, steps_, seed_, rs, tg, ig, rg, n, history_,
                         progress=gr.Progress(track_tqdm=True)):
-            return app.generate(model_, image_, instruction_, steps_, seed_, rs, tg, ig, rg, n, history_, progress)
+            # `progress` is Gradio's: declared here, it follows the sampler's tqdm bar on the page
+            return app.generate(model_, image_, instruction_, steps_, seed_, rs, tg, ig, rg, n, history_)
 
         def on_select(evt: gr.SelectData):
             return evt.index if isinstance(evt.index, int) else 0
