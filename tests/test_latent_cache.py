@@ -136,3 +136,13 @@ def test_training_run_from_cached_latents(square_dataset, tmp_path, cache_dir):
     assert len(list((tmp_path / "latents").glob("train-*"))) == 1
     assert (tmp_path / "artifacts" / "model" / "unet" / "config.json").is_file()
     assert json.loads((tmp_path / "reports" / "train.json").read_text())["steps"] == 4
+
+
+def test_cache_reader_survives_pickling_for_dataloader_workers(square_dataset, tmp_path, tiny_editor):
+    import pickle
+
+    dm = _datamodule(_data_cfg(square_dataset, tmp_path, "true", flip=False), tiny_editor)
+    ds = dm.datasets["train"]
+    copy = pickle.loads(pickle.dumps(ds))          # what a spawned DataLoader worker receives
+    a, b = ds[(2, 9)], copy[(2, 9)]
+    assert all(torch.equal(a[k], b[k]) for k in ("latent_mean", "latent_logvar", "condition", "text_embeds"))

@@ -143,12 +143,23 @@ class LatentCache:
     """Read side: row i (optionally mirrored) -> float32 tensors, from the memory-mapped file."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
-        self.file = safe_open(str(Path(folder) / FILE), framework="pt")
+        self.path = str(Path(folder) / FILE)
+        self._file = None
         self.keys = set(self.file.keys())
         self.text_index = self.file.get_tensor("text_index")
         self.flip = "edited_mean_flip" in self.keys
+
+    @property
+    def file(self):
+        """The memory-mapped file, opened once per process (DataLoader workers open their own)."""
+        if self._file is None:
+            from safetensors import safe_open
+
+            self._file = safe_open(self.path, framework="pt")
+        return self._file
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
 
     def __len__(self) -> int:
         return len(self.text_index)
