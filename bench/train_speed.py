@@ -84,7 +84,8 @@ def cached_loader(parts, args, device: torch.device, root: str):
     import datasets
     from torch.utils.data import DataLoader
 
-    from ip2p.data.dataset import image_struct, png_bytes
+    from ip2p.data.dataset import image_struct
+    from ip2p.synthesis.run import encode_image
     from ip2p.training.datamodule import CachedPairDataset, ParquetSource, StreamSampler, collate
     from ip2p.training.latent_cache import LatentCache, build_latent_cache
 
@@ -92,11 +93,7 @@ def cached_loader(parts, args, device: torch.device, root: str):
     pairs = MemorySource(max(2 * args.batch_size, 8), r).pairs
 
     def encoded(img) -> dict:
-        import io
-
-        buffer = io.BytesIO()
-        img.save(buffer, format="PNG")
-        return image_struct(png_bytes(buffer.getvalue()))
+        return image_struct(encode_image(img, "png", 0))
 
     table = datasets.Dataset.from_dict({"id": [p.id for p in pairs], "pair_id": [p.id for p in pairs],
                                         "input_image": [encoded(p.input) for p in pairs],

@@ -94,11 +94,14 @@ class App:
         self.out_dir = Path(a.output_dir) if a.output_dir else Path(tempfile.mkdtemp(prefix="ip2p-app-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rng = np.random.default_rng()
+        self.sources: dict[str, tuple] = {}  # model as named on the page -> (loader source, model config)
 
     # ---- helpers
     def editor_for(self, spec: str | None):
-        source, model_cfg = model_source(spec or self.default_model, self.cfg)
-        return self.pool.get(source, model_cfg)
+        spec = spec or self.default_model
+        if spec not in self.sources:  # composing a preset's config costs a Hydra compose: once per name
+            self.sources[spec] = model_source(spec, self.cfg)
+        return self.pool.get(*self.sources[spec])
 
     def save_variants(self, images) -> list[str]:
         folder = self.out_dir / uuid.uuid4().hex[:12]

@@ -12,7 +12,6 @@ Scenes come from `world.pairs.seed`, which neither the held-out cases nor the ca
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
@@ -25,17 +24,12 @@ from tqdm.auto import tqdm
 
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_folder, atomic_write_json
+from ip2p.synthesis.run import encode_image  # the pair folders' image files, as `ip2p synthesize` writes them
 from ip2p.world.language import EDIT_KINDS, world_edit
 from ip2p.world.render import render
 from ip2p.world.scene import sample_scene
 
 log = logging.getLogger(__name__)
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def true_pair(k: int, seed: int, rng: np.random.Generator, kinds: tuple[str, ...], p_plain: float) -> dict:
@@ -59,7 +53,7 @@ def write_pair_folder(root: Path, pair: dict) -> None:
         (tmp / "prompt.json").write_text(json.dumps({k: t[k] for k in ("input", "edit", "output")}, indent=2,
                                                     sort_keys=True), encoding="utf-8")
         for i, image in enumerate(pair["images"]):
-            (tmp / f"{pair['seed']}_{i}.png").write_bytes(png(image))
+            (tmp / f"{pair['seed']}_{i}.png").write_bytes(encode_image(Image.fromarray(image), "png", 0))
         (tmp / "metadata.jsonl").write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
 
 
