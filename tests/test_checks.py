@@ -28,6 +28,10 @@ def test_the_shipped_configurations_pass():
     ("train.conditioning_dropout=0.5", "train.conditioning_dropout"),
     ("filter.top_k=2.5", "filter.top_k"),
     ("evaluate.image_scales=[]", "evaluate.image_scales"),
+    # read through ${...} by edit, evaluate, register.serve and the grid: named once, at its source
+    ("sampling.scheduler=nosuch", "sampling.scheduler"),
+    ("filter.batch_size=-2", "filter.batch_size"),    # synthesis.early_drop.batch_size follows it
+    ("synthesis.early_drop.thresholds.sim_0=1.5", "synthesis.early_drop.thresholds.sim_0"),
 ])
 def test_each_bad_key_is_named(override, key):
     problems = config_problems(compose([override]))

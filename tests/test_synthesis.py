@@ -387,7 +387,7 @@ def test_early_drop_scores_and_drops(tmp_path, cache_dir, tiny_clip):
     from ip2p.scoring.clip import ClipScorer
 
     instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
-    keep_all = ["synthesis.early_drop=true"] + [f"filter.early_drop.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]
+    keep_all = ["synthesis.early_drop.enabled=true"] + [f"synthesis.early_drop.thresholds.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]
     report = run_stage(stage_overrides(tmp_path, instructions, out="kept") + keep_all, cache_dir)
     assert report["candidates_written"] == 3 and report["candidates_dropped_early"] == 0
     folder = tmp_path / "kept" / "p1"
@@ -398,7 +398,7 @@ def test_early_drop_scores_and_drops(tmp_path, cache_dir, tiny_clip):
                            [Image.open(folder / f"{line['seed']}_1.png").convert("RGB")], [CAT], [DOG])[0]
         for name, value in ref.items():
             assert line[name] == pytest.approx(value, abs=1e-5)
-    drop_all = ["synthesis.early_drop=true", "filter.early_drop.sim_image=2.0"]
+    drop_all = ["synthesis.early_drop.enabled=true", "synthesis.early_drop.thresholds.sim_image=2.0"]
     report = run_stage(stage_overrides(tmp_path, instructions, out="dropped") + drop_all, cache_dir)
     assert report["candidates_written"] == 0 and report["candidates_dropped_early"] == 3
     assert (tmp_path / "dropped" / "p1" / "metadata.jsonl").read_text() == ""

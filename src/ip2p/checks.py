@@ -65,14 +65,16 @@ POSITIVE_INT = at_least(1, integer=True)
 COUNT = at_least(0, integer=True)
 
 RULES: dict[str, Rule] = {
+    "sampling.scheduler": sampler, "sampling.text_guidance": at_least(0), "sampling.image_guidance": at_least(0),
     "edit.steps": POSITIVE_INT, "edit.num_images": POSITIVE_INT, "edit.scheduler": sampler,
     "instructions.batch_size": POSITIVE_INT,
     "synthesis.steps": POSITIVE_INT, "synthesis.samples_per_pair": POSITIVE_INT, "synthesis.batch_size": POSITIVE_INT,
     "synthesis.sampler": sampler, "synthesis.p_min": within(0, 1), "synthesis.p_max": within(0, 1),
     "synthesis.cfg_min": above(0), "synthesis.cfg_max": above(0),
     "filter.batch_size": POSITIVE_INT, "filter.top_k": POSITIVE_INT, "filter.shard_size": POSITIVE_INT,
-    **{f"filter.{group}.{name}": within(-1, 1) for group in ("thresholds", "early_drop")
+    **{f"{group}.{name}": within(-1, 1) for group in ("filter.thresholds", "synthesis.early_drop.thresholds")
        for name in ("sim_image", "sim_dir", "sim_0", "sim_1")},
+    "synthesis.early_drop.batch_size": POSITIVE_INT,
     "train.max_steps": POSITIVE_INT, "train.batch_size": POSITIVE_INT, "train.accumulate_grad_batches": POSITIVE_INT,
     "train.lr": above(0), "train.weight_decay": at_least(0), "train.warmup_steps": COUNT,
     "train.gradient_clip_val": optional(above(0)), "train.conditioning_dropout": within(0, 1 / 3),
@@ -127,9 +129,14 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) ->
             return None
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
+    def interpolated(key: str) -> bool:  # `${other.key}`: a bad value is reported once, at its source
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return OmegaConf.is_config(node) and OmegaConf.is_interpolation(node, leaf)
+
     problems = []
     for key, rule in RULES.items():
-        if OmegaConf.select(cfg, key, default=missing) is missing:
+        if OmegaConf.select(cfg, key, default=missing) is missing or interpolated(key):
             continue
         value = get(key)
         why = rule(value)

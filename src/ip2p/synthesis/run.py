@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
 from ip2p.io.images import tensor_to_pil
-from ip2p.models.loader import load_diffusion, load_vae
+from ip2p.models.loader import load_clip, load_diffusion, load_vae
 from ip2p.sampling import make_scheduler
 from ip2p.sampling.loop import scheduler_class
+from ip2p.scoring.clip import ClipScorer
+from ip2p.scoring.thresholds import first_failure
 from ip2p.synthesis.attention import MODES, GoogleSettings
 from ip2p.synthesis.p2p_alignment import AlignScores
 from ip2p.synthesis.pipeline import PairSampler, SampleSpec, SynthesisSettings, draw_samples
@@ -141,20 +143,16 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 class EarlyDrop:
-    """CLIP scoring inside synthesis: candidates below filter.early_drop are not written."""
+    """CLIP scoring inside synthesis: candidates below synthesis.early_drop.thresholds are not written."""
 
     def __init__(self, cfg: DictConfig):
-        from ip2p.scoring.clip import ClipScorer
-        from ip2p.models.loader import load_clip
-
+        c = cfg.synthesis.early_drop
         clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
-        self.scorer = ClipScorer(clip, int(cfg.filter.batch_size), str(cfg.filter.clip_preprocess))
-        self.thresholds = dict(OmegaConf.to_container(cfg.filter.early_drop, resolve=True))
+        self.scorer = ClipScorer(clip, int(c.batch_size), str(c.clip_preprocess))
+        self.thresholds = dict(OmegaConf.to_container(c.thresholds, resolve=True))
 
     def __call__(self, images_0, images_1, record) -> list[dict | None]:
         """Scores of each candidate, or None for a candidate to drop."""
-        from ip2p.scoring.thresholds import first_failure
-
         n = len(images_0)
         scores = self.scorer.score(images_0, images_1, [record["input"]] * n, [record["output"]] * n)
         return [s if first_failure(s, self.thresholds) is None else None for s in scores]
@@ -213,7 +211,7 @@ def run(cfg: DictConfig) -> Path:
     sampler = PairSampler(components, settings)
     size = resolution(cfg, sampler)
     max_tokens = int(components.tokenizer.model_max_length)
-    early_drop = EarlyDrop(cfg) if cfg.synthesis.early_drop else None
+    early_drop = EarlyDrop(cfg) if cfg.synthesis.early_drop.enabled else None
 
     done_before = written_pairs = candidates = dropped = 0
     records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
