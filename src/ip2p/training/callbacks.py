@@ -183,7 +183,7 @@ class FinalCheckpoint(Callback):
 
 def checkpoint_callback(dirpath: str | Path, every_n_steps: int, save_top_k: int, save_last: bool) -> ModelCheckpoint:
     """step-XXXXXXXX.ckpt every N optimizer steps and last.ckpt; files are overwritten, not versioned, so
-    `ckpt_path=last` always means the newest state of this checkpoint folder."""
+    `train.resume=last` always means the newest state of this checkpoint folder."""
     return ModelCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", auto_insert_metric_name=False,
                            every_n_train_steps=int(every_n_steps), save_top_k=int(save_top_k),
                            save_last=bool(save_last), monitor=None, enable_version_counter=False,

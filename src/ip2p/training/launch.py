@@ -138,8 +138,7 @@ def prepare_ddp_relaunch(pinned: dict[str, str | None]) -> None:
         return
     from omegaconf import read_write
 
-    pinned_keys = set(pinned) | {"ckpt_path"}
-    task = [o for o in hc.overrides.task if _override_key(o) not in pinned_keys]
+    task = [o for o in hc.overrides.task if _override_key(o) not in pinned]
     script = shutil.which("ip2p") or str(Path(sys.executable).parent / "ip2p")
     if not Path(script).exists():  # no console script: the CLI module's file (found, not imported)
         import importlib.util

@@ -68,13 +68,13 @@ def supersede(checkpoint_dir: Path) -> None:
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
-    """`ckpt_path` (top level) or `train.resume`:
+    """`train.resume`:
     auto (the default): <checkpoint_dir>/last.ckpt when it was written by this same recipe on the same
         data (run.json's fingerprint), so a plain rerun after a kill continues; another run's
         checkpoints are superseded and training starts fresh;
     last: <checkpoint_dir>/last.ckpt if present, whatever wrote it; null / fresh: start from step 0;
     a path: that checkpoint."""
-    value = cfg.get("ckpt_path") or cfg.train.get("resume")
+    value = cfg.train.get("resume")
     last = checkpoint_dir / "last.ckpt"
     if not value or str(value) == "fresh":
         supersede(checkpoint_dir)

@@ -50,7 +50,7 @@ class RunPaths:
 
 
 def resolve_paths(cfg: DictConfig) -> RunPaths:
-    """Single run: stable project paths (so `ckpt_path=last` finds them from any later run).
+    """Single run: stable project paths (so `train.resume=last` finds them from any later run).
     Sweep job (-m): everything inside the job's own folder, so parallel jobs never collide."""
     from hydra.types import RunMode
 
