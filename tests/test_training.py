@@ -574,8 +574,14 @@ def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
         module(dir=str(tmp_path / "empty")).setup("fit")
     (tmp_path / "broken" / "train").mkdir(parents=True)
     (tmp_path / "broken" / "train" / "part-00000.parquet").write_bytes(b"not parquet")
-    with pytest.raises(Ip2pError, match="cannot read the train split"):
+    with pytest.raises(Ip2pError, match=r"unreadable Parquet file '.*broken/train/part-00000.parquet': .*magic"):
         module(dir=str(tmp_path / "broken")).setup("fit")
+    # a file cut short (a copy or a write interrupted) among good ones: that file is named
+    cut = write_parquet_dataset(tmp_path / "cut", train=4)
+    good = cut / "train" / "part-00000.parquet"
+    (cut / "train" / "part-00001.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(Ip2pError, match=r"unreadable Parquet file '.*cut/train/part-00001.parquet'"):
+        module(dir=str(cut)).setup("fit")
     with pytest.raises(Ip2pError, match="seeds.json is missing"):
         module(format="released", dir=str(tmp_path)).setup("fit")
     with pytest.raises(Ip2pError, match="resolution <= resize_min"):

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_file
 from ip2p.io.jsonl import read_jsonl
@@ -113,6 +114,17 @@ def write_split(rows: Iterable[dict], out_dir: str | Path, split: str, shard_siz
     return paths
 
 
+def check_parquet(path: str | Path) -> None:
+    """Read a Parquet file's footer (cheap); a truncated or foreign file is one line naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(path).close()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for one cause
+        raise Ip2pError(f"unreadable Parquet file '{path}': {first_line(err)} (rerun `ip2p filter`, or delete "
+                        f"the file)") from err
+
+
 def load_split(dataset_dir: str | Path, split: str, cache_dir: str | None = None):
     """One split as a `datasets.Dataset` (images decode to PIL on access)."""
     import datasets
@@ -122,6 +134,8 @@ def load_split(dataset_dir: str | Path, split: str, cache_dir: str | None = None
     files = sorted(str(p) for p in (Path(dataset_dir) / split).glob("part-*.parquet"))
     if not files:  # an empty split
         return datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=features(), split=split)
+    for f in files:  # `datasets` names neither the file nor the cause of a bad one
+        check_parquet(f)
     return datasets.load_dataset("parquet", data_files={split: files}, split=split, features=features(),
                                  cache_dir=cache_dir)
 
