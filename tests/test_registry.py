@@ -84,7 +84,7 @@ def test_promote_moves_alias_and_edit_by_alias(registry, cfg, noise_image, tiny_
         load_diffusion(f"models:/{name}@nobody", "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
 
 
-def test_pyfunc_rejects_bad_requests_in_one_line(tiny_editor, tmp_path):
+def test_pyfunc_answers_a_bad_row_with_one_line_and_edits_the_others(tiny_editor, tmp_path):
     import mlflow.pyfunc
     import pandas as pd
 
@@ -96,13 +96,18 @@ def test_pyfunc_rejects_bad_requests_in_one_line(tiny_editor, tmp_path):
     model = InstructPix2PixModel()
     model.load_context(context)
     good = image_to_b64(Image.new("RGB", (64, 64), (10, 200, 30)))
-    assert len(model.predict(context, pd.DataFrame({"image": [good], "instruction": ["x"]}))) == 1
-    with pytest.raises(Ip2pError, match=r"row 1: `image` must be a base64-encoded image file"):
-        model.predict(context, pd.DataFrame({"image": [good, "not base64!"], "instruction": ["x", "y"]}))
-    with pytest.raises(Ip2pError, match=r"row 0: `image` must be"):
-        model.predict(context, pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()], "instruction": ["x"]}))
-    with pytest.raises(Ip2pError, match=r"row 0: steps must be at least 1"):
-        model.predict(context, pd.DataFrame({"image": [good], "instruction": ["x"], "steps": [0]}))
+    request = pd.DataFrame({"image": [good, "not base64!", base64.b64encode(b"plain text").decode(), good, good],
+                            "instruction": ["x", "y", "z", "   ", "w"], "steps": [1, 1, 1, 1, 0]})
+    out = model.predict(context, request)
+    assert list(out.columns) == ["image", "error"] and len(out) == 5
+    assert out["error"].tolist() == [None, "row 1: `image` must be a base64-encoded image file (PNG, JPEG, ...)",
+                                     "row 2: `image` must be a base64-encoded image file (PNG, JPEG, ...)",
+                                     "row 3: `instruction` is empty", "row 4: steps must be at least 1 (got 0)"]
+    assert out["image"].tolist()[1:] == [None] * 4
+    edited = Image.open(io.BytesIO(base64.b64decode(out["image"][0])))
+    expected = InstructPix2Pix(tiny_editor).edit(Image.new("RGB", (64, 64), (10, 200, 30)), "x",
+                                                 EditSettings(steps=1, seed=0, progress=False))[0]
+    assert np.array_equal(np.asarray(edited.convert("RGB")), np.asarray(expected))
 
 
 def _free_port() -> int:
@@ -132,10 +137,15 @@ def test_serve_round_trip(registry, noise_image, tiny_editor):
         buffer = io.BytesIO()
         noise_image.save(buffer, format="PNG")
         payload = {"dataframe_split": {"columns": ["image", "instruction", "steps", "seed"],
-                                       "data": [[base64.b64encode(buffer.getvalue()).decode(), "make it snowy", 2, 5]]}}
+                                       "data": [[base64.b64encode(buffer.getvalue()).decode(), "make it snowy", 2, 5],
+                                                [base64.b64encode(b"GIF89a broken").decode(), "make it snowy", 2, 5]]}}
         response = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
         assert response.status_code == 200, response.text[:300]
-        served = Image.open(io.BytesIO(base64.b64decode(response.json()["predictions"][0]["image"])))
+        answer = response.json()["predictions"]
+        # the bad row: our one line, no stack trace or server path; the good row is still edited
+        assert answer[1] == {"image": None, "error": "row 1: `image` must be a base64-encoded image file (PNG, JPEG, ...)"}
+        assert answer[0]["error"] is None
+        served = Image.open(io.BytesIO(base64.b64decode(answer[0]["image"])))
         expected = InstructPix2Pix(tiny_editor).edit(resize_for_editing(noise_image, 64), "make it snowy",
                                                     EditSettings(steps=2, seed=5, progress=False))[0]
         assert served.size == expected.size
