@@ -339,3 +339,45 @@ def test_kill_during_a_later_save_leaves_the_previous_checkpoint(tmp_path):
     assert path.exists()
     step = _loads(path)
     assert step >= 2
+
+
+# ----------------------------------------------------------------------------------- VAE decoder phase
+
+def test_vae_decoder_phase_trains_the_decoder_and_keeps_the_latents_bit_for_bit(tmp_path):
+    """The world VAE's second phase (as SD's ft-MSE VAE): the decoder learns, the encoder (so every
+    latent any later model was trained on) stays exactly as it was, and a killed phase resumes."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from ip2p.io.images import to_tensor
+    from ip2p.pretrain import vae as vae_stage
+    from ip2p.world.render import render
+    from ip2p.world.scene import sample_scenes
+
+    loop = dict(steps=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0, ema_decay=0.5, grad_clip=1.0,
+                checkpoint_every=2, eval_every=1000, log_every=2)
+    c = OmegaConf.create({"channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_groups": 4,
+                          "mid_attention": False, "p_crop_object": 0.8, "detail_weight": 9.0,
+                          "decoder": {"checkpoint": str(tmp_path / "dec.pt"), "seed": 5, "batch_size": 2,
+                                      "crop": 64, "loop": loop}})
+    torch.manual_seed(0)
+    model = vae_stage.build_vae(c)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = to_tensor(np.stack([render(s) for s in sample_scenes(3, 2)]))
+    with torch.no_grad():
+        latents_before = model.encode(x).latent_dist.mean
+    eval_scenes = sample_scenes(4, 2)
+    tuned = vae_stage.finetune_decoder(model, c, eval_scenes, progress=False)
+    after = tuned.state_dict()
+    for name, tensor in after.items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(tensor, before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("decoder."))
+    with torch.no_grad():
+        diff = (tuned.encode(x).latent_dist.mean - latents_before).abs().max()
+        assert diff < 1e-4, diff  # the same weights; CPU kernels may sum in another order
+    # a resumed phase (its checkpoint says done) returns the same decoder without training again
+    again = vae_stage.finetune_decoder(vae_stage.build_vae(c), c, eval_scenes, progress=False)
+    for name, tensor in again.state_dict().items():
+        if name.startswith("decoder."):
+            assert torch.equal(tensor, after[name]), name

@@ -5,8 +5,9 @@ attention in the middle block so the model is fully convolutional and trains on 
 cheaper per step than whole images, and it still sees whole images at test time); crops centred on
 an object most of the time, and the pixel loss weighted up on objects and snow flakes, which cover a
 few percent of the pixels but carry every attribute but the background; L1 + MSE, a tiny KL as SD's VAE; warmup +
-cosine learning rate; EMA weights are the ones saved. The scaling factor (SD: 0.18215) is measured:
-1 / std of the latents of fresh renders.
+cosine learning rate; EMA weights are the ones saved. Then the decoder alone is fine-tuned on whole
+images with the encoder frozen (`world.vae.decoder`), as SD's ft-MSE VAE was: the latents do not
+change. The scaling factor (SD: 0.18215) is measured: 1 / std of the latents of fresh renders.
 """
 
 from __future__ import annotations
@@ -106,6 +107,37 @@ def measure_scaling_factor(vae, seed: int, n: int) -> float:
     return float(1.0 / vae.encode(x).latent_dist.sample().std())
 
 
+def decoder_loss(vae, x: torch.Tensor, w: torch.Tensor, generator: torch.Generator) -> dict:
+    """The weighted L1 + MSE of decoding a posterior sample of the frozen encoder (the decoder phase)."""
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample(generator=generator)
+    err = vae.decode(z).sample - x
+    l1 = (w * err.abs()).mean() / w.mean()
+    l2 = (w * err ** 2).mean() / w.mean()
+    return {"loss": l1 + l2, "l1": l1.detach(), "l2": l2.detach()}
+
+
+def finetune_decoder(vae, c: DictConfig, eval_scenes: list[Scene], progress: bool):
+    """Phase 2: the decoder alone on whole images, the encoder frozen, as SD's ft-MSE VAE was made from
+    SD's VAE. The latents stay bit for bit the same (the EMA of a frozen weight is that weight), so every
+    model trained on them stays valid, while reconstructions sharpen. Returns the EMA model."""
+    d = c.decoder
+    vae.requires_grad_(False)
+    for part in (vae.decoder, vae.post_quant_conv):
+        part.requires_grad_(True)
+    batch_cfg = {"batch_size": d.batch_size, "crop": d.crop, "p_crop_object": c.p_crop_object,
+                 "detail_weight": c.detail_weight}
+
+    def loss_fn(step: int) -> dict:
+        x, w = make_batch(d.seed, step, DictConfig(batch_cfg))
+        return decoder_loss(vae, x, w, torch.Generator().manual_seed(int(d.seed) * 1_000_003 + step))
+
+    loop = LoopConfig.from_cfg(d.loop, progress=progress)
+    ema = train("finetune-vae-decoder", vae, loss_fn, loop, Path(d.checkpoint),
+                evaluate=lambda m, step: judge(m, eval_scenes), log_metrics=log_metrics)
+    return ema.model.eval()
+
+
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.vae
     out = Path(c.output)
@@ -126,14 +158,20 @@ def run(cfg: DictConfig) -> dict:
         return {"loss": l1 + l2 + c.kl_weight * kl, "l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
 
     with start_mlflow_run(cfg, "pretrain-vae", {"parameters": sum(p.numel() for p in vae.parameters())}):
-        # 2. train (EMA weights are judged and kept)
+        # 2. train encoder and decoder together (EMA weights are judged and kept)
         ema = train("pretrain-vae", vae, loss_fn, loop, Path(c.checkpoint),
                     evaluate=lambda m, step: judge(m, eval_scenes), log_metrics=log_metrics)
         final = ema.model.eval()
-        # 3. latent scale, measured as SD's was; 4. save in the diffusers layout
+        before = judge(final, eval_scenes)
+        # 3. then the decoder alone (skipped with decoder.loop.steps: 0)
+        if c.decoder.loop.steps > 0:
+            final = finetune_decoder(final, c, eval_scenes, cfg.progress)
+        # 4. latent scale, measured as SD's was (the encoder is the same either way); 5. save, diffusers layout
         final.register_to_config(scaling_factor=measure_scaling_factor(final, c.eval_seed + 1, 256))
         result = {**judge(final, eval_scenes), "scaling_factor": final.config.scaling_factor,
-                  "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps}
+                  "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps,
+                  "decoder_steps": int(c.decoder.loop.steps),
+                  **{f"{k}_before_decoder_phase": v for k, v in before.items()}}
         with atomic_folder(out) as tmp:
             final.save_pretrained(tmp, safe_serialization=True)
         log_metrics({f"final/{k}": v for k, v in result.items()})
