@@ -121,7 +121,7 @@ def make_runners(parts, variants, specs, size: int, steps: int, cfg: float) -> d
     for name, mode in (("official", "official"), ("materialised", "official"), ("google", "google")):
         if name not in variants:
             continue
-        sampler = PairSampler(parts, SynthesisSettings(steps=steps, sampler=SAMPLER, mode=mode, progress=False))
+        sampler = PairSampler(parts, SynthesisSettings(steps=steps, scheduler=SAMPLER, mode=mode, progress=False))
 
         def ours(sampler=sampler, materialise=name == "materialised"):
             if materialise:  # the sampler builds its control internally: swap the class for this call
@@ -174,7 +174,7 @@ def main() -> None:
     results = {
         "preset": args.preset, "device": str(device), "dtype": args.dtype, "resolution": size, "steps": args.steps,
         "p": args.p, "cfg": args.cfg, "repeats": args.repeats, "samples_per_batch": args.samples_per_batch,
-        "captions": [INPUT_CAPTION, OUTPUT_CAPTION], "sampler": SAMPLER,
+        "captions": [INPUT_CAPTION, OUTPUT_CAPTION], "scheduler": SAMPLER,
         "reference": "plain = diffusers StableDiffusionPipeline, same weights and batch, no attention control",
         "timed": "denoising incl. text encoding; VAE decoding excluded",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),

@@ -27,7 +27,7 @@ def test_the_shipped_configurations_pass():
     ("synthesis.p_min=0.95", "synthesis.p_min"),       # above p_max
     ("train.conditioning_dropout=0.5", "train.conditioning_dropout"),
     ("filter.top_k=2.5", "filter.top_k"),
-    ("evaluate.image_scales=[]", "evaluate.image_scales"),
+    ("evaluate.image_guidances=[]", "evaluate.image_guidances"),
     # read through ${...} by edit, evaluate, register.serve and the grid: named once, at its source
     ("sampling.scheduler=nosuch", "sampling.scheduler"),
     ("filter.batch_size=-2", "filter.batch_size"),    # synthesis.early_drop.batch_size follows it

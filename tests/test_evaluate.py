@@ -57,7 +57,7 @@ def evaluated(heldout_dataset, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", "evaluate.model=tiny",
                    f"evaluate.dataset_dir={root}", f"evaluate.out_dir={out}", "evaluate.num_samples=2",
-                   "evaluate.steps=3", "evaluate.text_scales=[5.0,7.5]", "evaluate.image_scales=[1.0,1.6]",
+                   "evaluate.steps=3", "evaluate.text_guidances=[5.0,7.5]", "evaluate.image_guidances=[1.0,1.6]",
                    "evaluate.batch_size=3", f"logger.mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"])
     summary = run(cfg)
     return cfg, out, summary, rows
@@ -70,7 +70,7 @@ def test_mlflow_run_has_metrics_and_reports(evaluated):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(cfg.logger.experiment)
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.data.metrics["clip_dir_sim"] == pytest.approx(summary["clip_dir_sim"], abs=1e-6)
+    assert run.data.metrics["clip_sim_dir"] == pytest.approx(summary["clip_sim_dir"], abs=1e-6)
     assert run.data.params["evaluate.steps"] == "3"
     assert run.data.tags["stage"] == "evaluate"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
@@ -89,13 +89,13 @@ def test_outputs_written(evaluated):
     grid = pd.read_csv(out / "guidance_grid.csv")
     # 2 x 2 grid plus the default cell (7.5, 1.5) that is not on it.
     assert len(grid) == 5
-    assert set(zip(grid.text_scale, grid.image_scale)) == {(5.0, 1.0), (5.0, 1.6), (7.5, 1.0), (7.5, 1.6), (7.5, 1.5)}
+    assert set(zip(grid.text_guidance, grid.image_guidance)) == {(5.0, 1.0), (5.0, 1.6), (7.5, 1.0), (7.5, 1.6), (7.5, 1.5)}
     assert (grid.num_samples == 2).all()
-    for column in ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "l1", "l2", "clip_i_gt"]:
+    for column in ["clip_sim_image", "clip_sim_dir", "clip_sim_1", "l1", "l2", "clip_i_gt"]:
         assert grid[column].between(-1.0001, 1.0001).all(), column
     headline = json.loads((out / "eval.json").read_text())
-    row = grid[(grid.text_scale == 7.5) & (grid.image_scale == 1.5)].iloc[0]
-    assert headline["clip_dir_sim"] == pytest.approx(row.clip_dir_sim, abs=1e-6)
+    row = grid[(grid.text_guidance == 7.5) & (grid.image_guidance == 1.5)].iloc[0]
+    assert headline["clip_sim_dir"] == pytest.approx(row.clip_sim_dir, abs=1e-6)
     assert headline == summary
     for picture in ("guidance_grid.png", "guidance_examples.png"):
         with Image.open(out / picture) as img:
@@ -129,30 +129,30 @@ def test_one_cell_matches_independent_recomputation(evaluated, tiny_editor, tiny
     pairs = load_test_pairs(e.dataset_dir, "test", 2, 0)
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(export_pipeline(tiny_editor, tmp_path / "pipe"))
     pipe.set_progress_bar_config(disable=True)
-    text_scale, image_scale = 7.5, 1.6
+    text_guidance, image_guidance = 7.5, 1.6
     per_input = []
     for r in pairs:
         with Image.open(io.BytesIO(r["input_image"]["bytes"])) as im:
             inp = ImageOps.fit(im.convert("RGB"), (64, 64), method=Image.Resampling.LANCZOS)
         with Image.open(io.BytesIO(r["edited_image"]["bytes"])) as im:
             gt = ImageOps.fit(im.convert("RGB"), (64, 64), method=Image.Resampling.LANCZOS)
-        edit = pipe(r["edit_prompt"], image=inp, num_inference_steps=3, guidance_scale=text_scale,
-                    image_guidance_scale=image_scale, output_type="np",
+        edit = pipe(r["edit_prompt"], image=inp, num_inference_steps=3, guidance_scale=text_guidance,
+                    image_guidance_scale=image_guidance, output_type="np",
                     generator=torch.Generator("cpu").manual_seed(stable_seed(0, r["id"]))).images[0]
         edit_pil = Image.fromarray((edit * 255).round().astype(np.uint8))
         imgs, txts = _clip_features(tiny_clip, [inp, edit_pil, gt], [r["input_caption"], r["output_caption"]])
         gt_unit = np.asarray(gt, dtype=np.float64) / 255.0
         per_input.append({
-            "clip_image_sim": _cos(imgs[0], imgs[1]),
-            "clip_dir_sim": _cos(imgs[1] - imgs[0], txts[1] - txts[0]),
-            "clip_text_sim": _cos(imgs[1], txts[1]),
+            "clip_sim_image": _cos(imgs[0], imgs[1]),
+            "clip_sim_dir": _cos(imgs[1] - imgs[0], txts[1] - txts[0]),
+            "clip_sim_1": _cos(imgs[1], txts[1]),
             "l1": float(np.abs(edit - gt_unit).mean()),
             "l2": float(((edit - gt_unit) ** 2).mean()),
             "clip_i_gt": _cos(imgs[1], imgs[2]),
         })
     expected = pd.DataFrame(per_input).mean()
     grid = pd.read_csv(out / "guidance_grid.csv")
-    row = grid[(grid.text_scale == text_scale) & (grid.image_scale == image_scale)].iloc[0]
+    row = grid[(grid.text_guidance == text_guidance) & (grid.image_guidance == image_guidance)].iloc[0]
     for metric, value in expected.items():
         assert row[metric] == pytest.approx(value, abs=2e-3), metric
 

@@ -40,15 +40,15 @@ def test_dual_guidance_per_sample_scales():
     eps_ti = t([[[[1.0, 2.0]]], [[[4.0, 0.0]]]])
     eps_i = t([[[[0.5, -1.0]]], [[[1.0, 1.0]]]])
     eps_u = t([[[[0.0, 1.0]]], [[[2.0, -2.0]]]])
-    text_scale = torch.tensor([2.0, 0.5], dtype=torch.float64)  # dtype is adapted to the noise
-    image_scale = torch.tensor([3.0, 1.0])
+    text_guidance = torch.tensor([2.0, 0.5], dtype=torch.float64)  # dtype is adapted to the noise
+    image_guidance = torch.tensor([3.0, 1.0])
     # sample 0 as above: [2.5, 1.0]; sample 1: eps_i + 0.5 * (eps_ti - eps_i) = [1 + 1.5, 1 - 0.5] = [2.5, 0.5]
     expected = t([[[[2.5, 1.0]]], [[[2.5, 0.5]]]])
-    out = dual_guidance(eps_ti, eps_i, eps_u, text_scale, image_scale)
+    out = dual_guidance(eps_ti, eps_i, eps_u, text_guidance, image_guidance)
     assert out.dtype == torch.float32
     assert torch.allclose(out, expected)
     # mixing a float and a tensor scale works too: s_I = 1 for both samples
-    mixed = dual_guidance(eps_ti, eps_i, eps_u, text_scale, 1.0)
+    mixed = dual_guidance(eps_ti, eps_i, eps_u, text_guidance, 1.0)
     # sample 0: eps_i + 2 * (eps_ti - eps_i) = [0.5 + 1, -1 + 6] = [1.5, 5.0]
     assert torch.allclose(mixed, t([[[[1.5, 5.0]]], [[[2.5, 0.5]]]]))
 
@@ -133,21 +133,21 @@ def recorded_steps(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("text_scale,image_scale", [(7.5, 1.5), (torch.tensor([7.5, 3.0]), torch.tensor([1.5, 1.0]))])
-def test_sampler_guidance_reaches_the_scheduler(stub_editor, recorded_steps, text_scale, image_scale):
+@pytest.mark.parametrize("text_guidance,image_guidance", [(7.5, 1.5), (torch.tensor([7.5, 3.0]), torch.tensor([1.5, 1.0]))])
+def test_sampler_guidance_reaches_the_scheduler(stub_editor, recorded_steps, text_guidance, image_guidance):
     editor, unet, empty = stub_editor
     batch, steps = 2, 4
     g = torch.Generator().manual_seed(1)
     condition = torch.randn(batch, 4, 8, 8, generator=g) + 3.0  # no zeros in the image condition
     text = torch.randn(batch, 77, 16, generator=g)
-    editor.sample(condition, text, empty, text_scale, image_scale, steps, "euler", torch.Generator().manual_seed(2),
+    editor.sample(condition, text, empty, text_guidance, image_guidance, steps, "euler", torch.Generator().manual_seed(2),
                   progress=False)
 
     assert len(unet.calls) == steps  # exactly one UNet call per step
     assert len(recorded_steps) == steps
     branch_order = ["text+image"] * batch + ["empty+image"] * batch + ["empty+zero"] * batch
-    s_t = text_scale.view(-1, 1, 1, 1) if isinstance(text_scale, torch.Tensor) else text_scale
-    s_i = image_scale.view(-1, 1, 1, 1) if isinstance(image_scale, torch.Tensor) else image_scale
+    s_t = text_guidance.view(-1, 1, 1, 1) if isinstance(text_guidance, torch.Tensor) else text_guidance
+    s_i = image_guidance.view(-1, 1, 1, 1) if isinstance(image_guidance, torch.Tensor) else image_guidance
     for call, guided in zip(unet.calls, recorded_steps):
         assert call["branches"] == branch_order  # batch of 3*B in branch order
         assert torch.equal(call["image"][: 2 * batch], torch.cat([condition, condition]))
@@ -160,7 +160,7 @@ def test_sampler_guidance_reaches_the_scheduler(stub_editor, recorded_steps, tex
         expected = eps_u + s_i * (eps_i - eps_u) + s_t * (eps_ti - eps_i)
         assert torch.allclose(guided, expected, atol=1e-5)
     # And with the numbers themselves: guided - eps_u = -2.5 s_I + 3 s_T, per sample.
-    per_sample = -2.5 * torch.as_tensor(image_scale).expand(batch) + 3.0 * torch.as_tensor(text_scale).expand(batch)
+    per_sample = -2.5 * torch.as_tensor(image_guidance).expand(batch) + 3.0 * torch.as_tensor(text_guidance).expand(batch)
     offset = recorded_steps[-1] - unet.calls[-1]["eps"][2 * batch:]
     assert torch.allclose(offset, per_sample.float().view(-1, 1, 1, 1).expand_as(offset), atol=1e-5)
 

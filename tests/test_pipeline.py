@@ -113,7 +113,7 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
                    "world_judge.json", "world_eval.json", "world_eval.png"]:
         assert (project / "reports" / report).is_file(), report
     evaluation = json.loads((project / "reports" / "eval.json").read_text())
-    assert evaluation["num_samples"] >= 1 and -1 <= evaluation["clip_dir_sim"] <= 1
+    assert evaluation["num_samples"] >= 1 and -1 <= evaluation["clip_sim_dir"] <= 1
     assert json.loads((project / "reports" / "register.json").read_text())["alias"] == "candidate"
 
     second = _dvc(project, env, "repro")

@@ -30,7 +30,7 @@ from ip2p.tracking.registry import promote, run_register
 def registry(tmp_path_factory, tiny_editor, cache_dir):
     root = tmp_path_factory.mktemp("registry")
     model_dir = export_pipeline(tiny_editor, root / "model")
-    (root / "eval.json").write_text(json.dumps({"clip_dir_sim": 0.125, "clip_image_sim": 0.875}))
+    (root / "eval.json").write_text(json.dumps({"clip_sim_dir": 0.125, "clip_sim_image": 0.875}))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = compose([f"paths.cache={cache_dir}", f"register.model_dir={model_dir}", f"logger.mlflow.tracking_uri={uri}",
                    f"logger.mlflow.artifact_location={root / 'mlartifacts'}", f"register.eval_report={root / 'eval.json'}",
@@ -49,8 +49,8 @@ def test_register_creates_versions_with_tags_and_alias(registry):
     assert (registry["first"]["version"], registry["second"]["version"]) == (1, 2)
     assert str(client.get_model_version_by_alias(name, "candidate").version) == "2"
     version = client.get_model_version(name, "2")
-    assert float(version.tags["eval.clip_dir_sim"]) == 0.125
-    assert float(version.tags["eval.clip_image_sim"]) == 0.875
+    assert float(version.tags["eval.clip_sim_dir"]) == 0.125
+    assert float(version.tags["eval.clip_sim_image"]) == 0.875
     record = json.loads((registry["root"] / "register.json").read_text())
     assert record["model_uri"] == f"models:/{name}@candidate" and record["version"] == 2
     # Provenance on the version: the commit of this checkout (the tests run inside the git repo).

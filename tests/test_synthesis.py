@@ -455,7 +455,7 @@ def test_sampler_with_more_model_calls_than_steps_is_refused(tmp_path, cache_dir
 
     instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
     with pytest.raises(Ip2pError, match="one model call per step") as err:
-        run_stage(stage_overrides(tmp_path, instructions, **{"synthesis.sampler": "heun"}), cache_dir)
+        run_stage(stage_overrides(tmp_path, instructions, **{"synthesis.scheduler": "heun"}), cache_dir)
     assert "\n" not in str(err.value)
     assert not any((tmp_path / "candidates").glob("p*"))
 

@@ -69,7 +69,7 @@ RULES: dict[str, Rule] = {
     "edit.steps": POSITIVE_INT, "edit.num_images": POSITIVE_INT, "edit.scheduler": sampler,
     "instructions.batch_size": POSITIVE_INT,
     "synthesis.steps": POSITIVE_INT, "synthesis.samples_per_pair": POSITIVE_INT, "synthesis.batch_size": POSITIVE_INT,
-    "synthesis.sampler": sampler, "synthesis.p_min": within(0, 1), "synthesis.p_max": within(0, 1),
+    "synthesis.scheduler": sampler, "synthesis.p_min": within(0, 1), "synthesis.p_max": within(0, 1),
     "synthesis.cfg_min": above(0), "synthesis.cfg_max": above(0),
     "filter.batch_size": POSITIVE_INT, "filter.top_k": POSITIVE_INT, "filter.shard_size": POSITIVE_INT,
     **{f"{group}.{name}": within(-1, 1) for group in ("filter.thresholds", "synthesis.early_drop.thresholds")
@@ -85,8 +85,8 @@ RULES: dict[str, Rule] = {
     "train.validation.grid.steps": POSITIVE_INT, "train.validation.grid.scheduler": sampler,
     "train.checkpoint.every_n_steps": POSITIVE_INT, "train.export.scheduler": sampler,
     "evaluate.num_samples": POSITIVE_INT, "evaluate.steps": POSITIVE_INT, "evaluate.scheduler": sampler,
-    "evaluate.batch_size": POSITIVE_INT, "evaluate.default_text_scale": at_least(0),
-    "evaluate.default_image_scale": at_least(0),
+    "evaluate.batch_size": POSITIVE_INT, "evaluate.default_text_guidance": at_least(0),
+    "evaluate.default_image_guidance": at_least(0),
     "register.serve.steps": POSITIVE_INT, "register.serve.scheduler": sampler,
     "llm_finetune.batch_size": POSITIVE_INT, "llm_finetune.lr": above(0), "llm_finetune.weight_decay": at_least(0),
     "llm_finetune.warmup_steps": COUNT, "llm_finetune.accumulate_grad_batches": POSITIVE_INT,
@@ -109,7 +109,7 @@ def _relations(get: Callable[[str], Any]) -> list[str]:
     if get("evaluate.clip_value_range") == "signed" and get("evaluate.clip_preprocess") != "original":
         problems.append("evaluate.clip_value_range=signed (the original metric script's [-1, 1]) needs "
                         "evaluate.clip_preprocess=original")
-    for scales in ("evaluate.text_scales", "evaluate.image_scales"):
+    for scales in ("evaluate.text_guidances", "evaluate.image_guidances"):
         values = get(scales)
         if values is not None and (not values or not all(_number(v) and v >= 0 for v in values)):
             problems.append(f"{scales} must be a non-empty list of numbers >= 0 (got {values})")

@@ -18,13 +18,13 @@ from ip2p.models.instruct_pix2pix import InstructPix2Pix
 
 @dataclass(frozen=True)
 class Cell:
-    text_scale: float
-    image_scale: float
+    text_guidance: float
+    image_guidance: float
 
 
-def guidance_cells(text_scales: Iterable[float], image_scales: Iterable[float], extra: Cell | None = None) -> list[Cell]:
+def guidance_cells(text_guidances: Iterable[float], image_guidances: Iterable[float], extra: Cell | None = None) -> list[Cell]:
     """The grid in row-major order (text scale, then image scale), plus `extra` if it is not on it."""
-    cells = [Cell(float(t), float(i)) for t in text_scales for i in image_scales]
+    cells = [Cell(float(t), float(i)) for t in text_guidances for i in image_guidances]
     if extra is not None and extra not in cells:
         cells.append(extra)
     return cells
@@ -53,10 +53,10 @@ def edit_grid(
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         idx = torch.tensor([n for n, _ in batch])
-        text_scale = torch.tensor([cells[c].text_scale for _, c in batch])
-        image_scale = torch.tensor([cells[c].image_scale for _, c in batch])
+        text_guidance = torch.tensor([cells[c].text_guidance for _, c in batch])
+        image_guidance = torch.tensor([cells[c].image_guidance for _, c in batch])
         generators = [torch.Generator("cpu").manual_seed(stable_seed(seed, input_ids[n])) for n, _ in batch]
-        latents = editor.sample(conditions[idx], texts[idx], empty, text_scale, image_scale, steps, scheduler,
+        latents = editor.sample(conditions[idx], texts[idx], empty, text_guidance, image_guidance, steps, scheduler,
                                 generators, progress=False)
         decoded = editor.decode(latents).float().cpu()
         for k, (n, c) in enumerate(batch):

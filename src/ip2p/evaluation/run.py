@@ -30,7 +30,7 @@ from ip2p.scoring.edits import cosine, edit_metrics, ground_truth_metrics
 
 log = logging.getLogger(__name__)
 
-METRICS = ["clip_image_sim", "clip_dir_sim", "clip_text_sim", "clip_sim_0", "l1", "l2", "clip_i_gt"]
+METRICS = ["clip_sim_image", "clip_sim_dir", "clip_sim_1", "clip_sim_0", "l1", "l2", "clip_i_gt"]
 
 
 def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int) -> list[dict]:
@@ -75,7 +75,7 @@ def score_grid(clip, inputs: torch.Tensor, edits: torch.Tensor, gts: torch.Tenso
         if gts is not None:
             m.update(ground_truth_metrics(edits[:, k], gts, e_edit[:, k], e_gt))
         for i in range(n):
-            rows.append({"input": i, "text_scale": cell.text_scale, "image_scale": cell.image_scale,
+            rows.append({"input": i, "text_guidance": cell.text_guidance, "image_guidance": cell.image_guidance,
                          **{name: float(v[i]) for name, v in m.items()}})
     return pd.DataFrame(rows)
 
@@ -102,8 +102,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     editor = InstructPix2Pix(load_diffusion(e.model, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype))
     clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
-    default = Cell(float(e.default_text_scale), float(e.default_image_scale))
-    cells = guidance_cells(e.text_scales, e.image_scales, extra=default)
+    default = Cell(float(e.default_text_guidance), float(e.default_image_guidance))
+    cells = guidance_cells(e.text_guidances, e.image_guidances, extra=default)
 
     edits = edit_grid(editor, pil_to_tensor(inputs), [r["edit_prompt"] for r in pairs], [str(r["id"]) for r in pairs],
                       cells, int(e.steps), str(e.scheduler), int(e.seed), int(e.batch_size), bool(cfg.progress))
@@ -112,20 +112,20 @@ def evaluate(cfg: DictConfig) -> dict:
                           [r["input_caption"] for r in pairs], [r["output_caption"] for r in pairs], cells,
                           str(e.clip_preprocess), str(e.clip_value_range))
     metrics = [m for m in METRICS if m in per_edit]
-    grid = per_edit.groupby(["text_scale", "image_scale"], sort=True)[metrics].mean().reset_index()
+    grid = per_edit.groupby(["text_guidance", "image_guidance"], sort=True)[metrics].mean().reset_index()
     grid.insert(2, "num_samples", len(pairs))
     atomic_write_text(out_dir / "guidance_grid.csv", grid.to_csv(index=False, float_format="%.6f"))
 
-    on_grid = grid[grid.text_scale.isin([float(t) for t in e.text_scales])
-                   & grid.image_scale.isin([float(i) for i in e.image_scales])]
+    on_grid = grid[grid.text_guidance.isin([float(t) for t in e.text_guidances])
+                   & grid.image_guidance.isin([float(i) for i in e.image_guidances])]
     tradeoff_plot(on_grid, out_dir / "guidance_grid.png")
     ex = int(e.example_index) % len(pairs)
-    edit_images = {(cells[k].text_scale, cells[k].image_scale): tensor_to_pil(edits[ex, k:k + 1])[0] for k in range(len(cells))}
-    picture_grid(inputs[ex], edit_images, [float(t) for t in e.text_scales], [float(i) for i in e.image_scales],
+    edit_images = {(cells[k].text_guidance, cells[k].image_guidance): tensor_to_pil(edits[ex, k:k + 1])[0] for k in range(len(cells))}
+    picture_grid(inputs[ex], edit_images, [float(t) for t in e.text_guidances], [float(i) for i in e.image_guidances],
                  out_dir / "guidance_examples.png", caption=f"\"{pairs[ex]['edit_prompt']}\"")
 
-    headline = grid[(grid.text_scale == default.text_scale) & (grid.image_scale == default.image_scale)].iloc[0]
-    summary = {"text_scale": default.text_scale, "image_scale": default.image_scale, "num_samples": len(pairs),
+    headline = grid[(grid.text_guidance == default.text_guidance) & (grid.image_guidance == default.image_guidance)].iloc[0]
+    summary = {"text_guidance": default.text_guidance, "image_guidance": default.image_guidance, "num_samples": len(pairs),
                "steps": int(e.steps), "resolution": int(e.resolution), "model": str(e.model),
                **{m: round(float(headline[m]), 6) for m in metrics}}
     atomic_write_json(out_dir / "eval.json", summary)

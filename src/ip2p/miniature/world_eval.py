@@ -48,8 +48,8 @@ def verdict_rows(cases: list[Case], befores: list[Reading], images: np.ndarray, 
     for case, before, img in zip(cases, befores, images):
         v = judge_edit(before, read_any(img), case.instruction)
         rows.append({"case": case.id, "kind": case.kind, "method": method,
-                     "text_scale": cell.text_scale if cell else np.nan,
-                     "image_scale": cell.image_scale if cell else np.nan,
+                     "text_guidance": cell.text_guidance if cell else np.nan,
+                     "image_guidance": cell.image_guidance if cell else np.nan,
                      "judged": v is not None, "success": bool(v and v.success),
                      "preserved": bool(v and v.preserved), "both": bool(v and v.both)})
     return rows
@@ -110,8 +110,8 @@ def evaluate(cfg: DictConfig) -> dict:
     instructions = [case.instruction for case in cases]
 
     # 2. the editor over the guidance grid (the generic grid code of `ip2p evaluate`)
-    default = Cell(float(c.default_text_scale), float(c.default_image_scale))
-    cells = guidance_cells(c.text_scales, c.image_scales, extra=default)
+    default = Cell(float(c.default_text_guidance), float(c.default_image_guidance))
+    cells = guidance_cells(c.text_guidances, c.image_guidances, extra=default)
     editor = InstructPix2Pix(load_diffusion(c.model, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32"))
     edits = edit_grid(editor, inputs, instructions, ids, cells, int(c.steps), str(c.scheduler), int(c.seed),
                       int(c.batch_size), bool(cfg.progress))                       # [N, C, 3, H, W]
@@ -125,12 +125,12 @@ def evaluate(cfg: DictConfig) -> dict:
     clip_rows = score_grid(clip, tensor_to_unit(inputs), tensor_to_unit(edits), None,
                            [case.input_caption for case in cases], [case.output_caption for case in cases], cells)
     clip_rows["case"] = [ids[i] for i in clip_rows["input"]]
-    per_edit = truth.merge(clip_rows.drop(columns="input"), on=["case", "text_scale", "image_scale"])
-    grid = per_edit.groupby(["text_scale", "image_scale"])[[*TRUTH, "clip_dir_sim", "clip_image_sim"]].mean()
+    per_edit = truth.merge(clip_rows.drop(columns="input"), on=["case", "text_guidance", "image_guidance"])
+    grid = per_edit.groupby(["text_guidance", "image_guidance"])[[*TRUTH, "clip_sim_dir", "clip_sim_image"]].mean()
     atomic_write_text(out / "world_eval_grid.csv", grid.reset_index().to_csv(index=False, float_format="%.4f"))
 
     # 4. baselines on the same cases
-    at_default = per_edit[(per_edit.text_scale == default.text_scale) & (per_edit.image_scale == default.image_scale)]
+    at_default = per_edit[(per_edit.text_guidance == default.text_guidance) & (per_edit.image_guidance == default.image_guidance)]
     methods = {"editor": at_default}
     if c.baselines.identity:
         methods["identity"] = pd.DataFrame(verdict_rows(cases, befores, renders, "identity", None))
@@ -138,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict:
         base = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, "float32")
         drawn = generate(base.unet, base.vae, base.text_encoder, base.tokenizer, dict(base.scheduler.config),
                          [case.output_caption for case in cases], steps=int(c.regenerate.steps),
-                         guidance=float(c.regenerate.guidance), seed=int(c.seed), sampler=str(c.regenerate.sampler),
+                         guidance=float(c.regenerate.guidance), seed=int(c.seed), scheduler=str(c.regenerate.scheduler),
                          resolution=int(renders.shape[1]))
         methods["regenerate"] = pd.DataFrame(verdict_rows(cases, befores, drawn, "regenerate", None))
     if c.baselines.unfiltered_model:
@@ -159,8 +159,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if "unfiltered" in summary:
         met["filtered_beats_unfiltered"] = ed["both"] > summary["unfiltered"]["both"]
     result = {**summary, "cases": len(cases), "per_kind": int(c.per_kind), "steps": int(c.steps),
-              "default_cell": {"text_scale": default.text_scale, "image_scale": default.image_scale},
-              "best_cell": {"text_scale": float(best.text_scale), "image_scale": float(best.image_scale),
+              "default_cell": {"text_guidance": default.text_guidance, "image_guidance": default.image_guidance},
+              "best_cell": {"text_guidance": float(best.text_guidance), "image_guidance": float(best.image_guidance),
                             **{m: round(float(best[m]), 4) for m in TRUTH}},
               "judged": round(float(at_default["judged"].mean()), 4),
               "targets": dict(t), "met": met}
@@ -184,13 +184,13 @@ def tradeoff_picture(grid: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for text_scale, g in grid.groupby("text_scale"):
-        g = g.sort_values("image_scale")
-        left.plot(g.preserved, g.success, "o-", label=f"text {text_scale:g}")
-        right.plot(g.clip_dir_sim, g.clip_image_sim, "o-", label=f"text {text_scale:g}")
+    for text_guidance, g in grid.groupby("text_guidance"):
+        g = g.sort_values("image_guidance")
+        left.plot(g.preserved, g.success, "o-", label=f"text {text_guidance:g}")
+        right.plot(g.clip_sim_dir, g.clip_sim_image, "o-", label=f"text {text_guidance:g}")
         for _, r in g.iterrows():
-            left.annotate(f"{r.image_scale:g}", (r.preserved, r.success), fontsize=7)
-            right.annotate(f"{r.image_scale:g}", (r.clip_dir_sim, r.clip_image_sim), fontsize=7)
+            left.annotate(f"{r.image_guidance:g}", (r.preserved, r.success), fontsize=7)
+            right.annotate(f"{r.image_guidance:g}", (r.clip_sim_dir, r.clip_sim_image), fontsize=7)
     left.set(xlabel="preservation (oracle: everything else unchanged)", ylabel="success (oracle: attribute holds)",
              title="truth")
     right.set(xlabel="CLIP direction similarity", ylabel="CLIP image similarity", title="CLIP (the paper's axes)")

@@ -53,7 +53,7 @@ def generations_picture(parts, scenes, path: Path, seeds: int, c: DictConfig) ->
     for row, (scene, prompt) in enumerate(zip(scenes, prompts)):
         images = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
                           dict(parts.scheduler.config), [prompt] * seeds, steps=c.steps, guidance=c.guidance,
-                          seed=c.seed + 1000 * row, sampler=c.sampler, guidance_rescale=c.guidance_rescale)
+                          seed=c.seed + 1000 * row, scheduler=c.scheduler, guidance_rescale=c.guidance_rescale)
         axes[row, 0].imshow(render(scene), interpolation="nearest")
         axes[row, 0].set_title("a render", fontsize=7)
         axes[row, 0].set_ylabel("\n".join(textwrap.wrap(prompt, 24)), fontsize=7, rotation=0, ha="right", va="center")

@@ -127,7 +127,7 @@ def judge(unet, vae, text_encoder, tokenizer, schedule: dict, e: DictConfig, sce
     `e`: world.t2i.eval); the oracle reads colour, background, shape and style."""
     prompts = [plain_caption(s) for s in scenes]
     images = generate(unet, vae, text_encoder, tokenizer, schedule, prompts, steps=e.steps,
-                      guidance=e.guidance, seed=e.seed, sampler=e.sampler, guidance_rescale=e.guidance_rescale)
+                      guidance=e.guidance, seed=e.seed, scheduler=e.scheduler, guidance_rescale=e.guidance_rescale)
     return score_generations(scenes, images)
 
 

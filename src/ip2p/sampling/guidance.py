@@ -19,13 +19,13 @@ def dual_guidance(
     eps_text_image: torch.Tensor,
     eps_image: torch.Tensor,
     eps_uncond: torch.Tensor,
-    text_scale: float | torch.Tensor,
-    image_scale: float | torch.Tensor,
+    text_guidance: float | torch.Tensor,
+    image_guidance: float | torch.Tensor,
 ) -> torch.Tensor:
     """InstructPix2Pix guidance (paper eq. 3):
     eps = eps(0,0) + s_I * (eps(img,0) - eps(0,0)) + s_T * (eps(img,txt) - eps(img,0))."""
-    s_t = _per_sample(text_scale, eps_uncond)
-    s_i = _per_sample(image_scale, eps_uncond)
+    s_t = _per_sample(text_guidance, eps_uncond)
+    s_i = _per_sample(image_guidance, eps_uncond)
     # Summed in the order diffusers' pipeline uses: float addition is not associative, and with
     # large scales a last-bit difference can grow over the steps (DDIM: ~1e-4 after 10 steps).
     return eps_uncond + s_t * (eps_text_image - eps_image) + s_i * (eps_image - eps_uncond)

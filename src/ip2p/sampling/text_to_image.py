@@ -21,7 +21,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts: list[str], *, steps: int,
-             guidance: float, seed: int, sampler: str = "ddim", resolution: int | None = None,
+             guidance: float, seed: int, scheduler: str = "ddim", resolution: int | None = None,
              batch_size: int = 64, progress: bool = False, guidance_rescale: float = 0.0) -> np.ndarray:
     """[B, H, W, 3] uint8 images for the prompts; prompt k uses noise seeded by seed + k. The model's
     prediction (epsilon or v, as the scheduler config says) is guided, then optionally rescaled."""
@@ -42,8 +42,8 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts
             eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample.chunk(2)
             return rescale_guidance(classifier_free_guidance(eps_c, eps_u, guidance), eps_c, guidance_rescale)
 
-        scheduler = make_scheduler(sampler, scheduler_config)
-        latents = denoise(scheduler, latents, predict, steps, generator=generator, progress=progress)
+        noise_scheduler = make_scheduler(scheduler, scheduler_config)
+        latents = denoise(noise_scheduler, latents, predict, steps, generator=generator, progress=progress)
         images = vae.decode(latents / vae.config.scaling_factor).sample
         out.append(to_uint8(images))
     return np.concatenate(out)

@@ -29,9 +29,9 @@ def clip_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Ten
     edit = edit_metrics(image_0, image_1, text_0, text_1)  # shared with evaluation: image, direction, text
     return {
         "clip_sim_0": cosine(image_0, text_0),
-        "clip_sim_1": edit["clip_text_sim"],
-        "clip_sim_dir": edit["clip_dir_sim"],
-        "clip_sim_image": edit["clip_image_sim"],
+        "clip_sim_1": edit["clip_sim_1"],
+        "clip_sim_dir": edit["clip_sim_dir"],
+        "clip_sim_image": edit["clip_sim_image"],
     }
 
 

@@ -1,8 +1,8 @@
 """Per-edit metrics of the guidance grid: pure functions of CLIP embeddings and pixels.
 
-  clip_image_sim   cos(E_img(input), E_img(edit))                      how much of the input is kept
-  clip_dir_sim     cos(E_img(edit) - E_img(input), E_txt(out) - E_txt(in))   does the change follow the captions
-  clip_text_sim    cos(E_img(edit), E_txt(output caption))
+  clip_sim_image   cos(E_img(input), E_img(edit))                      how much of the input is kept
+  clip_sim_dir     cos(E_img(edit) - E_img(input), E_txt(out) - E_txt(in))   does the change follow the captions
+  clip_sim_1    cos(E_img(edit), E_txt(output caption))
 and, where a ground-truth edited image exists (MagicBrush-style, docs/method.md section 5):
   l1, l2           mean |edit - gt| and mean (edit - gt)^2 on [0, 1] RGB
   clip_i_gt        cos(E_img(edit), E_img(gt))
@@ -22,9 +22,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def edit_metrics(img_in: torch.Tensor, img_edit: torch.Tensor, txt_in: torch.Tensor, txt_out: torch.Tensor) -> dict[str, torch.Tensor]:
     """CLIP metrics for a batch of edits, from (not necessarily normalised) embeddings [B, D]."""
     return {
-        "clip_image_sim": cosine(img_in, img_edit),
-        "clip_dir_sim": cosine(img_edit - img_in, txt_out - txt_in),
-        "clip_text_sim": cosine(img_edit, txt_out),
+        "clip_sim_image": cosine(img_in, img_edit),
+        "clip_sim_dir": cosine(img_edit - img_in, txt_out - txt_in),
+        "clip_sim_1": cosine(img_edit, txt_out),
     }
 
 

@@ -93,7 +93,7 @@ class PairedNoiseScheduler:
 @dataclass
 class SynthesisSettings:
     steps: int = 100
-    sampler: str = "euler_ancestral"
+    scheduler: str = "euler_ancestral"
     mode: str = "official"  # official | google (see ip2p.synthesis.attention)
     google: GoogleSettings = field(default_factory=GoogleSettings)
     align: AlignScores = field(default_factory=AlignScores)
@@ -158,7 +158,7 @@ class PairSampler:
 
         control = AttentionControl(self.settings.mode, torch.tensor([spec.p for spec in specs]), self.settings.steps,
                                    self.settings.google, self.token_map(input_caption, output_caption), latent_hw)
-        scheduler = PairedNoiseScheduler(make_scheduler(self.settings.sampler, self.c.scheduler.config), generators,
+        scheduler = PairedNoiseScheduler(make_scheduler(self.settings.scheduler, self.c.scheduler.config), generators,
                                          after_step=control.blend)
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:

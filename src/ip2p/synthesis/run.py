@@ -55,7 +55,7 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
         raise Ip2pError(f"need 0 <= synthesis.p_min <= synthesis.p_max <= 1 (got {s.p_min}, {s.p_max})")
     if not 0 < s.cfg_min <= s.cfg_max:
         raise Ip2pError(f"need 0 < synthesis.cfg_min <= synthesis.cfg_max (got {s.cfg_min}, {s.cfg_max})")
-    scheduler_class(str(s.sampler))  # an unknown sampler fails before the model loads
+    scheduler_class(str(s.scheduler))  # an unknown scheduler fails before the model loads
     if s.image_format not in ("png", "jpg"):
         raise Ip2pError(f"synthesis.image_format must be png or jpg (got '{s.image_format}')")
     google = GoogleSettings(cross=str(g.cross), cross_steps=float(g.cross_steps),
@@ -63,17 +63,17 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
                             blend_threshold=float(g.blend_threshold), blend_max_queries=int(g.blend_max_queries),
                             blend_pool=int(g.blend_pool))
     align = AlignScores(float(g.align.match), float(g.align.mismatch), float(g.align.gap))
-    return SynthesisSettings(steps=int(s.steps), sampler=str(s.sampler), mode=str(s.attention.mode),
+    return SynthesisSettings(steps=int(s.steps), scheduler=str(s.scheduler), mode=str(s.attention.mode),
                              google=google, align=align, progress=False)
 
 
 def check_one_call_per_step(settings: SynthesisSettings, scheduler_config) -> None:
     """The P2P step rules count UNet calls as steps; a sampler with more calls than steps (Heun, PNDM's
     warm-up) would copy attention for another fraction of the denoising than p."""
-    probe = make_scheduler(settings.sampler, scheduler_config)
+    probe = make_scheduler(settings.scheduler, scheduler_config)
     probe.set_timesteps(settings.steps)
     if len(probe.timesteps) != settings.steps:
-        raise Ip2pError(f"synthesis.sampler={settings.sampler} makes {len(probe.timesteps)} model calls for "
+        raise Ip2pError(f"synthesis.scheduler={settings.scheduler} makes {len(probe.timesteps)} model calls for "
                         f"{settings.steps} steps; synthesis needs one model call per step "
                         f"(e.g. euler_ancestral, euler, ddim, ddpm, dpmpp_2m)")
 
@@ -232,7 +232,7 @@ def run(cfg: DictConfig) -> Path:
         "candidates_dropped_early": dropped,
         "samples_per_pair": int(cfg.synthesis.samples_per_pair),
         "steps": settings.steps,
-        "sampler": settings.sampler,
+        "scheduler": settings.scheduler,
         "mode": settings.mode,
         "resolution": size,
         "model": str(cfg.model.base),
