@@ -133,3 +133,49 @@ def test_frequency_penalty_is_openais_additive_rule():
             expected[b, token] -= 0.1
     assert torch.allclose(out, expected)
     assert out[0, 5] == 0 and out[1, 7] == 0                  # prompt tokens are not penalised
+
+
+def test_epoch_order_is_the_shuffled_loaders_order_computed_per_epoch():
+    """EpochOrder gives, for each epoch on its own, the order a DataLoader(shuffle=True, seeded generator)
+    gives when run epoch after epoch (so resuming changes nothing, and old runs keep their order)."""
+    from torch.utils.data import DataLoader
+
+    from ip2p.data.finetune_llm import EpochOrder
+
+    items = list(range(23))
+    plain = DataLoader(items, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(7))
+    expected = [[int(i) for b in plain for i in b] for _ in range(3)]
+    sampler = EpochOrder(len(items), 7)
+    ours = DataLoader(items, batch_size=5, sampler=sampler, generator=torch.Generator())
+    for epoch in (2, 0, 1):  # any epoch, in any order
+        sampler.set_epoch(epoch)
+        assert [int(i) for b in ours for i in b] == expected[epoch]
+
+
+def test_a_killed_finetune_resumes_at_the_last_epoch_to_the_same_weights(tmp_path, cache_dir, tiny_lm, monkeypatch):
+    def config(name: str, epochs: int):
+        return compose([f"paths.cache={cache_dir}", f"paths.artifacts={tmp_path / name}",
+                        f"paths.reports={tmp_path / name / 'reports'}", f"paths.data={REPO / 'data'}",
+                        "progress=false", "llm_finetune.accelerator=cpu", f"llm_finetune.epochs={epochs}"])
+
+    straight = finetune_llm.run(config("straight", 2))
+    # killed after its first epoch's checkpoint (here: as the model is being saved)
+    real_save = finetune_llm.save_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_llm, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_llm.run(config("killed", 1))
+    checkpoints = tmp_path / "killed" / "llm.checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not (tmp_path / "killed" / "llm").exists()
+    monkeypatch.setattr(finetune_llm, "save_model", real_save)
+    resumed = finetune_llm.run(config("killed", 2))
+    assert not checkpoints.exists()  # the finished model replaces them
+    a = load_llm(str(straight), compose([]).model, cache_dir)[0].state_dict()
+    b = load_llm(str(resumed), compose([]).model, cache_dir)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "killed" / "reports" / "finetune_llm.json").read_text())
+    assert report["optimizer_steps"] == json.loads(
+        (tmp_path / "straight" / "reports" / "finetune_llm.json").read_text())["optimizer_steps"]

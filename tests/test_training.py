@@ -643,7 +643,8 @@ def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch, cfg):
     the trainer writes through this plugin."""
     import errno
 
-    from ip2p.training.launch import atomic_checkpoint_io, build_trainer
+    from ip2p.io.checkpoints import atomic_checkpoint_io
+    from ip2p.training.launch import build_trainer
     from ip2p.training.run import resolve_paths
 
     io_plugin = atomic_checkpoint_io()

@@ -11,7 +11,10 @@ A seeded held-out split measures the mean completion-token loss before and after
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -23,11 +26,37 @@ from ip2p.data.validate import format_completion, format_prompt, load_human_exam
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_json, stable_seed
 from ip2p.io.atomic import atomic_folder
+from ip2p.io.checkpoints import atomic_checkpoint_io
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of tokens without loss (prompt, padding)
 DONE_MARKER = "ip2p_finetune.json"
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """Example order of epoch e as a pure function of (seed, e): exactly the order DataLoader(shuffle=True,
+    generator=torch.Generator().manual_seed(seed)) gives in its e-th epoch (per epoch that loader draws one
+    int64 for its base seed, a permutation, and one more permutation when the sampler runs out), but
+    without a generator that lives across epochs, so a run resumed at an epoch boundary (Lightning calls
+    set_epoch) sees the orders an uninterrupted run sees."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            order = torch.randperm(self.n, generator=g)
+            torch.randperm(self.n, generator=g)
+        return iter(order.tolist())
 
 
 def split_examples(examples: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -103,6 +132,14 @@ def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
             self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
             return loss
 
+        # The global RNG (dropout) travels with the checkpoint, so a resumed run draws what an
+        # uninterrupted one would.
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+        def on_load_checkpoint(self, checkpoint):
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
         def validation_step(self, batch, _):
             self.log("val_loss", self.model(**batch).loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
@@ -117,6 +154,32 @@ def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return CompletionLM()
+
+
+def recipe_fingerprint(f: DictConfig, cfg: DictConfig, train: list[dict]) -> str:
+    """What a checkpoint must share with this run to be continued: the recipe, the seed, the base and
+    the training examples. Not the number of epochs: the learning rate is constant after warmup, so a
+    longer run continues a shorter one exactly."""
+    keys = ("base", "batch_size", "lr", "weight_decay", "warmup_steps", "accumulate_grad_batches",
+            "gradient_clip", "max_length", "precision", "heldout_fraction")
+    text = json.dumps({"recipe": {k: str(f.get(k)) for k in keys}, "seed": int(cfg.seed),
+                       "examples": [(e["input"], e["edit"], e["output"]) for e in train]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resume_point(checkpoints: Path, fingerprint: str) -> str | None:
+    """<checkpoints>/last.ckpt when the same recipe wrote it; otherwise the folder is emptied and None."""
+    record, last = checkpoints / "recipe.json", checkpoints / "last.ckpt"
+    try:
+        same = json.loads(record.read_text())["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if same and last.exists():
+        return str(last)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True)
+    atomic_write_json(record, {"fingerprint": fingerprint})
+    return None
 
 
 def save_model(model, tokenizer, target: Path, info: dict) -> Path:
@@ -157,19 +220,30 @@ def run(cfg: DictConfig) -> Path:
     log.info("finetune-llm: held-out completion loss before: %.4f (%d examples)", before, len(heldout))
 
     pad = collate(tokenizer.pad_token_id)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
+    # The loader's own generator only feeds its base-seed draw, so the global RNG (dropout) is untouched.
     train_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in train], batch_size=batch_size,
-                              shuffle=True, collate_fn=pad, generator=generator)
+                              sampler=EpochOrder(len(train), int(cfg.seed)), collate_fn=pad,
+                              generator=torch.Generator())
     val_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in heldout], batch_size=batch_size,
                             collate_fn=pad) if heldout else None
     model.train()  # load_llm hands out models in eval mode
     module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps))
+    # A checkpoint at every epoch's end beside the output; a rerun of the same recipe after a kill
+    # continues from it (another recipe or other data starts over).
+    checkpoints = output.with_name(output.name + ".checkpoints")
+    resume = resume_point(checkpoints, recipe_fingerprint(f, cfg, train))
     trainer = pl.Trainer(max_epochs=int(f.epochs), accelerator=str(f.accelerator), devices=1,
                          precision=f.precision, accumulate_grad_batches=int(f.accumulate_grad_batches),
-                         gradient_clip_val=float(f.gradient_clip), logger=False, enable_checkpointing=False,
+                         gradient_clip_val=float(f.gradient_clip), logger=False,
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(checkpoints), save_top_k=0,
+                                                                 save_last=True, every_n_epochs=1,
+                                                                 save_on_train_epoch_end=True)],
+                         plugins=[atomic_checkpoint_io()],
                          enable_progress_bar=bool(cfg.progress), enable_model_summary=False,
                          log_every_n_steps=1, num_sanity_val_steps=0, default_root_dir=str(output.parent))
-    trainer.fit(module, train_loader, val_loader)
+    if resume:
+        log.info("finetune-llm: resuming from %s", resume)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
 
     model = module.model.to("cpu").float()
     after = completion_loss(model, tokenizer, heldout, batch_size, max_length)
@@ -182,5 +256,6 @@ def run(cfg: DictConfig) -> Path:
     summary.extra["output"] = str(output)
     summary.write(cfg.paths.reports)
     save_model(model, tokenizer, output, info)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the finished model replaces them
     print(f"finetune-llm: held-out loss {before:.4f} -> {after:.4f}; saved {output}")
     return output

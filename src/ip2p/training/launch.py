@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ip2p.errors import Ip2pError
+from ip2p.io.checkpoints import atomic_checkpoint_io
 
 STAGE = "train"
 # Environment variables Lightning's DDP launcher sets in rank 0's own process.
@@ -154,26 +155,6 @@ def prepare_ddp_relaunch(pinned: dict[str, str | None]) -> None:
     if hc.run.dir != hc.runtime.output_dir:
         with read_write(hc.run):
             hc.run.dir = hc.runtime.output_dir
-
-
-def atomic_checkpoint_io():
-    """Lightning's torch checkpoint writer, but each file is written to a temp name beside its target and
-    renamed into place: a full disk or a kill mid-save leaves the previous step-N.ckpt / last.ckpt (or
-    nothing), never a truncated file that a resume would then choke on."""
-    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            path = Path(path)
-            tmp = path.with_name(f".{path.name}.partial")
-            try:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-
-    return AtomicCheckpointIO()
 
 
 def build_trainer(cfg: DictConfig, paths, loggers: list, callbacks: list):
