@@ -91,3 +91,4 @@ def test_pixel_weight_favours_objects_and_keeps_the_mean():
     assert torch.isclose(w[0, 0, 0, 0], torch.tensor(5 / 2)) and torch.isclose(w[0, 0, 3, 3], torch.tensor(1 / 2))
     assert torch.allclose(w[1], torch.ones(1, 4, 4))              # no object: a plain mean
     assert torch.allclose(pixel_weight(masks, 0.0), torch.ones(2, 1, 4, 4))
+

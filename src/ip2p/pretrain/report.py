@@ -103,6 +103,8 @@ def run(cfg: DictConfig) -> dict:
     t2i_scenes = sample_scenes(c.seed + 1, c.t2i_scenes)
     t2i_result = t2i_stage.judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
                                  dict(parts.scheduler.config), c.t2i, t2i_scenes)
+    t2i_result.update(t2i_stage.caption_reliance(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
+                                                 dict(parts.scheduler.config), t2i_scenes, seed=c.seed))
     clip_result = clip_stage.judge(clip_encoder(clip, w.clip.max_tokens), c.seed + 2, c.clip_scenes)
     llm_report = Path(cfg.paths.reports) / "pretrain_llm.json"
     llm_result = json.loads(llm_report.read_text()) if llm_report.exists() else {}
