@@ -104,7 +104,7 @@ def judge(vae, scenes: list[Scene]) -> dict:
 @torch.no_grad()
 def measure_scaling_factor(vae, seed: int, n: int) -> float:
     x = to_tensor(np.stack([render(s) for s in sample_scenes(seed, n)]))
-    return float(1.0 / vae.encode(x).latent_dist.sample().std())
+    return float(1.0 / vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed)).std())
 
 
 def decoder_loss(vae, x: torch.Tensor, w: torch.Tensor, generator: torch.Generator) -> dict:
