@@ -149,7 +149,9 @@ def test_serve_round_trip(registry, noise_image, tiny_editor):
         expected = InstructPix2Pix(tiny_editor).edit(resize_for_editing(noise_image, 64), "make it snowy",
                                                     EditSettings(steps=2, seed=5, progress=False))[0]
         assert served.size == expected.size
-        assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(expected))
+        diff = np.abs(np.asarray(served.convert("RGB")).astype(int) - np.asarray(expected).astype(int))
+        # the same edit; another process may sum in another order, which can flip a uint8 rounding
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -90,4 +90,5 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
                                                                        num_images=1, **settings))[0]
             images.append(image_to_b64(edited))
             errors.append(None)
-        return pd.DataFrame({"image": images, "error": errors})
+        # object columns: a missing value stays None (JSON null), not the NaN of pandas' string dtype
+        return pd.DataFrame({"image": pd.Series(images, dtype=object), "error": pd.Series(errors, dtype=object)})
