@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 # What the shipped weights hold (a little under the measured value: these samples are smaller than
 # the report's). The issue's targets are in reports/pretrain.json ("targets", "met"); the text-to-image
 # colour and shape targets are not met yet, and a test says so as a strict expected failure.
-VAE_AGREEMENT = 0.70          # measured 0.81 on 300 scenes (target 0.98: grass and halos, see docs)
+VAE_AGREEMENT = 0.80          # measured 0.89 on 300 scenes (0.81 before the decoder phase; target 0.98: grass, halos)
 CLIP = {"pairwise": 0.90, "direction_positive": 0.95}
-T2I_HELD = {"colour": 0.70, "background": 0.90, "style": 0.75, "shape": 0.12}  # measured 0.86 / 0.99 / 0.87 / 0.23
+T2I_HELD = {"colour": 0.70, "background": 0.90, "style": 0.75, "shape": 0.12}  # measured 0.87 / 0.99 / 0.87 / 0.24
 T2I = {"colour": 0.90, "background": 0.90, "shape": 0.75}   # the issue's targets
 LLM_CONSISTENT = 0.50        # measured 0.66 on 200 held-out captions (target 0.90); well formed: 1.00
 
@@ -113,7 +113,7 @@ def test_caption_reliance_shows_what_the_base_listens_to(mini):
     assert shipped["reliance_colour"] > 0.3 and shipped["reliance_colour"] > 2 * shipped["reliance_shape"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped base draws colour 0.86 and shape 0.23 on 200 held-out "
+@pytest.mark.xfail(strict=True, reason="the shipped base draws colour 0.87 and shape 0.24 on 200 held-out "
                    "captions (targets 0.90 / 0.75): shapes of 10-14 px objects on 16 x 16 latents; docs/miniature-world.md")
 def test_text_to_image_reaches_the_issue_targets(generations):
     for attribute, target in T2I.items():
