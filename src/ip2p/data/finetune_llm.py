@@ -26,7 +26,7 @@ from ip2p.data.validate import format_completion, format_prompt, load_human_exam
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_json, stable_seed
 from ip2p.io.atomic import atomic_folder
-from ip2p.io.checkpoints import atomic_checkpoint_io
+from ip2p.io.checkpoints import atomic_checkpoint_io, fingerprint_matches
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,7 @@ def recipe_fingerprint(f: DictConfig, cfg: DictConfig, train: list[dict]) -> str
 def resume_point(checkpoints: Path, fingerprint: str) -> str | None:
     """<checkpoints>/last.ckpt when the same recipe wrote it; otherwise the folder is emptied and None."""
     record, last = checkpoints / "recipe.json", checkpoints / "last.ckpt"
-    try:
-        same = json.loads(record.read_text())["fingerprint"] == fingerprint
-    except (OSError, ValueError, KeyError, TypeError):
-        same = False
-    if same and last.exists():
+    if fingerprint_matches(record, fingerprint) and last.exists():
         return str(last)
     shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True)

@@ -1,9 +1,20 @@
-"""Lightning checkpoints written whole or not at all (used by `ip2p train` and `ip2p finetune-llm`)."""
+"""Checkpoints of Lightning runs (`ip2p train`, `ip2p finetune-llm`): written whole or not at all, and
+continued only by the run that wrote them (a fingerprint record beside them)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+
+def fingerprint_matches(record: Path, fingerprint: str) -> bool:
+    """Whether the JSON record beside a run's checkpoints names this fingerprint (False when the record is
+    missing or unreadable: the checkpoints are then another run's)."""
+    try:
+        return json.loads(Path(record).read_text())["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def atomic_checkpoint_io():

@@ -107,13 +107,16 @@ def measure_scaling_factor(vae, seed: int, n: int) -> float:
     return float(1.0 / vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed)).std())
 
 
+def weighted_pixel_losses(err: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1, MSE) of a reconstruction error under the detail weights, normalised by the mean weight."""
+    return (w * err.abs()).mean() / w.mean(), (w * err ** 2).mean() / w.mean()
+
+
 def decoder_loss(vae, x: torch.Tensor, w: torch.Tensor, generator: torch.Generator) -> dict:
     """The weighted L1 + MSE of decoding a posterior sample of the frozen encoder (the decoder phase)."""
     with torch.no_grad():
         z = vae.encode(x).latent_dist.sample(generator=generator)
-    err = vae.decode(z).sample - x
-    l1 = (w * err.abs()).mean() / w.mean()
-    l2 = (w * err ** 2).mean() / w.mean()
+    l1, l2 = weighted_pixel_losses(vae.decode(z).sample - x, w)
     return {"loss": l1 + l2, "l1": l1.detach(), "l2": l2.detach()}
 
 
@@ -150,10 +153,7 @@ def run(cfg: DictConfig) -> dict:
     def loss_fn(step: int) -> dict:
         x, w = make_batch(c.seed, step, c)
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample()).sample
-        err = y - x
-        l1 = (w * err.abs()).mean() / w.mean()
-        l2 = (w * err ** 2).mean() / w.mean()
+        l1, l2 = weighted_pixel_losses(vae.decode(posterior.sample()).sample - x, w)
         kl = posterior.kl().mean() / x[0].numel()
         return {"loss": l1 + l2 + c.kl_weight * kl, "l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
 

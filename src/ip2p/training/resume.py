@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
+from ip2p.io.checkpoints import fingerprint_matches
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,7 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         supersede(checkpoint_dir)
         return None
     if str(value) == "auto":
-        record = checkpoint_dir / "run.json"
-        try:
-            same = json.loads(record.read_text())["fingerprint"] == run_fingerprint(cfg)
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
-        if same and last.exists():
+        if fingerprint_matches(checkpoint_dir / "run.json", run_fingerprint(cfg)) and last.exists():
             check_checkpoint(last)
             log.info("resuming this run from %s", last)
             return str(last)
