@@ -23,7 +23,7 @@ class Cell:
 
 
 def guidance_cells(text_guidances: Iterable[float], image_guidances: Iterable[float], extra: Cell | None = None) -> list[Cell]:
-    """The grid in row-major order (text scale, then image scale), plus `extra` if it is not on it."""
+    """The grid in row-major order (text guidance, then image guidance), plus `extra` if it is not on it."""
     cells = [Cell(float(t), float(i)) for t in text_guidances for i in image_guidances]
     if extra is not None and extra not in cells:
         cells.append(extra)

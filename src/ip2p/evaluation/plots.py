@@ -16,8 +16,8 @@ from ip2p.io.figures import save_figure  # noqa: E402
 
 
 def tradeoff_plot(grid: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """x: CLIP directional similarity, y: CLIP image similarity; one curve per text scale,
-    points labelled by image scale (as the paper's Figure on the guidance trade-off)."""
+    """x: CLIP directional similarity, y: CLIP image similarity; one curve per text guidance,
+    points labelled by image guidance (as the paper's Figure on the guidance trade-off)."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for text_guidance, rows in grid.groupby("text_guidance", sort=True):
         rows = rows.sort_values("image_guidance")
@@ -35,7 +35,7 @@ def tradeoff_plot(grid: pd.DataFrame, path: str | Path, title: str = "") -> Path
 
 def picture_grid(input_image: Image.Image, edits: dict[tuple[float, float], Image.Image], text_guidances: list[float],
                  image_guidances: list[float], path: str | Path, caption: str = "") -> Path:
-    """Rows: text scales; columns: the input, then each image scale."""
+    """Rows: text guidances; columns: the input, then each image guidance."""
     w, h = input_image.size
     label_h = 14
     canvas = Image.new("RGB", ((len(image_guidances) + 1) * w, label_h + len(text_guidances) * (h + label_h) + label_h), "white")
