@@ -177,7 +177,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def tradeoff_picture(grid: pd.DataFrame, path: Path) -> None:
     """Left: the truth (preservation vs success); right: the paper's CLIP axes. One line per text
-    scale through the image scales, as the paper's figure."""
+    guidance through the image guidances, as the paper's figure."""
     import matplotlib
 
     matplotlib.use("Agg")
