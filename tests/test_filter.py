@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -179,9 +180,10 @@ def parquet_bytes(root: Path) -> dict[str, bytes]:
 def read_scores(tmp: Path) -> dict[str, dict]:
     """The filter's score cache (one file per source, outside the source folder)."""
     out = {}
-    for path in (tmp / "artifacts" / "scores").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            out[json.loads(line)["id"]] = json.loads(line)
+    for path in (tmp / "artifacts" / "scores").glob("*.sqlite"):
+        with sqlite3.connect(path) as db:
+            db.row_factory = sqlite3.Row
+            out.update({row["id"]: dict(row) for row in db.execute("SELECT * FROM scores")})
     return out
 
 
@@ -309,10 +311,9 @@ def test_cache_entries_of_another_clip_or_changed_images_are_recomputed(tmp_path
     candidates = tmp_path / "artifacts" / "candidates"
     make_candidates(candidates, pairs=1, per_pair=2)
     assert run_filter(tmp_path, cache_dir, *PERMISSIVE)["scores_computed"] == 2
-    cache_file = next((tmp_path / "artifacts" / "scores").glob("candidates-*.jsonl"))
-    lines = [json.loads(x) for x in cache_file.read_text().splitlines()]
-    lines[0]["clip_model"] = "some/other-clip"
-    cache_file.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cache_file = next((tmp_path / "artifacts" / "scores").glob("candidates-*.sqlite"))
+    with sqlite3.connect(cache_file) as db:
+        db.execute("UPDATE scores SET clip_model = 'some/other-clip' WHERE id = 'pair0-0'")
     report = run_filter(tmp_path, cache_dir, *PERMISSIVE)
     assert report["scores_computed"] == 1 and report["scores_cached"] == 1
     # an image regenerated in place (new bytes) is scored again
@@ -386,7 +387,7 @@ def test_released_layout_import_round_trip(tmp_path, cache_dir):
     recomputed = run_filter(tmp_path, cache_dir, "filter.source=released", f"filter.source_dir={released}",
                             "filter.use_released_scores=false", *PERMISSIVE, out="recomputed")
     assert recomputed["scores_computed"] == 3 and not list(released.glob("*/scores.jsonl"))
-    assert len(list((tmp_path / "artifacts" / "scores").glob("released-*.jsonl"))) == 1
+    assert len(list((tmp_path / "artifacts" / "scores").glob("released-*.sqlite"))) == 1
     recomputed_rows = {r["id"]: r for split in ("train", "val", "test") for r in load_split(tmp_path / "recomputed", split)}
     assert recomputed_rows["0000000-6"]["clip_sim_dir"] != pytest.approx(0.26)  # CLIP's value, not the metadata's
 
@@ -452,21 +453,42 @@ def test_bad_inputs_are_counted_or_explained(tmp_path, cache_dir):
         run_filter(tmp_path, cache_dir, "+filter.thresholds.sim_foo=0.1")
 
 
-def test_score_cache_cuts_a_torn_last_line_before_appending(tmp_path):
-    """A kill mid-append leaves half a line; the next entry must not fuse with it (both would be lost)."""
+def test_score_cache_keeps_entries_across_opens_and_nan_apart_from_none(tmp_path):
+    """The SQLite cache: entries persist, a later put replaces an entry, another CLIP or fingerprint
+    misses, and a NaN score (SQLite would store NULL) comes back as NaN, a missing one as None."""
     from types import SimpleNamespace
 
     from ip2p.filtering.importers import ScoreCache
 
-    path = tmp_path / "scores" / "candidates-x.jsonl"
-    path.parent.mkdir()
-    scores = {"clip_sim_0": 0.1, "clip_sim_1": 0.2, "clip_sim_dir": 0.3, "clip_sim_image": 0.4}
-    whole = json.dumps({"id": "a-1", "clip_model": "m", "fingerprint": "f1", **scores}) + "\n"
-    path.write_text(whole + '{"id": "a-2", "clip_mo')                 # killed while writing a-2
+    path = tmp_path / "scores" / "candidates-x.sqlite"
+    scores = {"clip_sim_0": 0.1, "clip_sim_1": None, "clip_sim_dir": math.nan, "clip_sim_image": 0.4}
+    ScoreCache(path, "m").put([SimpleNamespace(id="a-1", fingerprint="f1", scores=scores),
+                               SimpleNamespace(id="a-2", fingerprint="f2", scores={**scores, "clip_sim_0": 0.9})])
     cache = ScoreCache(path, "m")
-    assert path.read_text() == whole
-    cache.put([SimpleNamespace(id="a-3", fingerprint="f3", scores=scores)])
+    cache.put([SimpleNamespace(id="a-2", fingerprint="f2b", scores={**scores, "clip_sim_0": 0.5})])
     again = ScoreCache(path, "m")
-    assert set(again._lines) == {"a-1", "a-3"}
-    assert again.get(SimpleNamespace(id="a-3", fingerprint="f3")) == scores
-    assert again.get(SimpleNamespace(id="a-3", fingerprint="other")) is None
+    assert len(again) == 2
+    got = again.get(SimpleNamespace(id="a-1", fingerprint="f1"))
+    assert got["clip_sim_0"] == 0.1 and got["clip_sim_1"] is None and math.isnan(got["clip_sim_dir"])
+    assert again.get(SimpleNamespace(id="a-2", fingerprint="f2")) is None          # replaced: new fingerprint
+    assert again.get(SimpleNamespace(id="a-2", fingerprint="f2b"))["clip_sim_0"] == 0.5
+    assert ScoreCache(path, "other").get(SimpleNamespace(id="a-1", fingerprint="f1")) is None
+
+
+def test_refiltering_our_own_dataset_reuses_its_scores(tmp_path, cache_dir):
+    """A dataset `ip2p filter` wrote carries clip_sim_* columns: filtering it again (source=diffusers)
+    with a stricter sim_dir takes those scores (no CLIP) and keeps exactly the rows above the bar."""
+    from ip2p.data.dataset import load_split
+
+    make_candidates(tmp_path / "artifacts" / "candidates", pairs=6, per_pair=3)
+    run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.top_k=3", "filter.splits.train=1.0",
+               "filter.splits.val=0.0", "filter.splits.test=0.0")
+    first = load_split(tmp_path / "dataset", "train")
+    bar = float(np.median(first["clip_sim_dir"]))
+    report = run_filter(tmp_path, cache_dir, "filter.source=diffusers", f"filter.source_dir={tmp_path / 'dataset'}",
+                        *PERMISSIVE, f"filter.thresholds.sim_dir={bar}", "filter.splits.train=1.0",
+                        "filter.splits.val=0.0", "filter.splits.test=0.0", out="again")
+    assert report["scores_dataset"] == 18 and report["scores_computed"] == 0 and report["scores_cached"] == 0
+    again = load_split(tmp_path / "again", "train")
+    assert sorted(again["id"]) == sorted(i for i, d in zip(first["id"], first["clip_sim_dir"]) if d >= bar)
+    assert report["rejected"] == {"below_sim_dir": 18 - len(again)}

@@ -72,6 +72,7 @@ RULES: dict[str, Rule] = {
     "synthesis.scheduler": sampler, "synthesis.p_min": within(0, 1), "synthesis.p_max": within(0, 1),
     "synthesis.cfg_min": above(0), "synthesis.cfg_max": above(0),
     "filter.batch_size": POSITIVE_INT, "filter.top_k": POSITIVE_INT, "filter.shard_size": POSITIVE_INT,
+    "filter.plot_bins": POSITIVE_INT,
     **{f"{group}.{name}": within(-1, 1) for group in ("filter.thresholds", "synthesis.early_drop.thresholds")
        for name in ("sim_image", "sim_dir", "sim_0", "sim_1")},
     "synthesis.early_drop.batch_size": POSITIVE_INT,

@@ -4,10 +4,11 @@
   released    the official release layout (pair folders + seeds.json, jpg images, clip scores in
               metadata.jsonl): released scores are used when all four are there, else recomputed
   diffusers   a dataset with input_image / edit_prompt / edited_image columns: Parquet file(s) or a
-              `datasets.save_to_disk` folder; captions are optional (column names from config)
+              `datasets.save_to_disk` folder; captions are optional (column names from config); the
+              clip_sim_* columns of a dataset `ip2p filter` wrote are used as its scores
 
-Sources yield "units" (a pair folder, or one dataset row) of candidates; scores computed here are
-cached per source in ScoreCache.
+Sources yield "units" (a pair folder, or one dataset row) of candidates, and read a candidate's images
+again from its `ref`; scores computed by the filter are cached per source in ScoreCache.
 """
 
 from __future__ import annotations
@@ -16,21 +17,22 @@ import hashlib
 import json
 import math
 import os
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ip2p.data.dataset import list_pair_folders, read_pair_folder
 from ip2p.errors import Ip2pError
-from ip2p.io.jsonl import cut_torn_tail
 from ip2p.scoring.clip import METRICS
 
 
 
 @dataclass
 class Candidate:
-    """One image pair to score and maybe keep. `load_images` returns the raw bytes of both files."""
+    """One image pair to score and maybe keep. `load_images` returns the raw bytes of both files;
+    `ref` says where they are in plain JSON values, for the source's `load` to read them again later."""
 
     id: str
     pair_id: str
@@ -44,7 +46,16 @@ class Candidate:
     fingerprint: str = ""            # identifies the image files the scores belong to
     has_captions: bool = True
     scores: dict | None = None
-    score_origin: str | None = None  # "released" | "synthesis" (early drop) when scores came with the data
+    score_origin: str | None = None  # "released" | "synthesis" (early drop) | "dataset" when scores came with the data
+    ref: Any = None
+
+
+@dataclass
+class Source:
+    """A source's units, and how to read a candidate's two images again from its `ref`."""
+
+    units: Iterator["Unit"]
+    load: Callable[[Any], tuple[bytes, bytes]]
 
 
 @dataclass
@@ -85,34 +96,39 @@ def _read_lines(path: Path) -> Iterator[dict]:
 
 
 class ScoreCache:
-    """CLIP scores of one source, in one append-only JSONL file outside the source (the candidates
-    folder is the synthesis stage's output and stays untouched). An entry is used only if it was made
-    by the same CLIP and for the same image files (the candidate's fingerprint), so regenerated
-    images are scored again."""
+    """CLIP scores of one source, in one SQLite file outside the source (the candidates folder is the
+    synthesis stage's output and stays untouched). Looked up per candidate on disk, so the cache of
+    millions of candidates costs no memory; each `put` is one transaction, so a kill loses at most the
+    batch being written, never an earlier entry. An entry is used only if it was made by the same CLIP
+    and for the same image files (the candidate's fingerprint), so regenerated images are scored again."""
 
     def __init__(self, path: Path, clip_model: str):
         self.path = path
         self.clip_model = clip_model
-        cut_torn_tail(path)  # a kill mid-append: the next entry must not fuse with the torn line
-        self._lines: dict[str, dict] = {line["id"]: line for line in _read_lines(path)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path)
+        columns = ", ".join(f"{m} REAL" for m in METRICS)
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS scores (id TEXT PRIMARY KEY, clip_model TEXT, fingerprint TEXT, "
+                        f"{columns}, nan TEXT)")
+        self.db.commit()
 
     def get(self, candidate: "Candidate") -> dict | None:
-        line = self._lines.get(candidate.id)
-        if line is None or line.get("clip_model") != self.clip_model or line.get("fingerprint") != candidate.fingerprint:
+        row = self.db.execute(f"SELECT clip_model, fingerprint, nan, {', '.join(METRICS)} FROM scores WHERE id = ?",
+                              (candidate.id,)).fetchone()
+        if row is None or row[0] != self.clip_model or row[1] != candidate.fingerprint:
             return None
-        return _valid_scores(line)
+        nan = set(json.loads(row[2]))  # SQLite stores NaN as NULL: the NaN metrics are listed apart
+        return {m: math.nan if m in nan else v for m, v in zip(METRICS, row[3:])}
 
     def put(self, candidates: list["Candidate"]) -> None:
-        lines = [{"id": c.id, "clip_model": self.clip_model, "fingerprint": c.fingerprint, **c.scores}
-                 for c in candidates]
-        if not lines:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as handle:
-            handle.write("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines).encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._lines.update({x["id"]: x for x in lines})
+        rows = [(c.id, self.clip_model, c.fingerprint, *(c.scores.get(m) for m in METRICS),
+                 json.dumps([m for m in METRICS if c.scores.get(m) is not None and math.isnan(c.scores[m])]))
+                for c in candidates]
+        with self.db:  # one transaction
+            self.db.executemany(f"INSERT OR REPLACE INTO scores VALUES ({', '.join('?' * (len(METRICS) + 4))})", rows)
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
 
 
 def early_drop_scores(folder: Path, clip_model: str) -> dict[str, dict]:
@@ -129,7 +145,7 @@ def early_drop_scores(folder: Path, clip_model: str) -> dict[str, dict]:
 def cache_path(scores_dir: str | Path, source: str, source_dir: str | Path) -> Path:
     """One cache file per source folder (keyed by its absolute path)."""
     digest = hashlib.sha256(str(Path(source_dir).resolve()).encode("utf-8")).hexdigest()[:12]
-    return Path(scores_dir) / f"{source}-{digest}.jsonl"
+    return Path(scores_dir) / f"{source}-{digest}.sqlite"
 
 
 # ---- pair folders (ours and released) -------------------------------------------------------------
@@ -152,6 +168,15 @@ def _file_fingerprint(*paths: Path) -> str:
         st = path.stat()
         parts.append(f"{st.st_size}:{st.st_mtime_ns}")
     return "/".join(parts)
+
+
+def load_files(ref) -> tuple[bytes, bytes]:
+    """A pair folder candidate's ref: the paths of its two image files."""
+    return Path(ref[0]).read_bytes(), Path(ref[1]).read_bytes()
+
+
+def folder_source(root: str | Path, released: bool, use_released_scores: bool, clip_model: str) -> Source:
+    return Source(folder_units(root, released, use_released_scores, clip_model), load_files)
 
 
 def folder_units(root: str | Path, released: bool, use_released_scores: bool, clip_model: str) -> Iterator[Unit]:
@@ -177,7 +202,7 @@ def folder_units(root: str | Path, released: bool, use_released_scores: bool, cl
                 cfg=_number(meta.get("cfg", meta.get("cfg_scale"))),
                 input_caption=prompt["input"], edit_prompt=prompt["edit"], output_caption=prompt["output"],
                 load_images=lambda a=c.image_0, b=c.image_1: (a.read_bytes(), b.read_bytes()),
-                fingerprint=_file_fingerprint(c.image_0, c.image_1),
+                fingerprint=_file_fingerprint(c.image_0, c.image_1), ref=[str(c.image_0), str(c.image_1)],
             )
             scores = _released_scores(meta) if released and use_released_scores else synthesis_scores.get(cand.id)
             if scores is not None:
@@ -221,9 +246,11 @@ def _image_bytes(value, base: Path) -> bytes:
     raise ValueError("no image bytes")
 
 
-def diffusers_units(source_dir: str | Path, columns: Mapping[str, str]) -> Iterator[Unit]:
+def diffusers_source(source_dir: str | Path, columns: Mapping[str, str], use_scores: bool) -> Source:
     """One unit per row. A row's caption pair (its split group) is the pair_id column if present, else
-    a hash of (input caption, edit, output caption), or without captions of (edit, input image)."""
+    a hash of (input caption, edit, output caption), or without captions of (edit, input image).
+    With use_scores, a row's clip_sim_* columns (a dataset `ip2p filter` wrote) are its scores when
+    all four are numbers."""
     import datasets
 
     source_dir = Path(source_dir)
@@ -240,8 +267,18 @@ def diffusers_units(source_dir: str | Path, columns: Mapping[str, str]) -> Itera
             ds = ds.cast_column(names[key], datasets.Image(decode=False))
     has_captions = names["input_caption"] in ds.column_names and names["output_caption"] in ds.column_names
     text_columns = [c for c in (names["edit_prompt"], names["input_caption"], names["output_caption"], "pair_id",
-                                "seed", "p", "cfg") if c in ds.column_names]
+                                "seed", "p", "cfg", *(METRICS if use_scores else ())) if c in ds.column_names]
     base = source_dir if source_dir.is_dir() else source_dir.parent
+
+    def load(index: int) -> tuple[bytes, bytes]:
+        item = ds[index]
+        return _image_bytes(item[names["input_image"]], base), _image_bytes(item[names["edited_image"]], base)
+
+    return Source(_diffusers_units(ds, names, has_captions, text_columns, load), load)
+
+
+def _diffusers_units(ds, names: Mapping[str, str], has_captions: bool, text_columns: list[str],
+                     load: Callable[[int], tuple[bytes, bytes]]) -> Iterator[Unit]:
     dataset_fingerprint = getattr(ds, "_fingerprint", "") or ""
     for index, row in enumerate(ds.select_columns(text_columns)):
         problems: Counter = Counter()
@@ -251,18 +288,13 @@ def diffusers_units(source_dir: str | Path, columns: Mapping[str, str]) -> Itera
         if not all(isinstance(t, str) for t in (edit, input_caption, output_caption)):
             yield Unit(f"row-{index}", [], Counter({"malformed_row": 1}))
             continue
-
-        def load(i=index):
-            item = ds[i]
-            return _image_bytes(item[names["input_image"]], base), _image_bytes(item[names["edited_image"]], base)
-
         if isinstance(row.get("pair_id"), str) and row["pair_id"]:
             pair_id = row["pair_id"]
         elif has_captions:
             pair_id = "d" + hashlib.sha256("\x1f".join((input_caption, edit, output_caption)).encode()).hexdigest()[:16]
         else:
             try:
-                image_hash = hashlib.sha256(load()[0]).hexdigest()
+                image_hash = hashlib.sha256(load(index)[0]).hexdigest()
             except (OSError, ValueError):
                 yield Unit(f"row-{index}", [], Counter({"unreadable_image": 1}))
                 continue
@@ -273,5 +305,9 @@ def diffusers_units(source_dir: str | Path, columns: Mapping[str, str]) -> Itera
         cand = Candidate(id=f"{pair_id}-{seed}", pair_id=pair_id, seed=seed,
                          p=None if p is None or math.isnan(p) else p, cfg=None if cfg is None or math.isnan(cfg) else cfg,
                          input_caption=input_caption, edit_prompt=edit, output_caption=output_caption,
-                         load_images=load, fingerprint=f"{dataset_fingerprint}:{index}", has_captions=has_captions)
+                         load_images=lambda i=index: load(i), fingerprint=f"{dataset_fingerprint}:{index}",
+                         has_captions=has_captions, ref=index)
+        scores = _released_scores(row) if METRICS[0] in row else None
+        if scores is not None and not any(math.isnan(v) for v in scores.values()):
+            cand.scores, cand.score_origin = scores, "dataset"
         yield Unit(f"row-{index}", [cand], problems)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
+
+import numpy as np
 
 from ip2p.io.atomic import atomic_write_bytes
 
@@ -12,10 +14,10 @@ PANELS = (("clip_sim_image", "sim_image", "image-image cos"), ("clip_sim_dir", "
           ("clip_sim_0", "sim_0", "image 0 - input caption"), ("clip_sim_1", "sim_1", "image 1 - output caption"))
 
 
-def plot_clip_scores(scores: Mapping[str, Sequence[float]], thresholds: Mapping[str, float], kept: int,
-                     total: int, path: str | Path, bins: int = 100) -> Path:
-    """Histograms of each metric on the cosine range [-1, 1] (missing values left out), a dashed line
-    at each threshold."""
+def plot_clip_scores(histograms: Mapping[str, np.ndarray], edges: np.ndarray, thresholds: Mapping[str, float],
+                     kept: int, total: int, path: str | Path) -> Path:
+    """Each metric's histogram (counts per bin between `edges`, on the cosine range [-1, 1]; missing
+    values left out), a dashed line at each threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,9 +26,9 @@ def plot_clip_scores(scores: Mapping[str, Sequence[float]], thresholds: Mapping[
     fraction = kept / total if total else 0.0
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (column, name, label) in zip(axes.flat, PANELS):
-        values = [v for v in scores.get(column, []) if v is not None and v == v]
-        if values:
-            ax.hist(values, bins=bins, range=(-1.0, 1.0), color="tab:blue", alpha=0.8)
+        counts = histograms.get(column)
+        if counts is not None and counts.sum():
+            ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)
         else:
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
         if name in thresholds:

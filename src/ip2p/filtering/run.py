@@ -7,6 +7,10 @@
       -> split train/val/test by input caption (seeded; filter.split_by)
       -> artifacts/dataset/{train,val,test}/part-NNNNN.parquet (staged, then swapped in whole)
     reports/filter.json (counts, kept fraction) and reports/clip_scores.png (score histograms).
+
+Memory does not grow with the number of candidates: units stream through scoring onto an on-disk spool
+(filtering/spool.py) that dedups, ranks and splits; the score cache is an SQLite file; the plot keeps
+histograms, not scores.
 """
 
 from __future__ import annotations
@@ -18,21 +22,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ip2p.data.dataset import SPLITS, image_struct, list_pair_folders, png_bytes, released_split_of, write_split
 from ip2p.errors import Ip2pError
-from ip2p.filtering.importers import Candidate, ScoreCache, Unit, cache_path, diffusers_units, folder_units
+from ip2p.filtering.importers import (Candidate, ScoreCache, Source, Unit, cache_path, diffusers_source,
+                                      folder_source)
 from ip2p.filtering.plots import plot_clip_scores
-from ip2p.filtering.select import SPLIT_UNITS, assign_splits, select, split_counts, split_group
+from ip2p.filtering.select import SPLIT_UNITS, split_counts, split_group
+from ip2p.filtering.spool import Spool
 from ip2p.io import StageSummary
 from ip2p.io.atomic import atomic_folder
 from ip2p.io.images import to_rgb
 from ip2p.models.loader import load_clip, resolve_source
 from ip2p.scoring.clip import METRICS, ClipScorer, clip_id
-from ip2p.scoring.thresholds import THRESHOLD_ORDER, score_column
+from ip2p.scoring.thresholds import THRESHOLD_ORDER, first_failure, score_column
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +134,7 @@ class Scoring:
         yield from buffer
 
 
-def _units(cfg: DictConfig, clip_model: str):
+def _source(cfg: DictConfig, clip_model: str) -> tuple[Source, ScoreCache]:
     f = cfg.filter
     source = str(f.source)
     if source not in SOURCES:
@@ -144,45 +151,69 @@ def _units(cfg: DictConfig, clip_model: str):
                         + (" (run `ip2p synthesize` first)" if source == "candidates" else ""))
     cache = ScoreCache(cache_path(f.scores_dir, source, source_dir), clip_model)
     if source == "diffusers":
-        return diffusers_units(source_dir, OmegaConf.to_container(f.diffusers, resolve=True)), cache
+        columns = OmegaConf.to_container(f.diffusers, resolve=True)
+        return diffusers_source(source_dir, columns, bool(f.use_released_scores)), cache
     released = source == "released"
-    return folder_units(source_dir, released, released and bool(f.use_released_scores), clip_model), cache
+    return folder_source(source_dir, released, released and bool(f.use_released_scores), clip_model), cache
 
 
-def _row(candidate: Candidate, scores: dict) -> dict:
-    raw_0, raw_1 = candidate.load_images()
-    return {
-        "id": candidate.id, "pair_id": candidate.pair_id,
-        "input_image": image_struct(png_bytes(raw_0)), "edited_image": image_struct(png_bytes(raw_1)),
-        "edit_prompt": candidate.edit_prompt, "input_caption": candidate.input_caption,
-        "output_caption": candidate.output_caption, "seed": int(candidate.seed),
-        "p": candidate.p, "cfg": candidate.cfg, **{m: scores.get(m) for m in METRICS},
-    }
+def _record(c: Candidate) -> dict:
+    """What a dataset row needs besides id, pair_id, seed, scores and the images (read again by `ref`)."""
+    return {"ref": c.ref, "edit_prompt": c.edit_prompt, "input_caption": c.input_caption,
+            "output_caption": c.output_caption, "p": c.p, "cfg": c.cfg}
 
 
-def _rows(kept: list[dict], summary: StageSummary, written: Counter, split: str) -> Iterator[dict]:
+def _rows(kept: Iterator[dict], load, summary: StageSummary, written: Counter, split: str) -> Iterator[dict]:
     for item in kept:
         try:
-            row = _row(item["candidate"], item)
+            raw_0, raw_1 = load(item["ref"])
         except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
             summary.reject("unreadable_image")
             continue
         written[split] += 1
-        yield row
+        yield {
+            "id": item["id"], "pair_id": item["pair_id"],
+            "input_image": image_struct(png_bytes(raw_0)), "edited_image": image_struct(png_bytes(raw_1)),
+            "edit_prompt": item["edit_prompt"], "input_caption": item["input_caption"],
+            "output_caption": item["output_caption"], "seed": int(item["seed"]),
+            "p": item["p"], "cfg": item["cfg"], **{m: item["scores"].get(m) for m in METRICS},
+        }
 
 
-def write_dataset(by_split: dict[str, list[dict]], out_dir: Path, shard_size: int, summary: StageSummary) -> Counter:
-    """Write every split into a staging folder beside out_dir, then swap it in: readers see the old
-    dataset or the new one, never a mix."""
-    written: Counter = Counter()
-    with atomic_folder(out_dir) as staging:
-        for split, kept in by_split.items():
-            write_split(_rows(kept, summary, written, split), staging, split, shard_size)
-    return written
+class ScoreStats:
+    """What the report and plot need of every score, in constant memory: histograms on [-1, 1] and the
+    count below each threshold (NaN counts as below)."""
+
+    def __init__(self, thresholds: dict[str, float], bins: int):
+        self.thresholds = thresholds
+        self.edges = np.linspace(-1.0, 1.0, bins + 1)
+        self.histograms = {m: np.zeros(bins, dtype=np.int64) for m in METRICS}
+        self.below = Counter({name: 0 for name in thresholds})
+        self._pending: dict[str, list[float]] = {m: [] for m in METRICS}
+
+    def add(self, scores: dict) -> None:
+        for m in METRICS:
+            value = scores.get(m)
+            if value is not None:
+                self._pending[m].append(value)
+        for name, value in self.thresholds.items():
+            score = scores.get(score_column(name))
+            if score is not None and not score >= value:
+                self.below[name] += 1
+        if len(self._pending[METRICS[0]]) >= 65536:
+            self.flush()
+
+    def flush(self) -> None:
+        for m, values in self._pending.items():
+            if values:
+                v = np.asarray(values, dtype=np.float64)
+                self.histograms[m] += np.histogram(v[~np.isnan(v)], bins=self.edges)[0]
+            self._pending[m] = []
 
 
 def run(cfg: DictConfig) -> Path:
     f = cfg.filter
+    # 1. validate the settings before reading anything
     if int(cfg.shard.count) != 1:  # it reads every synthesis shard's output and writes one dataset
         raise Ip2pError(f"ip2p filter is not sharded: shard.count must be 1 (got {cfg.shard.count})")
     thresholds = thresholds_from_config(f.thresholds)
@@ -195,67 +226,71 @@ def run(cfg: DictConfig) -> Path:
     split_counts(0, fractions)  # bad fractions fail before any scoring
     clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache),
                          str(f.clip_preprocess))
-    units, cache = _units(cfg, clip_model)
+    source, cache = _source(cfg, clip_model)
     released = str(f.source) == "released"
+    out_dir = Path(f.out_dir)
 
     summary = StageSummary("filter")
     scoring = Scoring(cfg, cache)
-    candidates: list[dict] = []
-    seen: set[str] = set()
-    pairs_in: set[str] = set()
-    for unit in tqdm(scoring.run(units), desc="filter", unit="pair", disable=not cfg.progress):
-        summary.records_in += sum(unit.problems.values())
-        for reason, n in unit.problems.items():
+    stats = ScoreStats(thresholds, int(f.plot_bins))
+    with Spool(out_dir, int(f.split_seed)) as spool:
+        # 2. score every candidate (cache, data or CLIP) as it streams by, onto the on-disk spool
+        for unit in tqdm(scoring.run(source.units), desc="filter", unit="pair", disable=not cfg.progress):
+            summary.records_in += sum(unit.problems.values())
+            for reason, n in unit.problems.items():
+                summary.reject(reason, n)
+            for c in unit.candidates:
+                summary.records_in += 1
+                # a release keeps its own split by folder (the pair); ours are grouped by split_by
+                group = c.pair_id if released else split_group(str(f.split_by), c.pair_id, c.input_caption)
+                failure = "unreadable_image" if c.scores is None else first_failure(c.scores, thresholds)
+                if not spool.add(c.id, c.pair_id, c.seed, None if c.scores is None else group, failure, c.scores,
+                                 _record(c)):
+                    summary.reject("duplicate_candidate")
+                elif c.scores is not None:
+                    stats.add(c.scores)
+        stats.flush()
+        # 3. select: thresholds, then top_k per caption pair
+        for reason, n in spool.rejections(top_k).items():
             summary.reject(reason, n)
-        for c in unit.candidates:
-            summary.records_in += 1
-            pairs_in.add(c.pair_id)
-            if c.id in seen:
-                summary.reject("duplicate_candidate")
-                continue
-            seen.add(c.id)
-            if c.scores is None:
-                summary.reject("unreadable_image")
-                continue
-            # a release keeps its own split by folder (the pair); ours are grouped by split_by
-            group = c.pair_id if released else split_group(str(f.split_by), c.pair_id, c.input_caption)
-            candidates.append({"candidate": c, "pair_id": c.pair_id, "seed": c.seed, **c.scores, "group": group})
-
-    kept, rejected = select(candidates, thresholds, top_k)
-    for reason, n in rejected.items():
-        summary.reject(reason, n)
-    # Splits are drawn over every scored group, not only the survivors: a stricter threshold then removes
-    # pairs from their split but never moves one to another (test sets stay comparable across runs).
-    if released:  # the release keeps its own split (sorted folders, cut in order)
-        root = Path(str(f.source_dir))
-        names = [str(path.relative_to(root)).replace(os.sep, "/") for path, _ in list_pair_folders(root)]
-        split_of = released_split_of(names, [fractions.get(name, 0.0) for name in SPLITS])
-        assignment = {name: split for name, split in split_of.items() if split in fractions}
-    else:
-        assignment = assign_splits([c["group"] for c in candidates], fractions, int(f.split_seed))
-    by_split = {name: [k for k in kept if assignment[k["group"]] == name] for name in fractions}
-    written = write_dataset(by_split, Path(f.out_dir), int(f.shard_size), summary)
+        # 4. splits, drawn over every scored group, not only the survivors: a stricter threshold then removes
+        # pairs from their split but never moves one to another (test sets stay comparable across runs)
+        if released:  # the release keeps its own split (sorted folders, cut in order)
+            root = Path(str(f.source_dir))
+            names = [str(path.relative_to(root)).replace(os.sep, "/") for path, _ in list_pair_folders(root)]
+            spool.assign_splits(fractions, released_split_of(names, [fractions.get(name, 0.0) for name in SPLITS]))
+        else:
+            spool.assign_splits(fractions)
+        # 5. write every split into a staging folder, then swap it in whole: readers see the old dataset or
+        # the new one, never a mix
+        written: Counter = Counter()
+        pairs_by_split: dict[str, int] = {}
+        with atomic_folder(out_dir) as staging:
+            for name in fractions:
+                pairs: set[str] = set()
+                kept = (pairs.add(k["pair_id"]) or k for k in spool.kept(name, top_k))
+                write_split(_rows(kept, source.load, summary, written, name), staging, name, int(f.shard_size))
+                pairs_by_split[name] = len(pairs)
+        scored, pairs_in, pairs_out = (spool.count(w, top_k) for w in ("scored", "pairs_in", "pairs_out"))
     summary.records_out = sum(written.values())
 
-    scores = {m: [c[m] for c in candidates] for m in METRICS}
-    plot_clip_scores(scores, thresholds, summary.records_out, len(candidates), f.plot)
-    below = {name: sum(1 for c in candidates if c[score_column(name)] is not None
-                       and not c[score_column(name)] >= value) for name, value in thresholds.items()}
+    # 6. report
+    plot_clip_scores(stats.histograms, stats.edges, thresholds, summary.records_out, scored, f.plot)
     summary.extra.update({
         "source": str(f.source),
         "clip_model": clip_model,
         "thresholds": thresholds,
         "top_k": top_k,
-        "candidates_scored": len(candidates),
-        "kept_fraction": round(summary.records_out / len(candidates), 6) if candidates else 0.0,
-        "pairs_in": len(pairs_in),
-        "pairs_out": len({k["pair_id"] for k in kept}),
-        "below_threshold": below,  # each metric counted on its own (a candidate may fail several)
-        "splits": {name: {"pairs": len({k["pair_id"] for k in by_split[name]}), "rows": written[name]}
-                   for name in fractions},
-        **{k: scoring.counts[k] for k in ("scores_cached", "scores_computed", "scores_released", "scores_synthesis")},
+        "candidates_scored": scored,
+        "kept_fraction": round(summary.records_out / scored, 6) if scored else 0.0,
+        "pairs_in": pairs_in,
+        "pairs_out": pairs_out,
+        "below_threshold": dict(stats.below),  # each metric counted on its own (a candidate may fail several)
+        "splits": {name: {"pairs": pairs_by_split[name], "rows": written[name]} for name in fractions},
+        **{k: scoring.counts[k] for k in ("scores_cached", "scores_computed", "scores_released", "scores_synthesis",
+                                           "scores_dataset")},
     })
     path = summary.write(cfg.paths.reports)
-    log.info("filter: kept %d of %d candidates (%d caption pairs) -> %s", summary.records_out, len(candidates),
-             summary.extra["pairs_out"], f.out_dir)
+    log.info("filter: kept %d of %d candidates (%d caption pairs) -> %s", summary.records_out, scored, pairs_out,
+             out_dir)
     return path
