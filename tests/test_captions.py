@@ -219,3 +219,27 @@ def test_shipped_captions_pass_with_defaults(tmp_path, cache_dir):
     assert [r["id"] for r in records] == [i for i in source_ids if i in kept]  # a subset, in source order
     assert len(records) > 300
     assert summary["records_in"] == len(source_ids) == summary["records_out"] + summary["rejected_total"]
+
+
+def test_parquet_pushdown_selects_and_counts_as_the_row_by_row_reader(tmp_path, cache_dir):
+    """The aesthetic bound applied inside the Parquet reader (scores missing, NaN, below, at the bound)
+    keeps the same records and counts the same reasons as the JSONL reader, which checks row by row."""
+    rng = random.Random(3)
+    scores = [None, float("nan"), 6.5, 6.49, 9.0, 3.0] * 20
+    rows = [{"id": f"r{i}", "caption": f"a small boat number {i % 90} on a lake", "url": f"http://u/{i % 100}",
+             "aesthetic": scores[i]} for i in range(len(scores))]
+    rng.shuffle(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("caption", pa.string()),
+                                                                ("url", pa.string()), ("aesthetic", pa.float64())])),
+                   tmp_path / "rows.parquet", row_group_size=16)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({**r, "aesthetic": None if r["aesthetic"] != r["aesthetic"]
+                                                             else r["aesthetic"]}) + "\n" for r in rows))
+    _, from_parquet, s_parquet = run_stage(tmp_path / "p", cache_dir, tmp_path / "rows.parquet", "captions.max_tokens=null",
+                                           "captions.read_batch_rows=10")
+    _, from_jsonl, s_jsonl = run_stage(tmp_path / "j", cache_dir, tmp_path / "rows.jsonl", "captions.max_tokens=null")
+    assert from_parquet == from_jsonl and s_parquet["rejected"] == s_jsonl["rejected"]
+    expected_missing = sum(1 for r in rows if r["aesthetic"] is None or r["aesthetic"] != r["aesthetic"])
+    expected_below = sum(1 for r in rows if r["aesthetic"] is not None and r["aesthetic"] < 6.5)
+    assert s_parquet["rejected"]["missing_aesthetic"] == expected_missing
+    assert s_parquet["rejected"]["below_aesthetic"] == expected_below
+    assert s_parquet["records_in"] == len(rows) and len(from_parquet) > 0

@@ -6,7 +6,10 @@ parquet parts with columns TEXT, URL, AESTHETIC_SCORE) and keeps the captions wo
     readable row -> non-empty caption -> word-count bounds -> aesthetic score -> blocklist
       -> first of its id / normalised caption / URL -> at most 77 CLIP tokens -> seeded sample of N
 
-Every dropped row is counted by reason in the stage summary. Output ids are the source ids, or
+Every dropped row is counted by reason in the stage summary. Memory does not grow with the source
+(a LAION-size folder): rows stream through, duplicates are looked up on disk, Parquet is read with
+column projection and the aesthetic bound pushed down to the reader (a row failing it is counted under
+the aesthetic reason even if it would also fail an earlier check). Output ids are the source ids, or
 "c" + a hash of the caption when the source has none, so they are stable across runs.
 
 Sharding: de-duplication and the sample need the whole source, so every shard makes the same
@@ -19,10 +22,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
+import shutil
+import sqlite3
+import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,34 +104,60 @@ def _read_csv(path: Path, delimiter: str, unreadable: Counter) -> Iterator[dict]
                 yield row
 
 
-def _read_parquet(path: Path, wanted: list[str], batch_rows: int) -> Iterator[dict]:
-    import pyarrow.parquet as pq
+def _read_parquet(path: Path, wanted: list[str], batch_rows: int, min_score: tuple[str, float] | None,
+                  dropped: Counter) -> Iterator[dict]:
+    """Rows of one Parquet file, only the `wanted` columns decoded. With `min_score` (aesthetic column,
+    bound) and a numeric score column, the bound is applied while reading (filter pushdown: the text of
+    a dropped row is never decoded); the rows it drops are counted in `dropped` from one scan of the
+    score column (missing or NaN: missing_aesthetic, below: below_aesthetic)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq_file(path)
+        dataset = pads.dataset(path, format="parquet")
     except Exception as err:  # pyarrow raises several types for a broken file
         raise Ip2pError(f"cannot read parquet file '{path}': {first_line(err)}") from err
     names = set(parquet.schema_arrow.names)
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[c for c in wanted if c in names]):
+    columns = [c for c in wanted if c in names]
+    keep = None
+    if min_score is not None and min_score[0] in names:
+        name, bound = min_score
+        kind = parquet.schema_arrow.field(name).type
+        if pa.types.is_floating(kind) or pa.types.is_integer(kind):
+            keep = pc.field(name) >= bound  # null and NaN compare false: dropped
+            for batch in dataset.to_batches(columns=[name], batch_size=batch_rows):
+                values = batch.column(0)
+                nan = pc.sum(pc.is_nan(values)).as_py() or 0 if pa.types.is_floating(kind) else 0
+                dropped[MISSING_AESTHETIC] += values.null_count + nan
+                dropped[BELOW_AESTHETIC] += pc.sum(pc.less(values, bound)).as_py() or 0
+    for batch in dataset.to_batches(columns=columns, filter=keep, batch_size=batch_rows):
         yield from batch.to_pylist()
 
 
+def pq_file(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path)
+
+
 def read_rows(path: str | Path, fmt: str, columns: Columns, unreadable: Counter, progress: bool,
-              batch_rows: int = 65536) -> Iterator[dict]:
-    """Yield every readable row of the source as a dict; unreadable ones are counted in `unreadable`."""
+              batch_rows: int = 65536, min_aesthetic: float | None = None) -> Iterator[dict]:
+    """Yield every readable row of the source as a dict; unreadable ones are counted in `unreadable`,
+    and so are Parquet rows that fail `min_aesthetic` while being read (see _read_parquet)."""
     files = source_files(path, fmt)
     total = 0
     for f, kind in files:
         if kind == "parquet":
-            import pyarrow.parquet as pq
-
             try:
-                total += pq.ParquetFile(f).metadata.num_rows
+                total += pq_file(f).metadata.num_rows
             except Exception:
                 pass  # reported properly when the file is read
         else:
             total += _count_lines(f)
     wanted = [c for c in (columns.id, columns.caption, columns.url, columns.aesthetic) if c]
+    pushdown = (columns.aesthetic, min_aesthetic) if columns.aesthetic and min_aesthetic is not None else None
     bar = tqdm(total=total, unit="row", desc="captions: read", disable=not progress)
     for f, kind in files:
         if kind == "jsonl":
@@ -132,10 +165,13 @@ def read_rows(path: str | Path, fmt: str, columns: Columns, unreadable: Counter,
         elif kind in ("csv", "tsv"):
             rows = _read_csv(f, "," if kind == "csv" else "\t", unreadable)
         else:
-            rows = _read_parquet(f, wanted, batch_rows)
+            before = sum(unreadable[r] for r in (MISSING_AESTHETIC, BELOW_AESTHETIC))
+            rows = _read_parquet(f, wanted, batch_rows, pushdown, unreadable)
         for row in rows:
             bar.update(1)
             yield row
+        if kind == "parquet":
+            bar.update(sum(unreadable[r] for r in (MISSING_AESTHETIC, BELOW_AESTHETIC)) - before)
     bar.close()
 
 
@@ -152,12 +188,6 @@ class CaptionFilter:
     max_tokens: int | None = 77
     sample: int | None = None
     seed: int = 0
-
-
-@dataclass
-class Selection:
-    records: list[dict] = field(default_factory=list)            # kept, in source order
-    rejected: list[tuple[str | None, str]] = field(default_factory=list)  # (id or None, reason)
 
 
 def caption_id(raw_id: Any, caption: str) -> str:
@@ -193,29 +223,52 @@ def _row_fields(row: dict, columns: Columns) -> tuple[str | None, Any, Any, Any]
     return caption, raw_id, url, aesthetic
 
 
-def select_captions(rows: Iterator[dict], columns: Columns, rules: CaptionFilter, blocklist: Blocklist,
-                    count_tokens, progress: bool = False) -> Selection:
-    """Apply every filter in order; first occurrence wins among duplicates. Pure given its inputs."""
-    sel = Selection()
-    seen_ids: set[str] = set()
-    seen_captions: set[str] = set()
-    seen_urls: set[str] = set()
-    candidates: list[dict] = []
+class FirstSeen:
+    """First-occurrence de-duplication on disk: a SQLite table of 16-byte digests of (kind, value), so a
+    source of millions of rows costs no memory."""
+
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    @staticmethod
+    def _key(kind: str, value: str) -> bytes:
+        return hashlib.blake2b(f"{kind}\x1f{value}".encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        return self.db.execute("SELECT 1 FROM seen WHERE key = ?", (self._key(*item),)).fetchone() is not None
+
+    def add(self, *items: tuple[str, str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((self._key(*i),) for i in items))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# What the selection yields: (id or None, rejection reason, None) or (id, None, kept record).
+Event = tuple[str | None, str | None, dict | None]
+
+
+def _row_checks(rows: Iterator[dict], columns: Columns, rules: CaptionFilter, blocklist: Blocklist,
+                seen: FirstSeen) -> Iterator[Event]:
     saw_caption_column, rows_seen = False, 0
     for row in rows:
         rows_seen += 1
         saw_caption_column = saw_caption_column or columns.caption in row
         fields = _row_fields(row, columns)
         if isinstance(fields, str):
-            sel.rejected.append((None, fields))
+            yield None, fields, None
             continue
         caption, raw_id, url, aesthetic = fields
         if not caption:
             known_id = caption_id(raw_id, "") if raw_id is not None and str(raw_id).strip() else None
-            sel.rejected.append((known_id, EMPTY_CAPTION))
+            yield known_id, EMPTY_CAPTION, None
             continue
         rid = caption_id(raw_id, caption)
         words = word_count(caption)
+        normalised = normalise_caption(caption)
         reason = None
         if rules.min_words is not None and words < rules.min_words:
             reason = TOO_SHORT
@@ -229,48 +282,82 @@ def select_captions(rows: Iterator[dict], columns: Columns, rules: CaptionFilter
             reason = BELOW_AESTHETIC
         elif blocklist.find(caption):
             reason = BLOCKLISTED
-        elif rid in seen_ids:
+        elif ("id", rid) in seen:
             reason = DUPLICATE_ID
-        elif normalise_caption(caption) in seen_captions:
+        elif ("caption", normalised) in seen:
             reason = DUPLICATE_CAPTION
-        elif url is not None and url in seen_urls:
+        elif url is not None and ("url", url) in seen:
             reason = DUPLICATE_URL
         if reason is not None:
-            sel.rejected.append((rid, reason))
+            yield rid, reason, None
             continue
-        seen_ids.add(rid)
-        seen_captions.add(normalise_caption(caption))
-        if url is not None:
-            seen_urls.add(url)
-        candidates.append({"id": rid, "caption": caption, "url": url,
-                           "aesthetic": None if aesthetic is None else round(float(aesthetic), 6)})
+        seen.add(("id", rid), ("caption", normalised), *((("url", url),) if url is not None else ()))
+        yield rid, None, {"id": rid, "caption": caption, "url": url,
+                          "aesthetic": None if aesthetic is None else round(float(aesthetic), 6)}
     if rows_seen and not saw_caption_column:
         raise Ip2pError(f"no row of the source has the caption column '{columns.caption}' "
                         f"(set captions.columns.caption; LAION metadata uses TEXT)")
 
-    if rules.max_tokens is not None:
-        kept = []
-        chunk = 4096
-        bar = tqdm(total=len(candidates), unit="caption", desc="captions: tokens", disable=not progress)
-        for start in range(0, len(candidates), chunk):
-            part = candidates[start:start + chunk]
-            for record, n in zip(part, count_tokens([r["caption"] for r in part])):
-                if n > rules.max_tokens:
-                    sel.rejected.append((record["id"], OVER_TOKEN_LIMIT))
-                else:
-                    kept.append(record)
-            bar.update(len(part))
-        bar.close()
-        candidates = kept
 
-    if rules.sample is not None and len(candidates) > rules.sample:
-        # A seeded uniform sample that does not depend on row order: the N smallest per-id draws.
-        ranked = sorted(candidates, key=lambda r: (stable_seed(rules.seed, "captions-sample", r["id"]), r["id"]))
-        chosen = {r["id"] for r in ranked[: rules.sample]}
-        sel.rejected.extend((r["id"], NOT_SAMPLED) for r in candidates if r["id"] not in chosen)
-        candidates = [r for r in candidates if r["id"] in chosen]
-    sel.records = candidates
-    return sel
+def _token_check(events: Iterator[Event], count_tokens, max_tokens: int, chunk: int) -> Iterator[Event]:
+    """Kept records are tokenized a chunk at a time (the tokenizer is fast in batches)."""
+    pending: list[dict] = []
+
+    def flush() -> Iterator[Event]:
+        for record, n in zip(pending, count_tokens([r["caption"] for r in pending])):
+            yield (record["id"], OVER_TOKEN_LIMIT, None) if n > max_tokens else (record["id"], None, record)
+        pending.clear()
+
+    for event in events:
+        if event[2] is None:
+            yield event
+            continue
+        pending.append(event[2])
+        if len(pending) >= chunk:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _sample(events: Iterator[Event], size: int, seed: int, workdir: Path) -> Iterator[Event]:
+    """A seeded uniform sample that does not depend on row order: the `size` smallest per-id draws.
+    Kept records wait in an on-disk spool until the last one is in, then leave in source order."""
+    db = sqlite3.connect(workdir / "sample.sqlite")
+    try:
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("CREATE TABLE kept (seq INTEGER PRIMARY KEY, id TEXT, draw INTEGER, record TEXT)")
+        for rid, reason, record in events:
+            if record is None:
+                yield rid, reason, None
+            else:
+                db.execute("INSERT INTO kept (id, draw, record) VALUES (?, ?, ?)",
+                           (rid, stable_seed(seed, "captions-sample", rid), json.dumps(record)))
+        db.execute("CREATE TABLE chosen AS SELECT seq FROM kept ORDER BY draw, id LIMIT ?", (size,))
+        db.execute("CREATE UNIQUE INDEX chosen_seq ON chosen (seq)")
+        rows = db.execute("SELECT k.id, k.record, c.seq IS NOT NULL FROM kept AS k LEFT JOIN chosen AS c "
+                          "ON c.seq = k.seq ORDER BY k.seq")
+        for rid, record, chosen in rows:
+            yield (rid, None, json.loads(record)) if chosen else (rid, NOT_SAMPLED, None)
+    finally:
+        db.close()
+
+
+def select_captions(rows: Iterator[dict], columns: Columns, rules: CaptionFilter, blocklist: Blocklist,
+                    count_tokens, workdir: Path, token_chunk: int = 4096) -> Iterator[Event]:
+    """Apply every filter in order, streaming: (id or None, reason, None) for each rejected row and
+    (id, None, record) for each kept one, kept records in source order; the first occurrence wins
+    among duplicates. Memory does not grow with the source (duplicates are looked up on disk, tokens
+    counted a chunk at a time, the sample drawn from a spool in `workdir`). Pure given its inputs."""
+    seen = FirstSeen(workdir / "seen.sqlite")
+    try:
+        events = _row_checks(rows, columns, rules, blocklist, seen)
+        if rules.max_tokens is not None:
+            events = _token_check(events, count_tokens, rules.max_tokens, token_chunk)
+        if rules.sample is not None:
+            events = _sample(events, rules.sample, rules.seed, workdir)
+        yield from events
+    finally:
+        seen.close()
 
 
 # -------------------------------------------------------------------------------------------- stage
@@ -311,6 +398,7 @@ def run(cfg: DictConfig) -> Path:
     if out_path.exists():
         print(f"captions: {out_path} is complete; nothing to do (delete it to regenerate)")
         return out_path
+    # 1. settings, blocklist and tokenizer
     summary = StageSummary("captions", index, count)
     c = cfg.captions
     columns, rules = _columns(cfg), _rules(cfg)
@@ -318,38 +406,42 @@ def run(cfg: DictConfig) -> Path:
     count_tokens = (load_token_counter(c.tokenizer, cfg.model, cfg.paths.cache)
                     if rules.max_tokens is not None else None)
 
+    # 2. read and select, streaming into the writer of this shard's records; each rejection is counted
+    # by the shard its id belongs to
     unreadable: Counter = Counter()
-    rows = read_rows(c.source, str(c.format), columns, unreadable, bool(cfg.progress), int(c.read_batch_rows))
-    selection = select_captions(rows, columns, rules, blocklist, count_tokens, bool(cfg.progress))
-
+    rows = read_rows(c.source, str(c.format), columns, unreadable, bool(cfg.progress), int(c.read_batch_rows),
+                     rules.min_aesthetic)
     mine = lambda rid: (0 if rid is None else shard_of(rid, count)) == index  # noqa: E731
+    writer = ResumableJsonl(out_path, id_key="id", track_written=False).open()
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.work-", dir=out_path.parent))
+    try:
+        if writer.done:
+            log.info("captions: resuming %s (%d records already written)", writer.partial, len(writer.done))
+        step, pending = max(1, int(c.write_batch)), []
+        for rid, reason, record in select_captions(rows, columns, rules, blocklist, count_tokens, workdir):
+            if not mine(rid):
+                continue
+            if reason is not None:
+                summary.reject(reason)
+                continue
+            summary.records_out += 1
+            if rid not in writer.done:
+                pending.append(record)
+            if len(pending) >= step:
+                writer.write(pending)
+                pending = []
+        writer.write(pending)
+    finally:
+        writer.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    # 3. the summary: rows the reader could not use (no id: shard 0) and the rest
     if index == 0:
         for reason, n in unreadable.items():
-            summary.reject(reason, n)
-    for rid, reason in selection.rejected:
-        if mine(rid):
-            summary.reject(reason)
-    records = [r for r in selection.records if mine(r["id"])]
-    summary.records_out = len(records)
+            if n:
+                summary.reject(reason, n)
     summary.records_in = summary.records_out + sum(summary.rejected.values())
     summary.extra.update(source=str(c.source), max_tokens=rules.max_tokens, sample=rules.sample,
                          min_aesthetic=rules.min_aesthetic, blocklist_terms=len(blocklist))
-
-    writer = ResumableJsonl(out_path, id_key="id").open()
-    try:
-        todo = [r for r in records if r["id"] not in writer.done]
-        if writer.done:
-            log.info("captions: resuming %s (%d of %d records already written)", writer.partial,
-                     len(records) - len(todo), len(records))
-        step = max(1, int(c.write_batch))
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="caption", desc="captions: write",
-                   disable=not cfg.progress)
-        for start in range(0, len(todo), step):
-            writer.write(todo[start:start + step])
-            bar.update(len(todo[start:start + step]))
-        bar.close()
-    finally:
-        writer.close()
     summary.write(cfg.paths.reports)
     writer.finish()
     log.info("captions: %d kept of %d rows -> %s", summary.records_out, summary.records_in, out_path)

@@ -56,10 +56,13 @@ class ResumableJsonl:
     finished output makes the next run of the same shard a no-op.
     """
 
-    def __init__(self, path: str | Path, id_key: str = "id"):
+    def __init__(self, path: str | Path, id_key: str = "id", track_written: bool = True):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.id_key = id_key
+        # track_written=False: `done` holds only what a killed run left (for a caller whose stream never
+        # repeats an id), so memory does not grow with the records written
+        self.track_written = track_written
         self.done: set[str] = set()
         self.num_written = 0
         self._handle = None
@@ -82,8 +85,8 @@ class ResumableJsonl:
         self._handle.write("".join(lines).encode("utf-8"))
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        for r in records:
-            self.done.add(str(r[self.id_key]))
+        if self.track_written:
+            self.done.update(str(r[self.id_key]) for r in records)
         self.num_written += len(lines)
 
     def finish(self) -> Path:
