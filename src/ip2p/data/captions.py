@@ -399,7 +399,7 @@ def run(cfg: DictConfig) -> Path:
         print(f"captions: {out_path} is complete; nothing to do (delete it to regenerate)")
         return out_path
     # 1. settings, blocklist and tokenizer
-    summary = StageSummary("captions", index, count)
+    summary = StageSummary("captions", index, count, progress=bool(cfg.progress))
     c = cfg.captions
     columns, rules = _columns(cfg), _rules(cfg)
     blocklist = load_blocklist(c.blocklist.file, c.blocklist.words)
@@ -444,5 +444,5 @@ def run(cfg: DictConfig) -> Path:
                          min_aesthetic=rules.min_aesthetic, blocklist_terms=len(blocklist))
     summary.write(cfg.paths.reports)
     writer.finish()
-    log.info("captions: %d kept of %d rows -> %s", summary.records_out, summary.records_in, out_path)
+    log.info("captions: -> %s", out_path)
     return out_path

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from ip2p.data.backends import Backend, Request, make_backend
 from ip2p.data.validate import EditValidator, Limits, load_blocklist, load_token_counter
@@ -152,7 +151,7 @@ def run(cfg: DictConfig) -> Path:
     if out_path.exists():
         print(f"instructions: {out_path} is complete; nothing to do (delete it to regenerate)")
         return out_path
-    summary = StageSummary("instructions", index, count)
+    summary = StageSummary("instructions", index, count, progress=bool(cfg.progress))
     retries, batch_size = int(icfg.retries), int(icfg.batch_size)
     if retries < 0 or batch_size < 1 or int(icfg.edits_per_caption) < 1:
         raise Ip2pError("instructions.retries must be >= 0, batch_size and edits_per_caption >= 1")
@@ -172,8 +171,8 @@ def run(cfg: DictConfig) -> Path:
         done = accepted_out.done | rejected_out.done
         if done:
             log.info("instructions: resuming %s (%d of %d records done)", accepted_out.partial, len(done), len(work))
-        bar = tqdm(total=len(work), initial=sum(item.id in done for item in work), unit="caption",
-                   desc=f"instructions ({backend.name})", disable=not cfg.progress)
+        bar = summary.bar(total=len(work), initial=sum(item.id in done for item in work), unit="caption",
+                          desc=f"instructions ({backend.name})")
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
             if all(item.id in done for item in batch):
@@ -210,5 +209,5 @@ def run(cfg: DictConfig) -> Path:
     rejected_out.finish()
     summary.write(cfg.paths.reports)
     accepted_out.finish()
-    log.info("instructions: %d pairs, %d rejected -> %s", summary.records_out, sum(reasons.values()), out_path)
+    log.info("instructions: -> %s", out_path)
     return out_path

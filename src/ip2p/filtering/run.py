@@ -25,7 +25,6 @@ from typing import Iterable, Iterator
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from ip2p.data.dataset import SPLITS, image_struct, list_pair_folders, png_bytes, released_split_of, write_split
 from ip2p.errors import Ip2pError
@@ -230,12 +229,12 @@ def run(cfg: DictConfig) -> Path:
     released = str(f.source) == "released"
     out_dir = Path(f.out_dir)
 
-    summary = StageSummary("filter")
+    summary = StageSummary("filter", progress=bool(cfg.progress))
     scoring = Scoring(cfg, cache)
     stats = ScoreStats(thresholds, int(f.plot_bins))
     with Spool(out_dir, int(f.split_seed)) as spool:
         # 2. score every candidate (cache, data or CLIP) as it streams by, onto the on-disk spool
-        for unit in tqdm(scoring.run(source.units), desc="filter", unit="pair", disable=not cfg.progress):
+        for unit in summary.bar(scoring.run(source.units), desc="filter", unit="pair"):
             summary.records_in += sum(unit.problems.values())
             for reason, n in unit.problems.items():
                 summary.reject(reason, n)
@@ -291,6 +290,5 @@ def run(cfg: DictConfig) -> Path:
                                            "scores_dataset")},
     })
     path = summary.write(cfg.paths.reports)
-    log.info("filter: kept %d of %d candidates (%d caption pairs) -> %s", summary.records_out, scored, pairs_out,
-             out_dir)
+    log.info("filter: %d caption pairs of %d -> %s", pairs_out, pairs_in, out_dir)
     return path

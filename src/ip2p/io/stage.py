@@ -1,15 +1,21 @@
-"""What every stage shares: deterministic sharding, per-record seeds, and the summary JSON."""
+"""What every stage shares: deterministic sharding, per-record seeds, and the frame a data stage runs in
+(its counts, progress bars and report)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ip2p.io.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -30,7 +36,9 @@ def shard_suffix(shard_index: int, num_shards: int) -> str:
 
 @dataclass
 class StageSummary:
-    """Counts in / out / rejected by reason, and seconds; written to reports/<stage>.json (a DVC metric)."""
+    """The small frame a data stage runs in: counts in / out / rejected by reason and seconds, its
+    progress bars (`bar`, shown unless progress=False), and its report, reports/<stage>.json (a DVC
+    metric), with one log line (`write`)."""
 
     stage: str
     shard_index: int = 0
@@ -39,7 +47,12 @@ class StageSummary:
     records_out: int = 0
     rejected: Counter = field(default_factory=Counter)
     extra: dict = field(default_factory=dict)
+    progress: bool = True
     _start: float = field(default_factory=time.perf_counter)
+
+    def bar(self, iterable=None, **kwargs) -> tqdm:
+        """A progress bar (rate and ETA) for this stage: tqdm's arguments."""
+        return tqdm(iterable, disable=not self.progress, **kwargs)
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejected[reason] += n
@@ -59,4 +72,9 @@ class StageSummary:
 
     def write(self, reports_dir: str | Path) -> Path:
         name = f"{self.stage}{shard_suffix(self.shard_index, self.num_shards)}.json"
-        return atomic_write_json(Path(reports_dir) / name, self.as_dict())
+        report = self.as_dict()
+        path = atomic_write_json(Path(reports_dir) / name, report)
+        reasons = ", ".join(f"{k} {v}" for k, v in report["rejected"].items())
+        log.info("%s: %d in, %d out, %d rejected%s in %.1f s; report %s", self.stage, self.records_in,
+                 self.records_out, report["rejected_total"], f" ({reasons})" if reasons else "", report["seconds"], path)
+        return path

@@ -20,7 +20,6 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
@@ -202,7 +201,7 @@ def run(cfg: DictConfig) -> Path:
     settings = settings_from_config(cfg)
     out_dir = Path(cfg.synthesis.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = StageSummary("synthesize", int(cfg.shard.index), int(cfg.shard.count))
+    summary = StageSummary("synthesize", int(cfg.shard.index), int(cfg.shard.count), progress=bool(cfg.progress))
     components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
     decoder = cfg.synthesis.get("vae")
     if decoder:  # the original decodes its pairs with SD's ft-MSE VAE; the latents are the base's either way
@@ -215,7 +214,7 @@ def run(cfg: DictConfig) -> Path:
 
     done_before = written_pairs = candidates = dropped = 0
     records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
-    for record in tqdm(records, desc="synthesize", unit="pair", disable=not cfg.progress):
+    for record in summary.bar(records, desc="synthesize", unit="pair"):
         if (out_dir / record["id"]).is_dir():
             done_before += 1
             summary.records_out += 1
