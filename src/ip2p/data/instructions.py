@@ -143,6 +143,7 @@ def _count_file(path: Path, reasons: Counter | None = None) -> int:
 
 
 def run(cfg: DictConfig) -> Path:
+    # 1. settings, the work list of this shard, the validator and the LM backend
     index, count = int(cfg.shard.index), int(cfg.shard.count)
     if count < 1 or not 0 <= index < count:
         raise Ip2pError(f"shard.index must be in [0, shard.count) (got index {index}, count {count})")
@@ -161,7 +162,8 @@ def run(cfg: DictConfig) -> Path:
     validator = make_validator(cfg)
     backend = make_backend(cfg)
 
-    # A kill between finishing the side file and the main file: put the side file back in progress.
+    # 2. generate in batches, appending accepted and rejected records (resumable). A kill between
+    # finishing the side file and the main file: put the side file back in progress.
     rejected_out = ResumableJsonl(rejected_path)
     if rejected_path.exists() and not rejected_out.partial.exists():
         os.replace(rejected_path, rejected_out.partial)
@@ -192,7 +194,8 @@ def run(cfg: DictConfig) -> Path:
         rejected_out.close()
         backend.close()
 
-    # Counts from the files themselves, so a resumed run reports the same as an uninterrupted one.
+    # 3. the report: counts from the files themselves, so a resumed run reports what an uninterrupted
+    # one would
     reasons: Counter = Counter()
     summary.records_out = _count_file(accepted_out.partial)
     _count_file(rejected_out.partial, reasons)

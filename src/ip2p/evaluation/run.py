@@ -93,6 +93,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    # 1. the test pairs, the editor and CLIP
     e = cfg.evaluate
     out_dir = Path(e.out_dir)
     pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed))
@@ -105,6 +106,7 @@ def evaluate(cfg: DictConfig) -> dict:
     default = Cell(float(e.default_text_guidance), float(e.default_image_guidance))
     cells = guidance_cells(e.text_guidances, e.image_guidances, extra=default)
 
+    # 2. edit every pair at every cell of the guidance grid, then score the edits with CLIP
     edits = edit_grid(editor, pil_to_tensor(inputs), [r["edit_prompt"] for r in pairs], [str(r["id"]) for r in pairs],
                       cells, int(e.steps), str(e.scheduler), int(e.seed), int(e.batch_size), bool(cfg.progress))
     per_edit = score_grid(clip, tensor_to_unit(pil_to_tensor(inputs)), tensor_to_unit(edits),
@@ -116,6 +118,7 @@ def evaluate(cfg: DictConfig) -> dict:
     grid.insert(2, "num_samples", len(pairs))
     atomic_write_text(out_dir / "guidance_grid.csv", grid.to_csv(index=False, float_format="%.6f"))
 
+    # 3. the trade-off plot, one example's grid of edits, and the headline cell
     on_grid = grid[grid.text_guidance.isin([float(t) for t in e.text_guidances])
                    & grid.image_guidance.isin([float(i) for i in e.image_guidances])]
     tradeoff_plot(on_grid, out_dir / "guidance_grid.png")

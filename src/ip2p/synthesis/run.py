@@ -198,6 +198,7 @@ def write_pair(record: dict, sampler: PairSampler, cfg: DictConfig, size: int, o
 
 
 def run(cfg: DictConfig) -> Path:
+    # 1. settings and the text-to-image model (with the decoding VAE the original used, if set)
     settings = settings_from_config(cfg)
     out_dir = Path(cfg.synthesis.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +213,7 @@ def run(cfg: DictConfig) -> Path:
     max_tokens = int(components.tokenizer.model_max_length)
     early_drop = EarlyDrop(cfg) if cfg.synthesis.early_drop.enabled else None
 
+    # 2. one pair folder per caption pair of this shard; a folder already there is done (resume)
     done_before = written_pairs = candidates = dropped = 0
     records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
     for record in summary.bar(records, desc="synthesize", unit="pair"):
@@ -224,6 +226,7 @@ def run(cfg: DictConfig) -> Path:
         summary.records_out += 1
         candidates += n_written
         dropped += n_dropped
+    # 3. the report
     summary.extra.update({
         "pairs_done_before": done_before,
         "pairs_written": written_pairs,

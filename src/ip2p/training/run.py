@@ -124,6 +124,7 @@ def run(cfg: DictConfig) -> dict:
                                          Throughput, checkpoint_callback)
     from ip2p.training.datamodule import EditDataModule
 
+    # 1. the recipe checked, the run's folders, and where it resumes from
     _check_recipe(cfg)
     _quiet_lightning()
     t = cfg.train
@@ -139,12 +140,14 @@ def run(cfg: DictConfig) -> dict:
     if cfg.trainer.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.trainer.matmul_precision))
 
+    # 2. the model (input convolution widened to 8 channels) and the data
     components = load_components(cfg)
     module = InstructPix2PixModule(components, settings_from_config(cfg))
     data_cfg = OmegaConf.to_container(t.data, resolve=True)
     datamodule = EditDataModule(data_cfg, components.tokenizer, int(t.batch_size), int(t.validation.batch_size),
                                 int(t.accumulate_grad_batches), int(cfg.seed), bool(cfg.progress), components)
 
+    # 3. loggers, callbacks and the trainer (strategy, devices, DDP re-launch)
     loggers = make_loggers(cfg, STAGE)
     history = LossHistory(paths.reports_dir / "train_loss.csv")
     clock = Throughput()
@@ -159,6 +162,7 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         record_run(cfg, paths.checkpoint_dir)
 
+    # 4. train, then export the EMA editor and write the report
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         if trainer.interrupted:
