@@ -84,3 +84,28 @@ def test_spool_takes_a_given_split_and_drops_groups_outside_the_fractions(tmp_pa
         spool.assign_splits({"train": 0.5, "test": 0.5}, given={"f0": "train", "f1": "test", "f2": "val"})
         assert [k["id"] for k in spool.kept("train", 1)] == ["f0-0"]
         assert [k["id"] for k in spool.kept("test", 1)] == ["f1-0"]
+
+
+def test_scoring_passes_units_on_without_waiting_for_the_whole_source(tmp_path):
+    """Units whose scores are known (data, cache) leave the scoring step after at most max_waiting
+    units: a source of any length is never held in memory."""
+    from omegaconf import OmegaConf
+
+    from ip2p.filtering.importers import Candidate, ScoreCache, Unit
+    from ip2p.filtering.run import Scoring
+
+    pulled = [0]
+
+    def units():
+        for i in range(10_000):
+            pulled[0] += 1
+            c = Candidate(id=f"p{i}-0", pair_id=f"p{i}", seed=0, p=None, cfg=None, input_caption="a", edit_prompt="b",
+                          output_caption="c", load_images=lambda: (b"", b""), scores={"clip_sim_dir": 0.1},
+                          score_origin="dataset")
+            yield Unit(f"p{i}", [c])
+
+    scoring = Scoring(OmegaConf.create({"filter": {"batch_size": 2}}), ScoreCache(tmp_path / "c.sqlite", "m"))
+    stream = scoring.run(units())
+    first = next(stream)
+    assert first.key == "p0" and pulled[0] <= scoring.max_waiting
+    assert sum(1 for _ in stream) == 9_999 and scoring.counts["scores_dataset"] == 10_000

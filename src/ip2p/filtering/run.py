@@ -76,6 +76,7 @@ class Scoring:
         self.batch_size = int(cfg.filter.batch_size)
         self._scorer: ClipScorer | None = None
         self.counts = Counter()
+        self.max_waiting = 16 * self.batch_size  # units held while a CLIP batch fills
 
     @property
     def scorer(self) -> ClipScorer:
@@ -111,7 +112,7 @@ class Scoring:
 
     def run(self, units: Iterable[Unit]) -> Iterator[Unit]:
         """Yield each unit with scores filled in where possible, buffering units until a CLIP batch
-        is full."""
+        is full (or many units wait: memory stays bounded when scores are mostly known)."""
         buffer: list[Unit] = []
         missing: list[Candidate] = []
         for unit in units:
@@ -125,7 +126,7 @@ class Scoring:
                 else:
                     missing.append(c)
             buffer.append(unit)
-            if len(missing) >= self.batch_size:
+            if len(missing) >= self.batch_size or len(buffer) >= self.max_waiting:
                 self._compute(missing)
                 yield from buffer
                 buffer, missing = [], []
