@@ -28,6 +28,8 @@ def test_the_shipped_configurations_pass():
     ("train.conditioning_dropout=0.5", "train.conditioning_dropout"),
     ("filter.top_k=2.5", "filter.top_k"),
     ("evaluate.image_guidances=[]", "evaluate.image_guidances"),
+    ("edit.speed.compile=nosuch", "edit.speed.compile"),
+    ("filter.plot_bins=0", "filter.plot_bins"),
     # read through ${...} by edit, evaluate, register.serve and the grid: named once, at its source
     ("sampling.scheduler=nosuch", "sampling.scheduler"),
     ("filter.batch_size=-2", "filter.batch_size"),    # synthesis.early_drop.batch_size follows it

@@ -61,12 +61,21 @@ def sampler(v: Any) -> str | None:
     return None
 
 
+def compile_backend(v: Any) -> str | None:
+    from ip2p.models.speed import compile_backends
+
+    return None if v is None or v in compile_backends() else f"must be null or one of {', '.join(compile_backends())}"
+
+
 POSITIVE_INT = at_least(1, integer=True)
 COUNT = at_least(0, integer=True)
 
 RULES: dict[str, Rule] = {
     "sampling.scheduler": sampler, "sampling.text_guidance": at_least(0), "sampling.image_guidance": at_least(0),
     "edit.steps": POSITIVE_INT, "edit.num_images": POSITIVE_INT, "edit.scheduler": sampler,
+    "edit.speed.compile": compile_backend,
+    "edit.speed.compile_mode": optional(one_of("default", "reduce-overhead", "max-autotune",
+                                               "max-autotune-no-cudagraphs")),
     "instructions.batch_size": POSITIVE_INT,
     "synthesis.steps": POSITIVE_INT, "synthesis.samples_per_pair": POSITIVE_INT, "synthesis.batch_size": POSITIVE_INT,
     "synthesis.scheduler": sampler, "synthesis.p_min": within(0, 1), "synthesis.p_max": within(0, 1),

@@ -11,6 +11,7 @@ from ip2p.errors import Ip2pError
 from ip2p.io.images import load_image, resize_for_editing, save_image_atomic
 from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.models.loader import load_diffusion
+from ip2p.models.speed import accelerate
 from ip2p.sampling.loop import scheduler_class
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def run(cfg: DictConfig) -> list[Path]:
     instruction = str(cfg.edit.instruction or "")
     if instruction.strip():
         components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+        speed = cfg.edit.speed
+        accelerate(components, bool(speed.channels_last), speed.compile, speed.compile_mode)
         images = InstructPix2Pix(components).edit(image, instruction, settings)
     else:
         images = [image.copy() for _ in range(settings.num_images)]
