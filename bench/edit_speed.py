@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
+    ap.add_argument("--channels-last", action="store_true", help="ours with the channels-last layout (edit.speed)")
+    ap.add_argument("--compile", default=None, help="ours with torch.compile, this backend (e.g. inductor)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead, max-autotune)")
     args = ap.parse_args()
 
     from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -122,6 +125,11 @@ def main() -> None:
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     parts = build_components(args.preset, device, dtype, args.cache)
     ours = InstructPix2Pix(parts)
+    if args.channels_last or args.compile:  # ours on its own copy (same weights), the reference stays eager
+        from ip2p.models.speed import accelerate
+
+        ours = InstructPix2Pix(accelerate(build_components(args.preset, device, dtype, args.cache),
+                                          args.channels_last, args.compile, args.compile_mode))
     ref = StableDiffusionInstructPix2PixPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -141,7 +149,9 @@ def main() -> None:
     results = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "resolution": args.resolution,
                "torch": torch.__version__, "python": platform.python_version(),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
-               "unet_forward_3way_s_median": statistics.median(unet_s), "runs": []}
+               "unet_forward_3way_s_median": statistics.median(unet_s), "runs": [],
+               "ours_speed": {"channels_last": args.channels_last, "compile": args.compile,
+                              "compile_mode": args.compile_mode}}
     for steps in args.steps:
         settings = EditSettings(steps=steps, progress=False, seed=0)
 
