@@ -178,7 +178,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["filter", "captions"])
     parser.add_argument("--records", type=int, nargs="+", required=True, help="input sizes, smallest first")
-    parser.add_argument("--cache", type=Path, default=ROOT / ".cache", help="paths.cache (tiny presets are built there)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ip2p",
+                        help="paths.cache (tiny presets are built there)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     measure(args.stage, 1000, args.cache)  # warm-up, not reported: builds the tiny presets in the cache
