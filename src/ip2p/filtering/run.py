@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from ip2p.data.dataset import SPLITS, image_struct, list_pair_folders, png_bytes, released_split_of, write_split
 from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import (Candidate, ScoreCache, Source, Unit, cache_path, diffusers_source,
-                                      folder_source)
+                                      folder_source, release_arrow_memory)
 from ip2p.filtering.plots import plot_clip_scores
 from ip2p.filtering.select import SPLIT_UNITS, split_counts, split_group
 from ip2p.filtering.spool import Spool
@@ -171,6 +171,8 @@ def _rows(kept: Iterator[dict], load, summary: StageSummary, written: Counter, s
             summary.reject("unreadable_image")
             continue
         written[split] += 1
+        if written[split] % 4096 == 0:
+            release_arrow_memory()
         yield {
             "id": item["id"], "pair_id": item["pair_id"],
             "input_image": image_struct(png_bytes(raw_0)), "edited_image": image_struct(png_bytes(raw_1)),
@@ -271,6 +273,7 @@ def run(cfg: DictConfig) -> Path:
                 kept = (pairs.add(k["pair_id"]) or k for k in spool.kept(name, top_k))
                 write_split(_rows(kept, source.load, summary, written, name), staging, name, int(f.shard_size))
                 pairs_by_split[name] = len(pairs)
+                release_arrow_memory()
         scored, pairs_in, pairs_out = (spool.count(w, top_k) for w in ("scored", "pairs_in", "pairs_out"))
     summary.records_out = sum(written.values())
 
