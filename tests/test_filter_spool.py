@@ -100,11 +100,12 @@ def test_scoring_passes_units_on_without_waiting_for_the_whole_source(tmp_path):
         for i in range(10_000):
             pulled[0] += 1
             c = Candidate(id=f"p{i}-0", pair_id=f"p{i}", seed=0, p=None, cfg=None, input_caption="a", edit_prompt="b",
-                          output_caption="c", load_images=lambda: (b"", b""), scores={"clip_sim_dir": 0.1},
+                          output_caption="c", scores={"clip_sim_dir": 0.1},
                           score_origin="dataset")
             yield Unit(f"p{i}", [c])
 
-    scoring = Scoring(OmegaConf.create({"filter": {"batch_size": 2}}), ScoreCache(tmp_path / "c.sqlite", "m"))
+    scoring = Scoring(OmegaConf.create({"filter": {"batch_size": 2}}), ScoreCache(tmp_path / "c.sqlite", "m"),
+                      lambda ref: (b"", b""))
     stream = scoring.run(units())
     first = next(stream)
     assert first.key == "p0" and pulled[0] <= scoring.max_waiting

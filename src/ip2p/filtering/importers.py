@@ -31,8 +31,8 @@ from ip2p.scoring.clip import METRICS
 
 @dataclass
 class Candidate:
-    """One image pair to score and maybe keep. `load_images` returns the raw bytes of both files;
-    `ref` says where they are in plain JSON values, for the source's `load` to read them again later."""
+    """One image pair to score and maybe keep. `ref` says where its two images are, in plain JSON
+    values; the source's `load(ref)` returns their raw bytes."""
 
     id: str
     pair_id: str
@@ -42,7 +42,6 @@ class Candidate:
     input_caption: str
     edit_prompt: str
     output_caption: str
-    load_images: Callable[[], tuple[bytes, bytes]]
     fingerprint: str = ""            # identifies the image files the scores belong to
     has_captions: bool = True
     scores: dict | None = None
@@ -201,7 +200,6 @@ def folder_units(root: str | Path, released: bool, use_released_scores: bool, cl
                 p=_number(meta.get("p", meta.get("p2p_threshold"))),
                 cfg=_number(meta.get("cfg", meta.get("cfg_scale"))),
                 input_caption=prompt["input"], edit_prompt=prompt["edit"], output_caption=prompt["output"],
-                load_images=lambda a=c.image_0, b=c.image_1: (a.read_bytes(), b.read_bytes()),
                 fingerprint=_file_fingerprint(c.image_0, c.image_1), ref=[str(c.image_0), str(c.image_1)],
             )
             scores = _released_scores(meta) if released and use_released_scores else synthesis_scores.get(cand.id)
@@ -330,7 +328,7 @@ def _diffusers_units(ds, names: Mapping[str, str], has_captions: bool, text_colu
         cand = Candidate(id=f"{pair_id}-{seed}", pair_id=pair_id, seed=seed,
                          p=None if p is None or math.isnan(p) else p, cfg=None if cfg is None or math.isnan(cfg) else cfg,
                          input_caption=input_caption, edit_prompt=edit, output_caption=output_caption,
-                         load_images=lambda i=index: load(i), fingerprint=f"{dataset_fingerprint}:{index}",
+                         fingerprint=f"{dataset_fingerprint}:{index}",
                          has_captions=has_captions, ref=index)
         scores = _released_scores(row) if METRICS[0] in row else None
         if scores is not None and not any(math.isnan(v) for v in scores.values()):

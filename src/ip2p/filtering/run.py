@@ -68,11 +68,13 @@ def _decode(data: bytes) -> Image.Image:
 
 class Scoring:
     """Fills in Candidate.scores: those that came with the data (released metadata, synthesis' early
-    drop), the cache, or CLIP in batches (loaded only if something is missing)."""
+    drop), the cache, or CLIP in batches (loaded only if something is missing); `load` is the
+    source's reader of a candidate's images (Source.load)."""
 
-    def __init__(self, cfg: DictConfig, cache: ScoreCache):
+    def __init__(self, cfg: DictConfig, cache: ScoreCache, load):
         self.cfg = cfg
         self.cache = cache
+        self.load = load
         self.batch_size = int(cfg.filter.batch_size)
         self._scorer: ClipScorer | None = None
         self.counts = Counter()
@@ -91,7 +93,7 @@ class Scoring:
             readable, images_0, images_1 = [], [], []
             for c in chunk:
                 try:
-                    raw_0, raw_1 = c.load_images()
+                    raw_0, raw_1 = self.load(c.ref)
                     pair = _decode(raw_0), _decode(raw_1)
                 except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
                     continue  # stays unscored: rejected as unreadable
@@ -233,7 +235,7 @@ def run(cfg: DictConfig) -> Path:
     out_dir = Path(f.out_dir)
 
     summary = StageSummary("filter", progress=bool(cfg.progress))
-    scoring = Scoring(cfg, cache)
+    scoring = Scoring(cfg, cache, source.load)
     stats = ScoreStats(thresholds, int(f.plot_bins))
     with Spool(out_dir, int(f.split_seed)) as spool:
         # 2. score every candidate (cache, data or CLIP) as it streams by, onto the on-disk spool
