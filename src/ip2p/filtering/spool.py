@@ -53,6 +53,7 @@ class Spool:
         self.db.executescript(_SCHEMA)
         self.split_seed = split_seed
         self._split_table = False
+        self._ranked_table = False
 
     def __enter__(self) -> "Spool":
         return self
@@ -65,6 +66,7 @@ class Spool:
             scores: Mapping[str, Any] | None, record: Mapping[str, Any]) -> bool:
         """Store one candidate; False (nothing stored) if its id was seen before. group None: the
         candidate takes no part in the split draw (unreadable)."""
+        assert not self._ranked_table, "every add comes before the first ranking"
         sim_dir = None if scores is None else scores.get("clip_sim_dir")
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO candidate VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -78,14 +80,19 @@ class Spool:
         return True
 
     def _ranked(self) -> str:
-        return ("SELECT *, ROW_NUMBER() OVER (PARTITION BY pair_id ORDER BY sim_dir IS NULL, sim_dir DESC, seed)"
-                " AS rank FROM candidate WHERE failure IS NULL")
+        """The survivors ranked within their caption pair, sorted once (after the last add) into a table
+        that every later query reads."""
+        if not self._ranked_table:
+            self.db.execute("CREATE TABLE ranked AS SELECT id, pair_id, grp, ROW_NUMBER() OVER (PARTITION BY pair_id "
+                            "ORDER BY sim_dir IS NULL, sim_dir DESC, seed) AS rank FROM candidate WHERE failure IS NULL")
+            self._ranked_table = True
+        return "ranked"
 
     def rejections(self, top_k: int) -> Counter:
         """Rejected candidates by reason: their first failure, or over_top_k."""
         out = Counter(dict(self.db.execute(
             "SELECT failure, COUNT(*) FROM candidate WHERE failure IS NOT NULL GROUP BY failure")))
-        over = self.db.execute(f"SELECT COUNT(*) FROM ({self._ranked()}) WHERE rank > ?", (top_k,)).fetchone()[0]
+        over = self.db.execute(f"SELECT COUNT(*) FROM {self._ranked()} WHERE rank > ?", (top_k,)).fetchone()[0]
         if over:
             out["over_top_k"] += over
         return out
@@ -94,7 +101,7 @@ class Spool:
         """scored (candidates with scores), pairs_in (caption pairs met), pairs_out (pairs with a kept row)."""
         query = {"scored": "SELECT COUNT(*) FROM candidate WHERE grp IS NOT NULL",
                  "pairs_in": "SELECT COUNT(DISTINCT pair_id) FROM candidate",
-                 "pairs_out": f"SELECT COUNT(DISTINCT pair_id) FROM ({self._ranked()}) WHERE rank <= :k"}[what]
+                 "pairs_out": f"SELECT COUNT(DISTINCT pair_id) FROM {self._ranked()} WHERE rank <= :k"}[what]
         return self.db.execute(query, {"k": top_k}).fetchone()[0]
 
     def assign_splits(self, fractions: Mapping[str, float], given: Mapping[str, str] | None = None) -> None:
@@ -123,8 +130,9 @@ class Spool:
         fields plus id, pair_id, seed and `scores`."""
         assert self._split_table, "assign_splits first"
         rows = self.db.execute(
-            f"SELECT r.id, r.pair_id, r.seed, r.scores, r.record FROM ({self._ranked()}) AS r "
-            "JOIN split AS s ON s.name = r.grp WHERE r.rank <= ? AND s.split = ? ORDER BY r.pair_id, r.rank",
+            f"SELECT c.id, c.pair_id, c.seed, c.scores, c.record FROM {self._ranked()} AS r "
+            "JOIN candidate AS c ON c.id = r.id JOIN split AS s ON s.name = r.grp "
+            "WHERE r.rank <= ? AND s.split = ? ORDER BY r.pair_id, r.rank",
             (top_k, split))
         for cid, pair_id, seed, scores, record in rows:
             yield {**json.loads(record), "id": cid, "pair_id": pair_id, "seed": seed, "scores": json.loads(scores)}
