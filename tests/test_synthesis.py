@@ -4,6 +4,7 @@ shared noise, p = 0 against diffusers' own pipeline, per-sample p, LocalBlend, a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from PIL import Image
+
+from ip2p.errors import Ip2pError
 
 from ip2p.synthesis.attention import (
     IN_COND,
@@ -262,6 +267,23 @@ def test_per_sample_p_in_one_batch_equals_separate_runs(tiny_base, mode):
     assert (together[1][0] - together[1][2]).abs().max() > 1e-2
 
 
+def test_samples_of_several_caption_pairs_in_one_batch_equal_per_pair_runs(tiny_base):
+    """Several caption pairs share one UNet call (synthesis.pairs_per_batch): each sample must be what
+    a batch of its own pair makes (its own captions, seed, p and guidance)."""
+    sampler = PairSampler(tiny_base, SynthesisSettings(steps=STEPS))
+    pairs = [(CAT, DOG), ("a red car", "a blue car"), (CAT, DOG), ("a red car", "a red car at night")]
+    specs = [SampleSpec(41, 0.3, 8.0), SampleSpec(42, 0.8, 12.0), SampleSpec(43, 0.5, 10.0), SampleSpec(44, 0.9, 9.0)]
+    together = sampler.sample_rows(pairs, specs, SIZE, SIZE)
+    for k, (pair, spec) in enumerate(zip(pairs, specs)):
+        alone = sampler.sample_latents(*pair, [spec], SIZE, SIZE)
+        for branch in range(2):
+            torch.testing.assert_close(together[branch][k:k + 1], alone[branch], atol=1e-4, rtol=1e-4)
+    assert (together[1][0] - together[1][1]).abs().max() > 1e-2
+    google = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, mode="google"))
+    with pytest.raises(ValueError, match="one pair per batch"):
+        google.sample_rows(pairs, specs, SIZE, SIZE)
+
+
 def test_controlled_step_count_follows_p(tiny_base, monkeypatch):
     counts = []
     original = AttentionControl.begin_step
@@ -379,6 +401,29 @@ def test_shards_partition_the_pairs_and_equal_an_unsharded_run(tmp_path, cache_d
         assert report["records_in"] == sum(shard_of(p["id"], 2) == index for p in GOOD)
         assert (tmp_path / f"reports-sharded/synthesize.shard-{index:05d}-of-00002.json").is_file()
     assert folder_bytes(tmp_path / "sharded") == folder_bytes(tmp_path / "all")
+
+
+def test_pairs_per_batch_writes_the_same_pair_folders(tmp_path, cache_dir):
+    """Candidates of three caption pairs per UNet call: the same folders, metadata and (within PNG
+    rounding of fp noise) the same images as one pair per call; google mode with cross-attention edits
+    refuses it in one line."""
+    instructions = write_instructions(tmp_path / "instructions.jsonl", [
+        pair(f"p{k}", f"a photo of a cat number {k}", f"a photo of a dog number {k}") for k in range(4)])
+    one = run_stage(stage_overrides(tmp_path, instructions, out="one"), cache_dir)
+    three = run_stage(stage_overrides(tmp_path, instructions, out="three", **{"synthesis.pairs_per_batch": 3}), cache_dir)
+    assert three["pairs_per_batch"] == 3 and three["records_out"] == one["records_out"] == 4
+    a, b = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "three")
+    assert a.keys() == b.keys() and len(a) == 4 * (2 + 3 * 2)  # prompt, metadata, 3 candidates x 2 images
+    for name in a:
+        if name.endswith(".png"):
+            x = np.asarray(Image.open(io.BytesIO(a[name])), dtype=np.int16)
+            y = np.asarray(Image.open(io.BytesIO(b[name])), dtype=np.int16)
+            assert np.abs(x - y).max() <= 2, name
+        else:
+            assert a[name] == b[name], name
+    with pytest.raises(Ip2pError, match="pairs_per_batch"):
+        run_stage(stage_overrides(tmp_path, instructions, out="google", **{
+            "synthesis.pairs_per_batch": 2, "synthesis.attention.mode": "google"}), cache_dir)
 
 
 def test_early_drop_scores_and_drops(tmp_path, cache_dir, tiny_clip):

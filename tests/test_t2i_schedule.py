@@ -92,3 +92,63 @@ def test_pixel_weight_favours_objects_and_keeps_the_mean():
     assert torch.allclose(w[1], torch.ones(1, 4, 4))              # no object: a plain mean
     assert torch.allclose(pixel_weight(masks, 0.0), torch.ones(2, 1, 4, 4))
 
+
+
+def _small_vae(seed: int, channels=(8, 16)):
+    from omegaconf import OmegaConf
+
+    from ip2p.pretrain.vae import build_vae
+
+    torch.manual_seed(seed)
+    return build_vae(OmegaConf.create({"channels": list(channels), "layers_per_block": 1, "latent_channels": 4,
+                                       "norm_groups": 4, "mid_attention": False})).eval()
+
+
+def test_latent_cache_is_reused_only_for_the_same_vae_and_scenes(tmp_path, monkeypatch):
+    """The base's latent cache: a second run with the same VAE and scenes reads the file (no encoding);
+    a retrained VAE (other weights, here another downsampling too) or other scenes re-encode. The
+    latents equal a direct encoding (fp16 on disk)."""
+    import ip2p.pretrain.t2i as t2i
+    from ip2p.io.images import to_tensor
+    from ip2p.world.render import render
+    from ip2p.world.scene import sample_scenes
+
+    scenes, path = sample_scenes(5, 6), tmp_path / "latents.pt"
+    vae = _small_vae(0)
+    first = t2i.cache_latents(vae, scenes, path, batch=4, progress=False)
+    with torch.no_grad():
+        direct = vae.encode(to_tensor(np.stack([render(s) for s in scenes]))).latent_dist.mean
+    assert first["mean"].shape == (6, 4, 32, 32)                  # f=2: 64 px -> 32 x 32
+    torch.testing.assert_close(first["mean"].float(), direct, atol=2e-3, rtol=2e-3)
+
+    encoded = []
+    monkeypatch.setattr(t2i, "render", lambda s: encoded.append(s) or render(s))
+    again = t2i.cache_latents(vae, scenes, path, batch=4, progress=False)
+    assert encoded == [] and torch.equal(again["mean"], first["mean"])
+    retrained = t2i.cache_latents(_small_vae(1, (8, 16, 16)), scenes, path, batch=4, progress=False)
+    assert len(encoded) == 6 and retrained["mean"].shape == (6, 4, 16, 16)
+    t2i.cache_latents(_small_vae(1, (8, 16, 16)), sample_scenes(6, 6), path, batch=4, progress=False)
+    assert len(encoded) == 12
+
+
+def test_unet_levels_and_cross_attention_follow_the_config():
+    """world.t2i.cross_attention picks the levels with cross-attention; the UNet's first level has the
+    latent size; a list of the wrong length is a one-line error."""
+    from omegaconf import OmegaConf
+
+    from ip2p.errors import Ip2pError
+    from ip2p.pretrain.t2i import build_unet
+
+    c = OmegaConf.create({"channels": [16, 32, 32, 32], "layers_per_block": 1, "attention_heads": 1, "norm_groups": 8,
+                          "cross_attention": [False, True, True, False]})
+    unet = build_unet(c, cross_attention_dim=24, sample_size=32)
+    assert unet.config.sample_size == 32
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    out = unet(torch.randn(2, 4, 32, 32), torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 5, 24)).sample
+    assert out.shape == (2, 4, 32, 32)
+    default = build_unet(OmegaConf.create({**OmegaConf.to_container(c), "cross_attention": None, "channels": [16, 32]}),
+                         cross_attention_dim=24, sample_size=16)
+    assert default.config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
+    with pytest.raises(Ip2pError, match="one entry per level"):
+        build_unet(OmegaConf.create({**OmegaConf.to_container(c), "cross_attention": [True, False]}), 24, 32)

@@ -14,6 +14,8 @@ classifier-free guidance works; warmup + cosine learning rate; EMA weights are s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from omegaconf import DictConfig
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_file, atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor
 from ip2p.models.tiny import _scheduler_config
@@ -53,33 +56,51 @@ def load_frozen(vae_dir: str, clip_dir: str, max_tokens: int):
     return vae, text_encoder.eval().requires_grad_(False), tokenizer
 
 
-def build_unet(c: DictConfig, cross_attention_dim: int):
+def build_unet(c: DictConfig, cross_attention_dim: int, sample_size: int):
+    """SD's UNet class, sized by `world.t2i`: one level per entry of `channels` (the first at the latent
+    size `sample_size`), cross-attention on the levels `cross_attention` marks (default: all but the
+    deepest, as SD 1.5)."""
     from diffusers import UNet2DConditionModel
 
     channels = tuple(c.channels)
     n = len(channels)
+    attend = tuple(c.get("cross_attention") or [True] * (n - 1) + [False])
+    if len(attend) != n:
+        raise Ip2pError(f"world.t2i.cross_attention needs one entry per level of channels ({n}), got {len(attend)}")
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attend),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)),
         layers_per_block=c.layers_per_block, cross_attention_dim=cross_attention_dim,
         attention_head_dim=c.attention_heads, norm_num_groups=c.norm_groups,
     )
 
 
+def scenes_key(vae, scenes: list[Scene]) -> torch.Tensor:
+    """What a latent cache was made from: a digest of the VAE's weights and of the scenes (int64 [4]), so
+    that a retrained VAE or another scene list is never served stale latents."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([s.to_dict() for s in scenes], sort_keys=True).encode())
+    return torch.from_numpy(np.frombuffer(h.digest(), dtype=np.int64).copy())
+
+
 @torch.no_grad()
 def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progress: bool = True) -> dict:
     """Posterior mean and std of every scene's render, computed once (fp16 on disk)."""
+    key = scenes_key(vae, scenes)
     if path.exists():
         cached = torch.load(path, weights_only=True)
-        if cached["mean"].shape[0] == len(scenes):
+        if torch.equal(cached.get("key", torch.zeros(0, dtype=torch.int64)), key):
             return cached
     means, stds = [], []
     for i in tqdm(range(0, len(scenes), batch), desc="encoding scenes", disable=not progress):
         dist = vae.encode(to_tensor(np.stack([render(s) for s in scenes[i:i + batch]]))).latent_dist
         means.append(dist.mean.half())
         stds.append(dist.std.half())
-    cached = {"mean": torch.cat(means), "std": torch.cat(stds)}
+    cached = {"mean": torch.cat(means), "std": torch.cat(stds), "key": key}
     with atomic_file(path) as tmp:
         torch.save(cached, tmp)
     return cached
@@ -188,7 +209,6 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(c.seed)
     # 1. frozen parts (world VAE and CLIP text tower) and the UNet to train
     vae, text_encoder, tokenizer = load_frozen(c.vae, c.clip, cfg.world.clip.max_tokens)
-    unet = build_unet(c, text_encoder.config.hidden_size)
     from diffusers import DDPMScheduler
 
     sched = scheduler_config(c.schedule)
@@ -199,6 +219,7 @@ def run(cfg: DictConfig) -> dict:
     scenes = sample_scenes(c.seed, c.scenes)
     cached = cache_latents(vae, scenes, Path(c.checkpoint).parent / "t2i_latents.pt", progress=cfg.progress)
     factor = 64 // cached["mean"].shape[-1]  # the VAE's downsampling
+    unet = build_unet(c, text_encoder.config.hidden_size, sample_size=cached["mean"].shape[-1])
     masks = torch.from_numpy(np.stack([object_mask(s, factor) for s in scenes]))
     empty = encode_prompts(tokenizer, text_encoder, [""])
     eval_scenes = sample_scenes(c.eval.seed, c.eval.scenes)

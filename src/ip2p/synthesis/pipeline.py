@@ -1,4 +1,5 @@
-"""The pair sampler: one caption pair, S samples, one batch -> S (input image, edited image) pairs.
+"""The pair sampler: S samples (of one caption pair, or each with its own) in one batch -> S (input image,
+edited image) pairs.
 
 Per step ONE UNet call on 4 x S rows (layout in ip2p.synthesis.attention):
     [input cond | output cond | input uncond | output uncond]
@@ -140,9 +141,24 @@ class PairSampler:
     @torch.no_grad()
     def sample_latents(self, input_caption: str, output_caption: str, specs: list[SampleSpec],
                        height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoise S = len(specs) samples in one batch. Returns final latents (input branch, output branch),
-        each [S, C, height/8, width/8]."""
+        """Denoise S = len(specs) samples of one caption pair in one batch. Returns final latents
+        (input branch, output branch), each [S, C, height/8, width/8]."""
+        return self.sample_rows([(input_caption, output_caption)] * len(specs), specs, height, width)
+
+    @torch.no_grad()
+    def sample_rows(self, captions: list[tuple[str, str]], specs: list[SampleSpec],
+                    height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise S samples in one batch, sample s with its own caption pair captions[s], so that the
+        candidates of several caption pairs share one UNet call. A sample depends on its own seed and
+        captions only, as in a batch of one pair (its self-attention copy is row to row). Google mode's
+        cross-attention map belongs to one pair, so there every row must hold the same pair."""
         s = len(specs)
+        if len(captions) != s:
+            raise ValueError(f"{len(captions)} caption pairs for {s} samples")
+        pairs = sorted(set(captions))
+        token_map = self.token_map(*pairs[0]) if len(pairs) == 1 else None
+        if len(pairs) > 1 and self.token_map(*pairs[0]) is not None:
+            raise ValueError("google mode edits cross-attention per caption pair: one pair per batch")
         unet = self.c.unet
         latent_hw = (height // self.latent_scale, width // self.latent_scale)
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
@@ -150,14 +166,16 @@ class PairSampler:
                              device=self.device, dtype=unet.dtype)
         latents = torch.cat([noise, noise])  # [input branch, output branch]: same initial noise
 
-        captions = self._text.encode_text([input_caption, output_caption])  # [2, L, D]
+        texts = sorted({text for pair in pairs for text in pair})
+        encoded = self._text.encode_text(texts)  # each distinct caption once: [T, L, D]
+        row_of = {text: i for i, text in enumerate(texts)}
+        index = torch.tensor([row_of[a] for a, _ in captions] + [row_of[b] for _, b in captions], device=encoded.device)
         empty = self._text.encode_text([""])
-        text = torch.cat([captions[0:1].expand(s, -1, -1), captions[1:2].expand(s, -1, -1),
-                          empty.expand(2 * s, -1, -1)])
+        text = torch.cat([encoded.index_select(0, index), empty.expand(2 * s, -1, -1)])
         cfg = torch.tensor([spec.cfg for spec in specs], dtype=torch.float32).repeat(2).to(self.device)
 
         control = AttentionControl(self.settings.mode, torch.tensor([spec.p for spec in specs]), self.settings.steps,
-                                   self.settings.google, self.token_map(input_caption, output_caption), latent_hw)
+                                   self.settings.google, token_map, latent_hw)
         scheduler = PairedNoiseScheduler(make_scheduler(self.settings.scheduler, self.c.scheduler.config), generators,
                                          after_step=control.blend)
 
@@ -173,9 +191,13 @@ class PairSampler:
         return final[:s], final[s:]
 
     @torch.no_grad()
+    def decode_pairs(self, lat_in: torch.Tensor, lat_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1], each [S, 3, H, W]: (input-caption images, output-caption images)."""
+        images = self._text.decode(torch.cat([lat_in, lat_out]))
+        return images[: len(lat_in)], images[len(lat_in):]
+
+    @torch.no_grad()
     def sample(self, input_caption: str, output_caption: str, specs: list[SampleSpec],
                height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1], each [S, 3, height, width]: (input-caption images, output-caption images)."""
-        lat_in, lat_out = self.sample_latents(input_caption, output_caption, specs, height, width)
-        images = self._text.decode(torch.cat([lat_in, lat_out]))
-        return images[: len(specs)], images[len(specs):]
+        return self.decode_pairs(*self.sample_latents(input_caption, output_caption, specs, height, width))

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -47,7 +48,7 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
     g = s.attention.google
     if g.cross not in ("auto", "replace", "refine", "none"):
         raise Ip2pError(f"synthesis.attention.google.cross must be auto, replace, refine or none (got '{g.cross}')")
-    for key in ("steps", "samples_per_pair", "batch_size"):
+    for key in ("steps", "samples_per_pair", "batch_size", "pairs_per_batch"):
         if int(s[key]) < 1:
             raise Ip2pError(f"synthesis.{key} must be at least 1 (got {s[key]})")
     if not 0 <= s.p_min <= s.p_max <= 1:
@@ -61,6 +62,9 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
                             self_max_queries=int(g.self_max_queries), local_blend=bool(g.local_blend),
                             blend_threshold=float(g.blend_threshold), blend_max_queries=int(g.blend_max_queries),
                             blend_pool=int(g.blend_pool))
+    if int(s.pairs_per_batch) > 1 and s.attention.mode == "google" and g.cross != "none":
+        raise Ip2pError("synthesis.pairs_per_batch > 1 needs attention.mode=official or google.cross=none "
+                        "(Google's cross-attention edit belongs to one caption pair per batch)")
     align = AlignScores(float(g.align.match), float(g.align.mismatch), float(g.align.gap))
     return SynthesisSettings(steps=int(s.steps), scheduler=str(s.scheduler), mode=str(s.attention.mode),
                              google=google, align=align, progress=False)
@@ -150,51 +154,78 @@ class EarlyDrop:
         self.scorer = ClipScorer(clip, int(c.batch_size), str(c.clip_preprocess))
         self.thresholds = dict(OmegaConf.to_container(c.thresholds, resolve=True))
 
-    def __call__(self, images_0, images_1, record) -> list[dict | None]:
-        """Scores of each candidate, or None for a candidate to drop."""
-        n = len(images_0)
-        scores = self.scorer.score(images_0, images_1, [record["input"]] * n, [record["output"]] * n)
+    def __call__(self, images_0, images_1, inputs: list[str], outputs: list[str]) -> list[dict | None]:
+        """Scores of each candidate (under its own captions), or None for a candidate to drop."""
+        scores = self.scorer.score(images_0, images_1, inputs, outputs)
         return [s if first_failure(s, self.thresholds) is None else None for s in scores]
 
 
-def write_pair(record: dict, sampler: PairSampler, cfg: DictConfig, size: int, out_dir: Path,
-               early_drop: EarlyDrop | None) -> tuple[int, int]:
-    """Generate one caption pair into a temp folder, then rename it into place.
-    Returns (candidates written, candidates dropped early)."""
+@dataclass
+class PendingPair:
+    """A caption pair being generated into its temp folder."""
+
+    record: dict
+    temp: Path
+    specs: list[SampleSpec]
+    metadata: list[dict] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)
+    dropped: int = 0
+
+
+def start_pair(record: dict, cfg: DictConfig, out_dir: Path) -> PendingPair:
     s = cfg.synthesis
-    pair_id = record["id"]
-    temp = out_dir / f"{TEMP_PREFIX}{pair_id}"
+    temp = out_dir / f"{TEMP_PREFIX}{record['id']}"
     if temp.exists():
         shutil.rmtree(temp)  # left by a killed run
     temp.mkdir(parents=True)
-    specs = draw_samples(int(cfg.seed), pair_id, int(s.samples_per_pair), (float(s.p_min), float(s.p_max)),
+    specs = draw_samples(int(cfg.seed), record["id"], int(s.samples_per_pair), (float(s.p_min), float(s.p_max)),
                          (float(s.cfg_min), float(s.cfg_max)))
-    suffix = "jpg" if s.image_format == "jpg" else "png"
-    metadata, scores_lines, dropped = [], [], 0
-    batch = int(s.batch_size)
-    for start in range(0, len(specs), batch):
-        chunk: list[SampleSpec] = specs[start:start + batch]
-        images_0, images_1 = sampler.sample(record["input"], record["output"], chunk, size, size)
-        pil_0, pil_1 = tensor_to_pil(images_0), tensor_to_pil(images_1)
-        verdicts = early_drop(pil_0, pil_1, record) if early_drop else [None] * len(chunk)
-        for k, (spec, im0, im1, verdict) in enumerate(zip(chunk, pil_0, pil_1, verdicts)):
-            if early_drop and verdict is None:
-                dropped += 1
-                continue
-            atomic_write_bytes(temp / f"{spec.seed}_0.{suffix}", encode_image(im0, suffix, int(s.jpg_quality)))
-            atomic_write_bytes(temp / f"{spec.seed}_1.{suffix}", encode_image(im1, suffix, int(s.jpg_quality)))
-            cid = f"{pair_id}-{spec.seed}"
-            metadata.append({"id": cid, "pair_id": pair_id, "k": start + k, "seed": spec.seed, "p": spec.p,
-                             "cfg": spec.cfg, "input": record["input"], "edit": record["edit"],
-                             "output": record["output"]})
-            if verdict is not None:
-                scores_lines.append({"id": cid, "seed": spec.seed, "clip_model": early_drop.scorer.name, **verdict})
-    atomic_write_json(temp / "prompt.json", {k: record[k] for k in ("input", "edit", "output")})
-    atomic_write_text(temp / "metadata.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metadata))
+    return PendingPair(record, temp, specs)
+
+
+def finish_pair(pair: PendingPair, out_dir: Path, early_drop: EarlyDrop | None) -> None:
+    """Write the pair's metadata and rename its temp folder into place (the pair is then done)."""
+    record = pair.record
+    atomic_write_json(pair.temp / "prompt.json", {k: record[k] for k in ("input", "edit", "output")})
+    atomic_write_text(pair.temp / "metadata.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in pair.metadata))
     if early_drop:
-        atomic_write_text(temp / "scores.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in scores_lines))
-    os.rename(temp, out_dir / pair_id)
-    return len(metadata), dropped
+        atomic_write_text(pair.temp / "scores.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in pair.scores))
+    os.rename(pair.temp, out_dir / record["id"])
+
+
+def write_pairs(records: list[dict], sampler: PairSampler, cfg: DictConfig, size: int, out_dir: Path,
+                early_drop: EarlyDrop | None) -> list[PendingPair]:
+    """Generate caption pairs into temp folders, then rename each into place. The candidates of all
+    `records` are cut into UNet batches of batch_size x len(records) samples, so several pairs share a
+    call (synthesis.pairs_per_batch); a candidate is the same whatever shares its batch."""
+    s = cfg.synthesis
+    suffix = "jpg" if s.image_format == "jpg" else "png"
+    pairs = [start_pair(record, cfg, out_dir) for record in records]
+    rows = [(pair, k, spec) for pair in pairs for k, spec in enumerate(pair.specs)]
+    batch = int(s.batch_size) * len(pairs)
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        captions = [(pair.record["input"], pair.record["output"]) for pair, _, _ in chunk]
+        images_0, images_1 = sampler.decode_pairs(*sampler.sample_rows(captions, [spec for _, _, spec in chunk], size, size))
+        pil_0, pil_1 = tensor_to_pil(images_0), tensor_to_pil(images_1)
+        verdicts = (early_drop(pil_0, pil_1, [c[0] for c in captions], [c[1] for c in captions]) if early_drop
+                    else [None] * len(chunk))
+        for (pair, k, spec), im0, im1, verdict in zip(chunk, pil_0, pil_1, verdicts):
+            if early_drop and verdict is None:
+                pair.dropped += 1
+                continue
+            atomic_write_bytes(pair.temp / f"{spec.seed}_0.{suffix}", encode_image(im0, suffix, int(s.jpg_quality)))
+            atomic_write_bytes(pair.temp / f"{spec.seed}_1.{suffix}", encode_image(im1, suffix, int(s.jpg_quality)))
+            record = pair.record
+            cid = f"{record['id']}-{spec.seed}"
+            pair.metadata.append({"id": cid, "pair_id": record["id"], "k": k, "seed": spec.seed, "p": spec.p,
+                                  "cfg": spec.cfg, "input": record["input"], "edit": record["edit"],
+                                  "output": record["output"]})
+            if verdict is not None:
+                pair.scores.append({"id": cid, "seed": spec.seed, "clip_model": early_drop.scorer.name, **verdict})
+    for pair in pairs:
+        finish_pair(pair, out_dir, early_drop)
+    return pairs
 
 
 def run(cfg: DictConfig) -> Path:
@@ -212,20 +243,33 @@ def run(cfg: DictConfig) -> Path:
     size = resolution(cfg, sampler)
     max_tokens = int(components.tokenizer.model_max_length)
     early_drop = EarlyDrop(cfg) if cfg.synthesis.early_drop.enabled else None
+    pairs_per_batch = int(cfg.synthesis.pairs_per_batch)
 
-    # 2. one pair folder per caption pair of this shard; a folder already there is done (resume)
+    # 2. one pair folder per caption pair of this shard; a folder already there is done (resume).
+    #    Pairs still to do are generated pairs_per_batch at a time (their candidates share UNet calls).
     done_before = written_pairs = candidates = dropped = 0
+    group: list[dict] = []
+
+    def flush() -> None:
+        nonlocal written_pairs, candidates, dropped
+        for pair in write_pairs(group, sampler, cfg, size, out_dir, early_drop):
+            written_pairs += 1
+            summary.records_out += 1
+            candidates += len(pair.metadata)
+            dropped += pair.dropped
+        group.clear()
+
     records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
     for record in summary.bar(records, desc="synthesize", unit="pair"):
         if (out_dir / record["id"]).is_dir():
             done_before += 1
             summary.records_out += 1
             continue
-        n_written, n_dropped = write_pair(record, sampler, cfg, size, out_dir, early_drop)
-        written_pairs += 1
-        summary.records_out += 1
-        candidates += n_written
-        dropped += n_dropped
+        group.append(record)
+        if len(group) == pairs_per_batch:
+            flush()
+    if group:
+        flush()
     # 3. the report
     summary.extra.update({
         "pairs_done_before": done_before,
@@ -233,6 +277,7 @@ def run(cfg: DictConfig) -> Path:
         "candidates_written": candidates,
         "candidates_dropped_early": dropped,
         "samples_per_pair": int(cfg.synthesis.samples_per_pair),
+        "pairs_per_batch": pairs_per_batch,
         "steps": settings.steps,
         "scheduler": settings.scheduler,
         "mode": settings.mode,
