@@ -152,3 +152,15 @@ def test_unet_levels_and_cross_attention_follow_the_config():
     assert default.config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
     with pytest.raises(Ip2pError, match="one entry per level"):
         build_unet(OmegaConf.create({**OmegaConf.to_container(c), "cross_attention": [True, False]}), 24, 32)
+
+
+def test_world_f2_variant_trains_into_its_own_folder_with_the_shipped_clip():
+    """`world=f2` (the f=2 VAE and base of docs/miniature-world.md) must never overwrite the shipped
+    world models: every output and checkpoint under its own root; its text encoder is the shipped CLIP."""
+    from ip2p.config import compose
+
+    shipped, f2 = compose([]).world, compose(["world=f2"]).world
+    outputs = [f2.vae.output, f2.vae.checkpoint, f2.vae.decoder.checkpoint, f2.t2i.output, f2.t2i.checkpoint]
+    assert all(str(p).startswith(str(f2.root) + "/") for p in outputs) and f2.root != shipped.root
+    assert f2.t2i.vae == f2.vae.output and f2.t2i.clip == shipped.clip.output
+    assert len(f2.vae.channels) == 2 and len(f2.t2i.cross_attention) == len(f2.t2i.channels) == 4
