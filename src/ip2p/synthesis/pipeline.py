@@ -156,8 +156,8 @@ class PairSampler:
         if len(captions) != s:
             raise ValueError(f"{len(captions)} caption pairs for {s} samples")
         pairs = sorted(set(captions))
-        token_map = self.token_map(*pairs[0]) if len(pairs) == 1 else None
-        if len(pairs) > 1 and self.token_map(*pairs[0]) is not None:
+        token_map = self.token_map(*pairs[0])
+        if len(pairs) > 1 and token_map is not None:
             raise ValueError("google mode edits cross-attention per caption pair: one pair per batch")
         unet = self.c.unet
         latent_hw = (height // self.latent_scale, width // self.latent_scale)
