@@ -53,3 +53,31 @@ def test_latents_are_never_clipped_when_the_checkpoint_config_is_silent(name):
     clipped = make_scheduler(name, {**euler_config, "clip_sample": True})
     clipped.set_timesteps(10)
     assert float(clipped.step(eps, t, xt, generator=torch.Generator().manual_seed(0)).pred_original_sample.max()) <= 1.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_predicted_clean_matches_diffusers_ddim(prediction_type):
+    """Our x0 from (x_t, model output, alpha_bar) against DDIM's own pred_original_sample."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from ip2p.sampling.loop import predicted_clean
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x_t, output = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = scheduler.timesteps[3]
+    expected = scheduler.step(output, t, x_t).pred_original_sample
+    ours = predicted_clean(x_t, output, scheduler.alphas_cumprod[t], prediction_type)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_predicted_clean_refuses_an_unknown_prediction_type():
+    import torch
+
+    from ip2p.sampling.loop import predicted_clean
+
+    with pytest.raises(Ip2pError, match="prediction_type 'flow'"):
+        predicted_clean(torch.zeros(1), torch.zeros(1), 0.5, "flow")

@@ -284,6 +284,23 @@ def test_samples_of_several_caption_pairs_in_one_batch_equal_per_pair_runs(tiny_
         google.sample_rows(pairs, specs, SIZE, SIZE)
 
 
+def test_observer_sees_the_clean_latents_each_step_implies(tiny_base):
+    """`observe` gets every step's x0 estimate for both branches. With the deterministic Euler sampler the
+    last step lands on sigma = 0, where the latents are exactly the clean estimate of that step; and
+    looking must not change what is made."""
+    sampler = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, scheduler="euler"))
+    specs = [SampleSpec(51, 0.5, 7.5), SampleSpec(52, 0.2, 11.0)]
+    seen = []
+    lat_in, lat_out = sampler.sample_rows([(CAT, DOG)] * 2, specs, SIZE, SIZE,
+                                          observe=lambda step, x0: seen.append((step, x0.clone())))
+    assert [step for step, _ in seen] == list(range(STEPS))
+    assert seen[0][1].shape == (4, *lat_in.shape[1:])
+    torch.testing.assert_close(seen[-1][1], torch.cat([lat_in, lat_out]), atol=1e-4, rtol=1e-4)
+    assert (seen[0][1] - seen[-1][1]).abs().max() > 1e-2  # early estimates are not the final latents
+    unobserved = sampler.sample_rows([(CAT, DOG)] * 2, specs, SIZE, SIZE)
+    assert torch.equal(unobserved[0], lat_in) and torch.equal(unobserved[1], lat_out)
+
+
 def test_controlled_step_count_follows_p(tiny_base, monkeypatch):
     counts = []
     original = AttentionControl.begin_step

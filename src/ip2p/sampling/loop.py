@@ -50,6 +50,23 @@ def make_scheduler(name: str, base_config: dict):
     return scheduler_class(name).from_config({"clip_sample": False, **dict(base_config)})
 
 
+def predicted_clean(x_t: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor | float,
+                    prediction_type: str) -> torch.Tensor:
+    """The clean latent x0 the model's output implies at a step, from the variance-preserving x_t
+    (the UNet's input: `scale_model_input` of the scheduler's latents) and alpha_bar = alphas_cumprod[t]:
+        epsilon:       x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)
+        v_prediction:  x0 = sqrt(a) x_t - sqrt(1 - a) v
+        sample:        x0 = the output itself"""
+    a = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * model_output) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise Ip2pError(f"unknown prediction_type '{prediction_type}'")
+
+
 # predict_noise(model_input, t, step_index) -> guided noise prediction with the shape of the latents
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,9 +24,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from ip2p.io.stage import stable_seed
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import DiffusionComponents
-from ip2p.sampling import classifier_free_guidance, denoise, make_scheduler
+from ip2p.sampling import classifier_free_guidance, denoise, make_scheduler, predicted_clean
 from ip2p.synthesis.attention import AttentionControl, GoogleSettings, attention_control
 from ip2p.synthesis.p2p_alignment import AlignScores, TokenMap, refine_map, replace_map
+
+
+# observe(step index, predicted clean latents [2S, C, h, w]) -> None
+CleanObserver = Callable[[int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -146,12 +151,14 @@ class PairSampler:
         return self.sample_rows([(input_caption, output_caption)] * len(specs), specs, height, width)
 
     @torch.no_grad()
-    def sample_rows(self, captions: list[tuple[str, str]], specs: list[SampleSpec],
-                    height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_rows(self, captions: list[tuple[str, str]], specs: list[SampleSpec], height: int, width: int,
+                    observe: CleanObserver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Denoise S samples in one batch, sample s with its own caption pair captions[s], so that the
         candidates of several caption pairs share one UNet call. A sample depends on its own seed and
         captions only, as in a batch of one pair (its self-attention copy is row to row). Google mode's
-        cross-attention map belongs to one pair, so there every row must hold the same pair."""
+        cross-attention map belongs to one pair, so there every row must hold the same pair.
+        `observe(step, x0)`, if given, sees after every step's guided prediction the clean latents it
+        implies, [2S, C, h, w] (input branch, then output branch): what an early look at a candidate sees."""
         s = len(specs)
         if len(captions) != s:
             raise ValueError(f"{len(captions)} caption pairs for {s} samples")
@@ -183,7 +190,11 @@ class PairSampler:
             control.begin_step(step)
             eps = unet(torch.cat([model_input, model_input]), t, encoder_hidden_states=text).sample
             eps_cond, eps_uncond = eps.chunk(2)  # each [input branch, output branch]
-            return classifier_free_guidance(eps_cond, eps_uncond, cfg)
+            guided = classifier_free_guidance(eps_cond, eps_uncond, cfg)
+            if observe is not None:
+                alpha_bar = scheduler.alphas_cumprod[int(round(float(t)))]
+                observe(step, predicted_clean(model_input, guided, alpha_bar, scheduler.config.prediction_type))
+            return guided
 
         with attention_control(unet, control):
             final = denoise(scheduler, latents, predict_noise, self.settings.steps, generator=None,
