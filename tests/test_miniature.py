@@ -170,3 +170,60 @@ def test_world_pairs_are_true_edits_that_the_filter_reads(tmp_path):
     assert again["written"] == 0
     assert {p.name: (p / "prompt.json").read_text() for p in (tmp_path / "pairs").iterdir()} == first
     assert json.loads((tmp_path / "world_pairs.json").read_text())["pairs"] == 30
+
+
+def test_world_yield_summary_by_hand():
+    """Per setting: kept pairs per hour, correctness of all and of kept candidates, and what an early look
+    at half the steps would drop, from a table worked out by hand."""
+    from ip2p.miniature.world_yield import summarise, wilson
+
+    # 5 candidates; the filter keeps c1, c2, c4; c1 and c3 are correct; the early look fails c2 and c3
+    rows = [{"kept": k, "correct": c, "early_pass": e} for k, c, e in
+            [(True, True, True), (True, False, False), (False, True, False), (True, False, True), (False, False, True)]]
+    setting = {"name": "x", "steps": 20, "scheduler": "euler_ancestral", "batch_size": 4, "pairs_per_batch": 1}
+    r = summarise(rows, setting, synthesis_s=30.0, scoring_s=6.0, peek_fraction=0.5)
+    assert r["candidates"] == 5 and r["kept"] == 3
+    assert r["seconds_per_candidate"] == 6.0 and r["scoring_seconds_per_candidate"] == 1.2
+    assert r["kept_per_hour"] == 300.0  # 3 kept in 36 s
+    assert r["correct"] == 0.4 and r["kept_correct"] == round(1 / 3, 4)
+    assert r["correct_kept_per_hour"] == 100.0
+    e = r["early"]
+    assert e["dropped"] == 0.4 and e["false_rejects"] == 1 and e["correct_among_dropped"] == 1
+    assert e["false_reject_share_of_kept"] == round(1 / 3, 4) and e["denoising_saved"] == 0.2
+    # textbook Wilson 95% intervals
+    assert wilson(0, 10) == (0.0, 0.2775) and wilson(5, 10) == (0.2366, 0.7634) and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_world_yield_runs_every_setting_on_the_same_candidates(tmp_path, cache_dir):
+    """`ip2p world-yield` on the tiny base: every setting synthesises the same candidates of the same true
+    world caption pairs; with open thresholds the filter keeps its top_k per pair and the early look
+    drops nothing; ratios are over the first setting."""
+    import json
+
+    import pytest
+
+    from ip2p.config import compose
+    from ip2p.miniature.world_yield import run, true_triples
+
+    triples = true_triples(5, 3)
+    assert triples == true_triples(5, 3) and len({t["id"] for t in triples}) == 3
+    assert all({"input", "edit", "output", "kind"} <= set(t) for t in triples)
+    open_thresholds = [f"filter.thresholds.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]
+    settings = ("world.yield_table.settings=[{name: ref, scheduler: euler_ancestral, steps: 3, batch_size: 2, "
+                "pairs_per_batch: 1}, {name: fast, scheduler: dpmpp_2m, steps: 2, batch_size: 1, pairs_per_batch: 2}]")
+    cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", "synthesis.resolution=64",
+                   f"paths.reports={tmp_path}", "world.yield_table.pairs=3", "world.yield_table.candidates=2",
+                   "filter.top_k=1", "logger=none", settings, *open_thresholds])
+    result = run(cfg)
+    assert [s["name"] for s in result["settings"]] == ["ref", "fast"] and result["reference"] == "ref"
+    for s in result["settings"]:
+        assert s["candidates"] == 6 and s["kept"] == 3  # top 1 of each pair's 2 candidates
+        assert s["early"]["dropped"] == 0 and s["early"]["false_rejects"] == 0
+        assert s["seconds_per_candidate"] > 0 and s["kept_per_hour"] > 0
+    assert result["settings"][0]["kept_per_hour_ratio"] == 1.0
+    assert json.loads((tmp_path / "world_yield.json").read_text()) == result
+    assert (tmp_path / "world_yield.png").stat().st_size > 0
+    bad = compose(["device=cpu", f"paths.cache={cache_dir}", "logger=none",
+                   "world.yield_table.settings=[{name: x, steps: 3}]"])
+    with pytest.raises(ValueError, match="'x' lacks"):
+        run(bad)

@@ -42,6 +42,7 @@ STAGES: dict[str, str] = {
     "world-attention": "ip2p.miniature.world_attention:run",
     "world-demo": "ip2p.miniature.demo:run",
     "world-pairs": "ip2p.miniature.world_pairs:run",
+    "world-yield": "ip2p.miniature.world_yield:run",
 }
 
 
