@@ -301,6 +301,51 @@ def test_observer_sees_the_clean_latents_each_step_implies(tiny_base):
     assert torch.equal(unobserved[0], lat_in) and torch.equal(unobserved[1], lat_out)
 
 
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpmpp_2m"])
+def test_early_look_drops_samples_mid_way_and_keeps_the_rest_unchanged(tiny_base, scheduler):
+    """A sample kept by the early look ends as it would without the look (its noise, p, guidance and a
+    multistep solver's stored rows go on with it); dropped samples cost only the steps up to the look."""
+    sampler = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, scheduler=scheduler))
+    pairs = [(CAT, DOG), ("a red car", "a blue car"), (CAT, DOG), ("a red car", "a red car at night")]
+    specs = [SampleSpec(61, 0.3, 8.0), SampleSpec(62, 0.8, 12.0), SampleSpec(63, 0.5, 10.0), SampleSpec(64, 0.9, 9.0)]
+    seen = []
+    full_in, full_out = sampler.sample_rows(pairs, specs, SIZE, SIZE, observe=lambda step, x0: seen.append(x0.clone()))
+    looked = []
+
+    def keep(x0):
+        looked.append(x0)
+        return torch.tensor([True, False, False, True])
+
+    calls = []
+    with unet_calls(sampler, calls):
+        lat_in, lat_out, kept = sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=2, keep=keep)
+    assert kept.tolist() == [0, 3]
+    torch.testing.assert_close(looked[0], seen[2])  # the look sees step 2's clean estimate of every sample
+    torch.testing.assert_close(lat_in, full_in[[0, 3]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lat_out, full_out[[0, 3]], atol=1e-4, rtol=1e-4)
+    assert calls == [4 * 4] * 3 + [4 * 2] * (STEPS - 3)  # 4 rows per sample: two branches, cond and uncond
+    everything = sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=STEPS - 1,
+                                               keep=lambda x0: torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(everything[0], full_in, atol=1e-4, rtol=1e-4)
+    none = sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=1, keep=lambda x0: torch.zeros(4, dtype=torch.bool))
+    assert none[0].shape[0] == 0 and none[2].numel() == 0
+    with pytest.raises(ValueError, match="look_step"):
+        sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=STEPS, keep=keep)
+
+
+class unet_calls:
+    """Records the batch size of every UNet call of a sampler."""
+
+    def __init__(self, sampler, calls):
+        self.unet, self.calls = sampler.c.unet, calls
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_pre_hook(lambda module, args: self.calls.append(args[0].shape[0]))
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def test_controlled_step_count_follows_p(tiny_base, monkeypatch):
     counts = []
     original = AttentionControl.begin_step

@@ -79,19 +79,25 @@ def denoise(
     generator: torch.Generator | None = None,
     progress: bool = True,
     desc: str = "denoising",
+    first_step: int = 0,
+    stop_step: int | None = None,
 ) -> torch.Tensor:
     """Run `num_steps` steps from pure noise `latents` (not yet scaled by the scheduler's initial sigma).
 
     The random draws happen in a fixed order on `generator` (initial noise is drawn by the caller,
     then one draw per ancestral step inside `scheduler.step`), the same order diffusers' pipelines use.
+    Steps [first_step, stop_step) run; first_step > 0 continues a scheduler already mid-run (its
+    timesteps set and its state that of step first_step, as an earlier call with stop_step left it).
     """
-    scheduler.set_timesteps(num_steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
+    if first_step == 0:
+        scheduler.set_timesteps(num_steps, device=latents.device)
+        latents = latents * scheduler.init_noise_sigma
     step_kwargs = {}
     step_params = inspect.signature(scheduler.step).parameters
     if "generator" in step_params:
         step_kwargs["generator"] = generator
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, disable=not progress, unit="step")):
+    timesteps = scheduler.timesteps[first_step:stop_step]
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, unit="step"), start=first_step):
         model_input = scheduler.scale_model_input(latents, t)
         noise = predict_noise(model_input, t, i)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]

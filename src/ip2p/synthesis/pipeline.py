@@ -13,6 +13,7 @@ its own seed only, never on what else shares the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -106,6 +107,44 @@ class SynthesisSettings:
     progress: bool = False
 
 
+@dataclass
+class _Run:
+    """The state of one batch of samples between two stretches of steps."""
+
+    captions: list[tuple[str, str]]
+    specs: list[SampleSpec]
+    generators: list[torch.Generator]
+    latents: torch.Tensor           # [2S, C, h, w]: input branch, output branch
+    encoded: torch.Tensor           # [T, L, D]: each distinct caption once
+    row_of: dict[str, int]
+    empty: torch.Tensor
+    token_map: TokenMap | None
+    latent_hw: tuple[int, int]
+    scheduler: object               # the diffusers scheduler, whose per-row history goes with its rows
+
+    def subset(self, kept: list[int], latents: torch.Tensor) -> "_Run":
+        """The kept samples only, at `latents` (all rows); a multistep solver's stored rows follow."""
+        s = len(self.specs)
+        rows = torch.tensor(kept + [k + s for k in kept], device=latents.device)
+        keep_rows(self.scheduler, rows, 2 * s)
+        return dataclasses.replace(self, captions=[self.captions[k] for k in kept], specs=[self.specs[k] for k in kept],
+                                   generators=[self.generators[k] for k in kept], latents=latents.index_select(0, rows))
+
+
+def keep_rows(scheduler, rows: torch.Tensor, batch: int) -> None:
+    """Cut a scheduler's per-row state (4-D tensors of `batch` rows, alone or in lists: DPM-Solver's and
+    UniPC's stored model outputs and samples) down to `rows`, in place."""
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[0] == batch:
+            return value.index_select(0, rows.to(value.device))
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        return value
+
+    for name, value in list(vars(scheduler).items()):
+        setattr(scheduler, name, cut(value))
+
+
 class PairSampler:
     """Holds the text-to-image components; every call is a pure function of its arguments."""
 
@@ -159,6 +198,38 @@ class PairSampler:
         cross-attention map belongs to one pair, so there every row must hold the same pair.
         `observe(step, x0)`, if given, sees after every step's guided prediction the clean latents it
         implies, [2S, C, h, w] (input branch, then output branch): what an early look at a candidate sees."""
+        run = self._start(captions, specs, height, width)
+        final = self._denoise(run, 0, self.settings.steps, observe)
+        s = len(specs)
+        return final[:s], final[s:]
+
+    @torch.no_grad()
+    def sample_rows_with_look(self, captions: list[tuple[str, str]], specs: list[SampleSpec], height: int,
+                              width: int, look_step: int, keep: Callable[[torch.Tensor], torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`sample_rows` with one early look: after step `look_step` the clean latents of that step
+        ([2S, C, h, w], input branch then output branch) go to `keep`, which answers a bool [S]; only the
+        kept samples are denoised further, so a dropped candidate costs look_step + 1 steps, not all.
+        Returns the final latents of the kept samples (input branch, output branch) and their indices
+        into `specs`. A kept sample is what `sample_rows` makes of it: its noise generator, p, guidance
+        and captions go on with it, and so do a multistep solver's stored rows."""
+        if self.settings.mode != "official":
+            raise ValueError("an early look mid-way needs the official attention mode")
+        if not 0 <= look_step < self.settings.steps:
+            raise ValueError(f"look_step must lie in [0, {self.settings.steps}) (got {look_step})")
+        seen: dict[str, torch.Tensor] = {}
+        run = self._start(captions, specs, height, width)
+        latents = self._denoise(run, 0, look_step + 1, lambda step, x0: seen.update(x0=x0) if step == look_step else None)
+        kept = torch.nonzero(torch.as_tensor(keep(seen["x0"]), dtype=torch.bool).cpu()).flatten()
+        s, n = len(specs), len(kept)
+        if n and look_step + 1 < self.settings.steps:
+            run = run.subset(kept.tolist(), latents)
+            latents = self._denoise(run, look_step + 1, self.settings.steps, None)
+        else:  # nothing left to denoise: the kept rows as they are
+            latents = latents.index_select(0, torch.cat([kept, kept + s]).to(latents.device))
+        return latents[:n], latents[n:], kept
+
+    def _start(self, captions: list[tuple[str, str]], specs: list[SampleSpec], height: int, width: int) -> "_Run":
         s = len(specs)
         if len(captions) != s:
             raise ValueError(f"{len(captions)} caption pairs for {s} samples")
@@ -171,20 +242,24 @@ class PairSampler:
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         noise = randn_tensor((s, unet.config.in_channels, *latent_hw), generator=generators,
                              device=self.device, dtype=unet.dtype)
-        latents = torch.cat([noise, noise])  # [input branch, output branch]: same initial noise
-
         texts = sorted({text for pair in pairs for text in pair})
         encoded = self._text.encode_text(texts)  # each distinct caption once: [T, L, D]
         row_of = {text: i for i, text in enumerate(texts)}
-        index = torch.tensor([row_of[a] for a, _ in captions] + [row_of[b] for _, b in captions], device=encoded.device)
-        empty = self._text.encode_text([""])
-        text = torch.cat([encoded.index_select(0, index), empty.expand(2 * s, -1, -1)])
-        cfg = torch.tensor([spec.cfg for spec in specs], dtype=torch.float32).repeat(2).to(self.device)
+        return _Run(captions=list(captions), specs=list(specs), generators=generators,
+                    latents=torch.cat([noise, noise]),  # [input branch, output branch]: same initial noise
+                    encoded=encoded, row_of=row_of, empty=self._text.encode_text([""]), token_map=token_map,
+                    latent_hw=latent_hw, scheduler=make_scheduler(self.settings.scheduler, self.c.scheduler.config))
 
-        control = AttentionControl(self.settings.mode, torch.tensor([spec.p for spec in specs]), self.settings.steps,
-                                   self.settings.google, token_map, latent_hw)
-        scheduler = PairedNoiseScheduler(make_scheduler(self.settings.scheduler, self.c.scheduler.config), generators,
-                                         after_step=control.blend)
+    def _denoise(self, run: "_Run", first_step: int, stop_step: int, observe: CleanObserver | None) -> torch.Tensor:
+        """Steps [first_step, stop_step) of `run` (its scheduler mid-run when first_step > 0)."""
+        s, unet = len(run.specs), self.c.unet
+        index = torch.tensor([run.row_of[a] for a, _ in run.captions] + [run.row_of[b] for _, b in run.captions],
+                             device=run.encoded.device)
+        text = torch.cat([run.encoded.index_select(0, index), run.empty.expand(2 * s, -1, -1)])
+        cfg = torch.tensor([spec.cfg for spec in run.specs], dtype=torch.float32).repeat(2).to(self.device)
+        control = AttentionControl(self.settings.mode, torch.tensor([spec.p for spec in run.specs]), self.settings.steps,
+                                   self.settings.google, run.token_map, run.latent_hw)
+        scheduler = PairedNoiseScheduler(run.scheduler, run.generators, after_step=control.blend)
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             control.begin_step(step)
@@ -197,9 +272,9 @@ class PairSampler:
             return guided
 
         with attention_control(unet, control):
-            final = denoise(scheduler, latents, predict_noise, self.settings.steps, generator=None,
-                            progress=self.settings.progress, desc="synthesis")
-        return final[:s], final[s:]
+            return denoise(scheduler, run.latents, predict_noise, self.settings.steps, generator=None,
+                           progress=self.settings.progress, desc="synthesis", first_step=first_step,
+                           stop_step=stop_step)
 
     @torch.no_grad()
     def decode_pairs(self, lat_in: torch.Tensor, lat_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
