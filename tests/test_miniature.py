@@ -178,18 +178,22 @@ def test_world_yield_summary_by_hand():
     from ip2p.miniature.world_yield import summarise, wilson
 
     # 5 candidates; the filter keeps c1, c2, c4; c1 and c3 are correct; the early look fails c2 and c3
-    rows = [{"kept": k, "correct": c, "early_pass": e} for k, c, e in
-            [(True, True, True), (True, False, False), (False, True, False), (True, False, True), (False, False, True)]]
+    # (looser margin: only c3 fails)
+    rows = [{"kept": k, "correct": c, "early_pass": [e, e or i == 1]} for i, (k, c, e) in
+            enumerate([(True, True, True), (True, False, False), (False, True, False), (True, False, True),
+                       (False, False, True)])]
     setting = {"name": "x", "steps": 20, "scheduler": "euler_ancestral", "batch_size": 4, "pairs_per_batch": 1}
-    r = summarise(rows, setting, synthesis_s=30.0, scoring_s=6.0, peek_fraction=0.5)
+    r = summarise(rows, setting, synthesis_s=30.0, scoring_s=6.0, look_at=0.5, margins=[0.0, 0.1])
     assert r["candidates"] == 5 and r["kept"] == 3
     assert r["seconds_per_candidate"] == 6.0 and r["scoring_seconds_per_candidate"] == 1.2
     assert r["kept_per_hour"] == 300.0  # 3 kept in 36 s
     assert r["correct"] == 0.4 and r["kept_correct"] == round(1 / 3, 4)
     assert r["correct_kept_per_hour"] == 100.0
-    e = r["early"]
+    e, loose = r["early"]
+    assert e["margin"] == 0.0 and loose["margin"] == 0.1
     assert e["dropped"] == 0.4 and e["false_rejects"] == 1 and e["correct_among_dropped"] == 1
     assert e["false_reject_share_of_kept"] == round(1 / 3, 4) and e["denoising_saved"] == 0.2
+    assert loose["dropped"] == 0.2 and loose["false_rejects"] == 0 and loose["denoising_saved"] == 0.1
     # textbook Wilson 95% intervals
     assert wilson(0, 10) == (0.0, 0.2775) and wilson(5, 10) == (0.2366, 0.7634) and wilson(0, 0) == (0.0, 1.0)
 
@@ -218,7 +222,7 @@ def test_world_yield_runs_every_setting_on_the_same_candidates(tmp_path, cache_d
     assert [s["name"] for s in result["settings"]] == ["ref", "fast"] and result["reference"] == "ref"
     for s in result["settings"]:
         assert s["candidates"] == 6 and s["kept"] == 3  # top 1 of each pair's 2 candidates
-        assert s["early"]["dropped"] == 0 and s["early"]["false_rejects"] == 0
+        assert all(e["dropped"] == 0 and e["false_rejects"] == 0 for e in s["early"])
         assert s["seconds_per_candidate"] > 0 and s["kept_per_hour"] > 0
     assert result["settings"][0]["kept_per_hour_ratio"] == 1.0
     assert json.loads((tmp_path / "world_yield.json").read_text()) == result

@@ -511,6 +511,26 @@ def test_early_drop_scores_and_drops(tmp_path, cache_dir, tiny_clip):
     assert (tmp_path / "dropped" / "p1" / "metadata.jsonl").read_text() == ""
 
 
+def test_early_drop_mid_way_stops_failing_candidates(tmp_path, cache_dir, tiny_clip):
+    """synthesis.early_drop.look_at < 1: a look that passes everything writes what the look-free run
+    writes; one that fails everything drops every candidate before the end."""
+    instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
+    open_final = ["synthesis.early_drop.enabled=true"] + [f"synthesis.early_drop.thresholds.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]
+    run_stage(stage_overrides(tmp_path, instructions, out="plain") + open_final, cache_dir)
+    open_look = [f"synthesis.early_drop.look_thresholds.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]
+    report = run_stage(stage_overrides(tmp_path, instructions, out="looked") + open_final + open_look
+                       + ["synthesis.early_drop.look_at=0.5"], cache_dir)
+    assert report["candidates_written"] == 3 and report["candidates_dropped_early"] == 0
+    assert folder_bytes(tmp_path / "looked") == folder_bytes(tmp_path / "plain")
+    closed_look = open_look[:-1] + ["synthesis.early_drop.look_thresholds.sim_1=2.0"]
+    report = run_stage(stage_overrides(tmp_path, instructions, out="stopped") + open_final + closed_look
+                       + ["synthesis.early_drop.look_at=0.5"], cache_dir)
+    assert report["candidates_written"] == 0 and report["candidates_dropped_early"] == 3
+    with pytest.raises(Ip2pError, match="look_at < 1"):
+        run_stage(stage_overrides(tmp_path, instructions, out="google") + open_final
+                  + ["synthesis.early_drop.look_at=0.5", "synthesis.attention.mode=google"], cache_dir)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     records = [pair(f"k{i}", f"a photo of a cat number {i}", f"a photo of a dog number {i}") for i in range(6)]

@@ -9,10 +9,11 @@ can measure both. The same true world caption pairs (`world.yield_table.seed`) a
 1. synthesis, timed (denoising and VAE decoding: the stage's own PairSampler);
 2. CLIP scores and the filter's choice (its thresholds, then its top_k per caption pair: `select`);
 3. the oracle's verdict on every candidate (the instructed attribute changed and the rest stayed);
-4. an early look: the clean images that the guided prediction implies after `peek_fraction` of the
-   steps, scored by CLIP against the same thresholds. A candidate failing there is one that an early
-   drop would stop; `false_rejects` counts those the full filter would have kept, and `denoising_saved`
-   the share of UNet calls the drop would save (the rest of the steps of the dropped candidates).
+4. an early look: the clean images that the guided prediction implies after `look_at` of the steps,
+   scored by CLIP against the filter's thresholds lowered by each of `look_margins`. A candidate failing
+   there is one that `synthesis.early_drop` with that look would stop; `false_rejects` counts those the
+   full filter would have kept, and `denoising_saved` the share of UNet calls the drop would save (the
+   rest of the steps of the dropped candidates).
 
 Kept pairs per hour = kept candidates / (synthesis + CLIP scoring seconds) x 3600. Ratios are over the
 first setting (the original recipe). Writes reports/world_yield.json and world_yield.png.
@@ -39,7 +40,7 @@ from ip2p.scoring.clip import ClipScorer
 from ip2p.scoring.thresholds import first_failure
 from ip2p.filtering.select import select
 from ip2p.synthesis.pipeline import PairSampler, draw_samples
-from ip2p.synthesis.run import resolution, settings_from_config
+from ip2p.synthesis.run import look_step, resolution, settings_from_config
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import world_triple
 from ip2p.world.oracle import read
@@ -76,9 +77,9 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def synthesise(sampler: PairSampler, triples: list[dict], setting: dict, cfg: DictConfig, size: int,
-               peek_step: int, progress: bool) -> tuple[list[dict], float]:
-    """Every candidate of every triple under one setting: rows with the final and the peeked images,
-    and the seconds spent in synthesis (denoising + decoding; the early look's decoding excluded)."""
+               look: int, progress: bool) -> tuple[list[dict], float]:
+    """Every candidate of every triple under one setting: rows with the final images and those of the
+    look after step `look`, and the seconds spent in synthesis (denoising + decoding; the look excluded)."""
     s = cfg.synthesis
     rows = []
     for t in triples:
@@ -94,18 +95,18 @@ def synthesise(sampler: PairSampler, triples: list[dict], setting: dict, cfg: Di
         group = rows[g0:g0 + group_rows]
         for start in range(0, len(group), per_call):
             chunk = group[start:start + per_call]
-            peeked = {}
+            looked = {}
             captions = [(r["triple"]["input"], r["triple"]["output"]) for r in chunk]
 
             def observe(step, x0):
-                if step == peek_step:
-                    peeked["x0"] = x0.clone()
+                if step == look:
+                    looked["x0"] = x0.clone()
 
             t0 = time.perf_counter()
             images_0, images_1 = sampler.decode_pairs(*sampler.sample_rows(captions, [r["spec"] for r in chunk], size,
                                                                            size, observe=observe))
             seconds += time.perf_counter() - t0
-            early_0, early_1 = sampler.decode_pairs(*peeked["x0"].chunk(2))
+            early_0, early_1 = sampler.decode_pairs(*looked["x0"].chunk(2))
             for r, a, b, ea, eb in zip(chunk, images_0, images_1, early_0, early_1):
                 r.update(images=(a, b), early=(ea, eb))
             bar.update(len(chunk))
@@ -113,7 +114,8 @@ def synthesise(sampler: PairSampler, triples: list[dict], setting: dict, cfg: Di
     return rows, seconds
 
 
-def judge_setting(rows: list[dict], scorer: ClipScorer, thresholds: dict, top_k: int) -> tuple[list[dict], float]:
+def judge_setting(rows: list[dict], scorer: ClipScorer, thresholds: dict, top_k: int,
+                  margins: list[float]) -> tuple[list[dict], float]:
     """CLIP scores (final and early), the filter's choice and the oracle's verdict per candidate;
     returns the rows and the seconds CLIP scoring of the final images took."""
     inputs = [r["triple"]["input"] for r in rows]
@@ -131,17 +133,18 @@ def judge_setting(rows: list[dict], scorer: ClipScorer, thresholds: dict, top_k:
         a, b = (to_uint8(x[None])[0] for x in r["images"])
         verdict = judge_edit(read(a), read(b), r["triple"]["edit"])
         row.update(kept=(row["pair_id"], row["seed"]) in kept, correct=bool(verdict and verdict.both),
-                   early_pass=first_failure(e, thresholds) is None)
+                   early_pass=[first_failure(e, {k: v - m for k, v in thresholds.items()}) is None for m in margins])
     return table, scoring_seconds
 
 
-def summarise(table: list[dict], setting: dict, synthesis_s: float, scoring_s: float, peek_fraction: float) -> dict:
+def summarise(table: list[dict], setting: dict, synthesis_s: float, scoring_s: float, look_at: float,
+              margins: list[float]) -> dict:
+    """One setting's row of the report; `early_pass` of each candidate holds one answer per margin."""
     n = len(table)
     kept = [r for r in table if r["kept"]]
     correct = sum(r["correct"] for r in table)
     kept_correct = sum(r["correct"] for r in kept)
     hours = (synthesis_s + scoring_s) / 3600
-    dropped_early = [r for r in table if not r["early_pass"]]
     return {
         **{k: setting[k] for k in SETTING_KEYS},
         "candidates": n,
@@ -150,25 +153,33 @@ def summarise(table: list[dict], setting: dict, synthesis_s: float, scoring_s: f
         "kept": len(kept),
         "kept_per_hour": round(len(kept) / hours, 1),
         "correct": round(correct / n, 4),
-        "correct_interval": wilson(correct, n),
+        "correct_interval": list(wilson(correct, n)),
         "kept_correct": round(kept_correct / max(1, len(kept)), 4),
-        "kept_correct_interval": wilson(kept_correct, len(kept)),
+        "kept_correct_interval": list(wilson(kept_correct, len(kept))),
         "correct_kept_per_hour": round(kept_correct / hours, 1),
-        "early": {
-            "peek_fraction": peek_fraction,
-            "dropped": round(len(dropped_early) / n, 4),
-            # candidates the full filter keeps that the early look would have stopped
-            "false_rejects": sum(r["kept"] for r in dropped_early),
-            "false_reject_share_of_kept": round(sum(r["kept"] for r in dropped_early) / max(1, len(kept)), 4),
-            "correct_among_dropped": sum(r["correct"] for r in dropped_early),
-            "denoising_saved": round(len(dropped_early) / n * (1 - peek_fraction), 4),
-        },
+        "look_at": look_at,
+        "early": [early_look(table, i, margin, look_at, len(kept)) for i, margin in enumerate(margins)],
+    }
+
+
+def early_look(table: list[dict], i: int, margin: float, look_at: float, kept: int) -> dict:
+    """What the look with thresholds lowered by `margin` (answer i of each candidate) would drop."""
+    dropped = [r for r in table if not r["early_pass"][i]]
+    return {
+        "margin": margin,
+        "dropped": round(len(dropped) / len(table), 4),
+        # candidates the full filter keeps that the early look would have stopped
+        "false_rejects": sum(r["kept"] for r in dropped),
+        "false_reject_share_of_kept": round(sum(r["kept"] for r in dropped) / max(1, kept), 4),
+        "correct_among_dropped": sum(r["correct"] for r in dropped),
+        "denoising_saved": round(len(dropped) / len(table) * (1 - look_at), 4),
     }
 
 
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.yield_table
     settings = [dict(OmegaConf.to_container(s, resolve=True)) for s in c.settings]
+    margins = [float(m) for m in c.look_margins]
     for s in settings:
         missing = [k for k in SETTING_KEYS if k not in s]
         if missing:
@@ -186,11 +197,11 @@ def run(cfg: DictConfig) -> dict:
             base = settings_from_config(cfg)
             sampler = PairSampler(components, dataclasses.replace(base, steps=int(setting["steps"]),
                                                                   scheduler=str(setting["scheduler"])))
-            peek_step = max(0, min(int(setting["steps"]) - 1, round(float(c.peek_fraction) * int(setting["steps"])) - 1))
-            rows, synthesis_s = synthesise(sampler, triples, setting, cfg, resolution(cfg, sampler), peek_step,
+            look = look_step(float(c.look_at), int(setting["steps"]))
+            rows, synthesis_s = synthesise(sampler, triples, setting, cfg, resolution(cfg, sampler), look,
                                            bool(cfg.progress))
-            table, scoring_s = judge_setting(rows, scorer, thresholds, int(cfg.filter.top_k))
-            results.append(summarise(table, setting, synthesis_s, scoring_s, (peek_step + 1) / int(setting["steps"])))
+            table, scoring_s = judge_setting(rows, scorer, thresholds, int(cfg.filter.top_k), margins)
+            results.append(summarise(table, setting, synthesis_s, scoring_s, (look + 1) / int(setting["steps"]), margins))
             log.info("world-yield %s: %s", setting["name"], {k: results[-1][k] for k in
                                                               ("seconds_per_candidate", "kept_per_hour", "kept_correct")})
         # 4. ratios over the first setting (the original recipe), the report

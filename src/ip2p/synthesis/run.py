@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -62,6 +63,8 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
                             self_max_queries=int(g.self_max_queries), local_blend=bool(g.local_blend),
                             blend_threshold=float(g.blend_threshold), blend_max_queries=int(g.blend_max_queries),
                             blend_pool=int(g.blend_pool))
+    if s.early_drop.enabled and float(s.early_drop.look_at) < 1 and s.attention.mode != "official":
+        raise Ip2pError("synthesis.early_drop.look_at < 1 (a look mid-way) needs attention.mode=official")
     if int(s.pairs_per_batch) > 1 and s.attention.mode == "google" and g.cross != "none":
         raise Ip2pError("synthesis.pairs_per_batch > 1 needs attention.mode=official or google.cross=none "
                         "(Google's cross-attention edit belongs to one caption pair per batch)")
@@ -145,19 +148,41 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def look_step(look_at: float, steps: int) -> int:
+    """The index of the step that ends the first `look_at` share of `steps` (at least the first step)."""
+    return max(0, min(steps - 1, round(look_at * steps) - 1))
+
+
 class EarlyDrop:
-    """CLIP scoring inside synthesis: candidates below synthesis.early_drop.thresholds are not written."""
+    """CLIP scoring inside synthesis: candidates below synthesis.early_drop.thresholds are not written.
+    With look_at < 1, candidates are also looked at mid-way (the clean images that the prediction after
+    that share of the steps implies, against look_thresholds) and those failing are not denoised further."""
 
     def __init__(self, cfg: DictConfig):
         c = cfg.synthesis.early_drop
         clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
         self.scorer = ClipScorer(clip, int(c.batch_size), str(c.clip_preprocess))
         self.thresholds = dict(OmegaConf.to_container(c.thresholds, resolve=True))
+        self.look_thresholds = dict(OmegaConf.to_container(c.look_thresholds, resolve=True))
+        self.look_at = float(c.look_at)
+        if not 0 < self.look_at <= 1:
+            raise Ip2pError(f"synthesis.early_drop.look_at must lie in (0, 1] (got {self.look_at})")
 
     def __call__(self, images_0, images_1, inputs: list[str], outputs: list[str]) -> list[dict | None]:
         """Scores of each candidate (under its own captions), or None for a candidate to drop."""
         scores = self.scorer.score(images_0, images_1, inputs, outputs)
         return [s if first_failure(s, self.thresholds) is None else None for s in scores]
+
+    def look_step(self, steps: int) -> int | None:
+        """The step after which candidates are looked at mid-way; None: only finished images are scored."""
+        return None if self.look_at >= 1 else look_step(self.look_at, steps)
+
+    def keep_mid_way(self, sampler: PairSampler, x0: torch.Tensor, captions: list[tuple[str, str]]) -> torch.Tensor:
+        """bool [S]: which samples pass look_thresholds on the images their clean latents x0 [2S, ...] decode to."""
+        images_0, images_1 = sampler.decode_pairs(*x0.chunk(2))
+        scores = self.scorer.score(tensor_to_pil(images_0), tensor_to_pil(images_1), [c[0] for c in captions],
+                                   [c[1] for c in captions])
+        return torch.tensor([first_failure(s, self.look_thresholds) is None for s in scores])
 
 
 @dataclass
@@ -206,7 +231,19 @@ def write_pairs(records: list[dict], sampler: PairSampler, cfg: DictConfig, size
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         captions = [(pair.record["input"], pair.record["output"]) for pair, _, _ in chunk]
-        images_0, images_1 = sampler.decode_pairs(*sampler.sample_rows(captions, [spec for _, _, spec in chunk], size, size))
+        specs = [spec for _, _, spec in chunk]
+        look_step = early_drop.look_step(int(s.steps)) if early_drop else None
+        if look_step is None:
+            latents = sampler.sample_rows(captions, specs, size, size)
+        else:  # candidates failing the look mid-way are not denoised further
+            *latents, kept = sampler.sample_rows_with_look(
+                captions, specs, size, size, look_step, lambda x0: early_drop.keep_mid_way(sampler, x0, captions))
+            for i in sorted(set(range(len(chunk))) - set(kept.tolist())):
+                chunk[i][0].dropped += 1
+            chunk, captions = [chunk[i] for i in kept.tolist()], [captions[i] for i in kept.tolist()]
+            if not chunk:
+                continue
+        images_0, images_1 = sampler.decode_pairs(*latents)
         pil_0, pil_1 = tensor_to_pil(images_0), tensor_to_pil(images_1)
         verdicts = (early_drop(pil_0, pil_1, [c[0] for c in captions], [c[1] for c in captions]) if early_drop
                     else [None] * len(chunk))
