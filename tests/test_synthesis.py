@@ -40,6 +40,10 @@ from ip2p.synthesis.pipeline import PairedNoiseScheduler, PairSampler, SampleSpe
 REPO = Path(__file__).resolve().parents[1]
 CAT, DOG = "a photo of a cat", "a photo of a dog"
 SIZE, STEPS = 64, 6
+# A sample computed in batches of other sizes: convolution kernels sum in another order per batch size
+# and CPU, and guidance up to 14 amplifies that over the steps (1.1e-4 seen on one machine, 0 on another).
+# Real mix-ups (another caption, seed or p on a row) differ by > 1e-2, which the tests also check.
+BATCH_TOL = {"atol": 5e-4, "rtol": 1e-3}
 
 
 # ---- step rules ---------------------------------------------------------------------------------
@@ -263,7 +267,7 @@ def test_per_sample_p_in_one_batch_equals_separate_runs(tiny_base, mode):
     for k, spec in enumerate(specs):
         alone = sampler.sample_latents(CAT, "a photo of a big dog", [spec], SIZE, SIZE)
         for branch in range(2):
-            torch.testing.assert_close(together[branch][k:k + 1], alone[branch], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(together[branch][k:k + 1], alone[branch], **BATCH_TOL)
     assert (together[1][0] - together[1][2]).abs().max() > 1e-2
 
 
@@ -277,7 +281,7 @@ def test_samples_of_several_caption_pairs_in_one_batch_equal_per_pair_runs(tiny_
     for k, (pair, spec) in enumerate(zip(pairs, specs)):
         alone = sampler.sample_latents(*pair, [spec], SIZE, SIZE)
         for branch in range(2):
-            torch.testing.assert_close(together[branch][k:k + 1], alone[branch], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(together[branch][k:k + 1], alone[branch], **BATCH_TOL)
     assert (together[1][0] - together[1][1]).abs().max() > 1e-2
     google = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, mode="google"))
     with pytest.raises(ValueError, match="one pair per batch"):
@@ -321,12 +325,12 @@ def test_early_look_drops_samples_mid_way_and_keeps_the_rest_unchanged(tiny_base
         lat_in, lat_out, kept = sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=2, keep=keep)
     assert kept.tolist() == [0, 3]
     torch.testing.assert_close(looked[0], seen[2])  # the look sees step 2's clean estimate of every sample
-    torch.testing.assert_close(lat_in, full_in[[0, 3]], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lat_out, full_out[[0, 3]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lat_in, full_in[[0, 3]], **BATCH_TOL)
+    torch.testing.assert_close(lat_out, full_out[[0, 3]], **BATCH_TOL)
     assert calls == [4 * 4] * 3 + [4 * 2] * (STEPS - 3)  # 4 rows per sample: two branches, cond and uncond
     everything = sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=STEPS - 1,
                                                keep=lambda x0: torch.ones(4, dtype=torch.bool))
-    torch.testing.assert_close(everything[0], full_in, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(everything[0], full_in, **BATCH_TOL)
     none = sampler.sample_rows_with_look(pairs, specs, SIZE, SIZE, look_step=1, keep=lambda x0: torch.zeros(4, dtype=torch.bool))
     assert none[0].shape[0] == 0 and none[2].numel() == 0
     with pytest.raises(ValueError, match="look_step"):
