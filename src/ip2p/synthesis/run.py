@@ -9,6 +9,7 @@ shard_of(pair_id); reports/synthesize[.shard-...].json counts what went in, out 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -228,16 +229,16 @@ def write_pairs(records: list[dict], sampler: PairSampler, cfg: DictConfig, size
     pairs = [start_pair(record, cfg, out_dir) for record in records]
     rows = [(pair, k, spec) for pair in pairs for k, spec in enumerate(pair.specs)]
     batch = int(s.batch_size) * len(pairs)
+    look = early_drop.look_step(int(s.steps)) if early_drop else None
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         captions = [(pair.record["input"], pair.record["output"]) for pair, _, _ in chunk]
         specs = [spec for _, _, spec in chunk]
-        look_step = early_drop.look_step(int(s.steps)) if early_drop else None
-        if look_step is None:
+        if look is None:
             latents = sampler.sample_rows(captions, specs, size, size)
         else:  # candidates failing the look mid-way are not denoised further
             *latents, kept = sampler.sample_rows_with_look(
-                captions, specs, size, size, look_step, lambda x0: early_drop.keep_mid_way(sampler, x0, captions))
+                captions, specs, size, size, look, functools.partial(early_drop.keep_mid_way, sampler, captions=captions))
             for i in sorted(set(range(len(chunk))) - set(kept.tolist())):
                 chunk[i][0].dropped += 1
             chunk, captions = [chunk[i] for i in kept.tolist()], [captions[i] for i in kept.tolist()]
