@@ -31,7 +31,6 @@ from ip2p.io.atomic import atomic_file, atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor
 from ip2p.models.tiny import _scheduler_config
 from ip2p.pretrain.loop import LoopConfig, train
-from ip2p.sampling.loop import predicted_clean
 from ip2p.sampling.text_to_image import encode_prompts, generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import caption, plain_caption
@@ -164,13 +163,14 @@ def caption_reliance(unet, vae, text_encoder, tokenizer, schedule: dict, scenes:
     text = {k: encode_prompts(tokenizer, text_encoder, v) for k, v in prompts.items()}
     x0 = vae.encode(to_tensor(np.stack([render(sc) for sc in single]))).latent_dist.mean * vae.config.scaling_factor
     alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod
+    v_target = schedule.get("prediction_type") == "v_prediction"
     errors = {k: 0.0 for k in text}
     for t in timesteps:
         a = alphas_cumprod[t]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
         for k, states in text.items():
             out = unet(xt, torch.full((len(single),), t), encoder_hidden_states=states).sample
-            x0_pred = predicted_clean(xt, out, a, schedule.get("prediction_type", "epsilon"))
+            x0_pred = a.sqrt() * xt - (1 - a).sqrt() * out if v_target else (xt - (1 - a).sqrt() * out) / a.sqrt()
             errors[k] += float(((x0_pred - x0) ** 2).mean())
     return {f"reliance_{k}": errors[k] / errors["true"] - 1 for k in ("shape", "colour")}
 
