@@ -27,6 +27,45 @@ WORLD_STAGES = ["world_captions", "pretrain_vae", "pretrain_clip", "pretrain_t2i
 WORLD_PULL = ["world_captions", "pretrain_vae", "pretrain_clip", "pretrain_t2i", "pretrain_llm"]
 
 
+def _plain(value):
+    """A parameter as DVC compares it: PyYAML reads dvc.lock's `1e-05` as a string, params.yaml's as a float."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def test_world_stages_are_up_to_date_in_dvc_lock():
+    """The world's pretraining stages take hours; their outputs come from the remote only while every code
+    file and parameter they depend on still has the hash dvc.lock recorded. A refactor of, say,
+    pretrain/t2i.py would make `dvc repro` retrain the base (the end-to-end test then times out)."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stale = []
+    for name in WORLD_STAGES:
+        for dep in lock[name]["deps"]:
+            path = REPO / dep["path"]
+            if dep["md5"].endswith(".dir") or not path.is_file():
+                continue  # pulled artifacts; their hashes are DVC's business
+            if hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                stale.append(f"{name}: {dep['path']} changed")
+        for key, value in lock[name].get("params", {}).get("params.yaml", {}).items():
+            node = params
+            for part in key.split("."):
+                node = node[part]
+            if _plain(node) != _plain(value):
+                stale.append(f"{name}: parameter {key} changed")
+    assert not stale, "a world stage would retrain: " + "; ".join(stale) + " (revert, or retrain and push)"
+
+
 def test_params_file_equals_composed_config(monkeypatch):
     monkeypatch.delenv("IP2P_CACHE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
