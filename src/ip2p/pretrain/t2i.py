@@ -9,6 +9,12 @@ rescaled to zero terminal SNR, with the v target (`world.t2i.schedule`); min-SNR
 timesteps, and over latent pixels a weight that favours the objects (`object_weight`: they are a few
 percent of the pixels but all of the shape); captions dropped to "" 10% of the time so that
 classifier-free guidance works; warmup + cosine learning rate; EMA weights are saved.
+
+A curriculum (`world.t2i.curriculum`): the first steps draw only the simplest scenes (one large object,
+no style, one background), the rest the whole world. On the whole world from the start the UNet
+spends thousands of steps on colour, background, style and layout before shapes, which are a few
+percent of the pixels; alone, one large object at a time, shape is learned within a few thousand
+steps, and the full world is then learned on top of it (docs/miniature-world.md, "Shape").
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import caption, plain_caption
 from ip2p.world.oracle import read
 from ip2p.world.render import object_coverage, render
-from ip2p.world.scene import Scene, sample_scenes
+from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes, valid
 from ip2p.world.vocab import COLOURS, SHAPES
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,20 @@ def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progre
     with atomic_file(path) as tmp:
         torch.save(cached, tmp)
     return cached
+
+
+def first_scenes(seed: int, n: int, background: str | None) -> list[Scene]:
+    """The curriculum's first scenes: one large object, no global style, on `background` (None: any)."""
+    one_large = SceneDistribution(p_two_objects=0.0, p_style={"none": 1.0}, p_small=0.0)
+    rng = np.random.default_rng(seed)
+    out: list[Scene] = []
+    while len(out) < n:
+        scene = sample_scene(rng, one_large)
+        if background is not None:
+            scene = dataclasses.replace(scene, background=background)
+        if valid(scene):  # a colour too close to the forced background is drawn again
+            out.append(scene)
+    return out
 
 
 def object_mask(scene: Scene, factor: int) -> np.ndarray:
@@ -203,6 +223,21 @@ def score_generations(scenes: list[Scene], images: np.ndarray) -> dict:
             "shape": float(np.mean(shape)), "style": float(np.mean(style))}
 
 
+@dataclasses.dataclass
+class Pool:
+    """Training scenes with their cached latents and object masks."""
+
+    scenes: list[Scene]
+    cached: dict
+    masks: torch.Tensor  # [N, h, w] bool
+
+    @staticmethod
+    def encode(vae, scenes: list[Scene], path: Path, progress: bool) -> "Pool":
+        cached = cache_latents(vae, scenes, path, progress=progress)
+        factor = 64 // cached["mean"].shape[-1]  # the VAE's downsampling
+        return Pool(scenes, cached, torch.from_numpy(np.stack([object_mask(s, factor) for s in scenes])))
+
+
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.t2i
     out = Path(c.output)
@@ -215,24 +250,32 @@ def run(cfg: DictConfig) -> dict:
     noise_scheduler = DDPMScheduler.from_config(sched)  # its alphas_cumprod include the zero-SNR rescale
     alphas_cumprod = noise_scheduler.alphas_cumprod
     v_target = sched["prediction_type"] == "v_prediction"
-    # 2. the training scenes, encoded once
-    scenes = sample_scenes(c.seed, c.scenes)
-    cached = cache_latents(vae, scenes, Path(c.checkpoint).parent / "t2i_latents.pt", progress=cfg.progress)
-    factor = 64 // cached["mean"].shape[-1]  # the VAE's downsampling
-    unet = build_unet(c, text_encoder.config.hidden_size, sample_size=cached["mean"].shape[-1])
-    masks = torch.from_numpy(np.stack([object_mask(s, factor) for s in scenes]))
+    # 2. the training scenes, encoded once: the curriculum's first ones, then the whole world's
+    checkpoints = Path(c.checkpoint).parent
+    pools = [Pool.encode(vae, sample_scenes(c.seed, c.scenes), checkpoints / "t2i_latents.pt", cfg.progress)]
+    curriculum = c.get("curriculum") or {}
+    first_steps = int(curriculum.get("steps", 0))
+    if first_steps >= c.loop.steps:
+        raise Ip2pError(f"world.t2i.curriculum.steps ({first_steps}) must be fewer than world.t2i.loop.steps "
+                        f"({c.loop.steps}): the base would never see the whole world")
+    if first_steps:
+        first = first_scenes(curriculum.seed, curriculum.scenes, curriculum.get("background"))
+        pools.insert(0, Pool.encode(vae, first, checkpoints / "t2i_latents_first.pt", cfg.progress))
+    latent_size = pools[-1].cached["mean"].shape[-1]
+    unet = build_unet(c, text_encoder.config.hidden_size, sample_size=latent_size)
     empty = encode_prompts(tokenizer, text_encoder, [""])
     eval_scenes = sample_scenes(c.eval.seed, c.eval.scenes)
     loop = LoopConfig.from_cfg(c.loop, progress=cfg.progress)
     scale = vae.config.scaling_factor
 
     def loss_fn(step: int) -> dict:
+        pool = pools[0] if step < first_steps else pools[-1]
         rng = np.random.default_rng([c.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        idx = torch.from_numpy(rng.integers(0, len(scenes), c.batch_size))
-        mean, std = cached["mean"][idx].float(), cached["std"][idx].float()
+        idx = torch.from_numpy(rng.integers(0, len(pool.scenes), c.batch_size))
+        mean, std = pool.cached["mean"][idx].float(), pool.cached["std"][idx].float()
         x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        prompts = [caption(scenes[i], rng) for i in idx.tolist()]
+        prompts = [caption(pool.scenes[i], rng) for i in idx.tolist()]
         text = encode_prompts(tokenizer, text_encoder, prompts)
         drop = torch.from_numpy(rng.random(c.batch_size) < c.caption_dropout)
         text = torch.where(drop[:, None, None], empty.expand_as(text), text)
@@ -244,7 +287,7 @@ def run(cfg: DictConfig) -> dict:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=text).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise  # v = sqrt(a) eps - sqrt(1-a) x0
-        per_pixel = F.mse_loss(pred, target, reduction="none") * pixel_weight(masks[idx], c.object_weight)
+        per_pixel = F.mse_loss(pred, target, reduction="none") * pixel_weight(pool.masks[idx], c.object_weight)
         per_sample = per_pixel.mean(dim=(1, 2, 3))
         w = min_snr_weight(alphas_cumprod, t, c.min_snr_gamma, sched["prediction_type"])
         return {"loss": (w * per_sample).mean(), "mse": per_sample.mean().detach()}
