@@ -3,6 +3,8 @@ hand-written relations between the epsilon, v and clean-latent errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,66 @@ def test_world_f2_variant_trains_into_its_own_folder_with_the_shipped_clip():
     assert all(str(p).startswith(str(f2.root) + "/") for p in outputs) and f2.root != shipped.root
     assert f2.t2i.vae == f2.vae.output and f2.t2i.clip == shipped.clip.output
     assert len(f2.vae.channels) == 2 and len(f2.t2i.cross_attention) == len(f2.t2i.channels) == 4
+
+
+def test_curriculum_first_scenes_are_one_large_object_without_style():
+    from ip2p.pretrain.t2i import first_scenes
+    from ip2p.world.scene import valid
+    from ip2p.world.vocab import SIZES
+
+    scenes = first_scenes(4, 60, "gray")
+    assert len(scenes) == 60 and scenes == first_scenes(4, 60, "gray")  # a pure function of the seed
+    assert all(valid(s) and s.background == "gray" and s.style == "none" and len(s.objects) == 1 for s in scenes)
+    assert all(SIZES["large"][0] <= s.objects[0].side <= SIZES["large"][1] for s in scenes)
+    assert len({(s.objects[0].shape, s.objects[0].colour) for s in scenes}) > 20
+    anywhere = first_scenes(4, 60, None)
+    assert len({s.background for s in anywhere}) > 3
+
+
+def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int):
+    import os
+
+    from ip2p.config import compose
+
+    repo = Path(__file__).resolve().parents[1]
+    old = os.getcwd()
+    os.chdir(repo)
+    try:
+        cfg = compose(["logger=none", f"paths.reports={tmp_path}", f"world.root={tmp_path}/world",
+                       f"world.t2i.vae={repo}/artifacts/world/vae", f"world.t2i.clip={repo}/artifacts/world/clip",
+                       "world.t2i.scenes=12", "world.t2i.batch_size=3", "world.t2i.channels=[16,32]",
+                       "world.t2i.cross_attention=[true,false]", "world.t2i.layers_per_block=1",
+                       "world.t2i.norm_groups=8", f"world.t2i.loop.steps={steps}", "world.t2i.loop.warmup_steps=1",
+                       "world.t2i.loop.eval_every=1000", "world.t2i.eval.scenes=2", "world.t2i.eval.steps=2",
+                       f"world.t2i.curriculum.steps={curriculum_steps}", "world.t2i.curriculum.scenes=10",
+                       "world.t2i.curriculum.background=black", "progress=false"])
+    finally:
+        os.chdir(old)
+    if not Path(cfg.world.t2i.vae, "config.json").is_file():
+        pytest.fail("artifacts/world/vae is missing: run `dvc pull pretrain_vae pretrain_clip` (scripts/setup.sh does)")
+    return cfg
+
+
+def test_curriculum_trains_on_the_first_scenes_then_the_whole_world(tmp_path, monkeypatch):
+    """The stage's first `curriculum.steps` batches are captions of the first scenes only (one object, the
+    forced background); the later ones come from the whole world."""
+    import ip2p.pretrain.t2i as t2i
+
+    captioned = []
+    real_caption = t2i.caption
+    monkeypatch.setattr(t2i, "caption", lambda scene, rng: captioned.append(scene) or real_caption(scene, rng))
+    cfg = _tiny_t2i_cfg(tmp_path, curriculum_steps=2, steps=4)
+    result = t2i.run(cfg)
+    assert result["steps"] == 4 and len(captioned) == 4 * 3
+    first, rest = captioned[:6], captioned[6:]
+    assert all(s.background == "black" and len(s.objects) == 1 and s.style == "none" for s in first)
+    world = t2i.sample_scenes(cfg.world.t2i.seed, cfg.world.t2i.scenes)
+    assert all(s in world for s in rest) and not any(s in world for s in first)
+
+
+def test_curriculum_longer_than_the_run_is_refused(tmp_path):
+    import ip2p.pretrain.t2i as t2i
+    from ip2p.errors import Ip2pError
+
+    with pytest.raises(Ip2pError, match="never see the whole world"):
+        t2i.run(_tiny_t2i_cfg(tmp_path, curriculum_steps=4, steps=4))
