@@ -183,24 +183,17 @@ def test_curriculum_first_scenes_are_one_large_object_without_style():
 
 
 def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int):
-    import os
-
     from ip2p.config import compose
 
     repo = Path(__file__).resolve().parents[1]
-    old = os.getcwd()
-    os.chdir(repo)
-    try:
-        cfg = compose(["logger=none", f"paths.reports={tmp_path}", f"world.root={tmp_path}/world",
-                       f"world.t2i.vae={repo}/artifacts/world/vae", f"world.t2i.clip={repo}/artifacts/world/clip",
-                       "world.t2i.scenes=12", "world.t2i.batch_size=3", "world.t2i.channels=[16,32]",
-                       "world.t2i.cross_attention=[true,false]", "world.t2i.layers_per_block=1",
-                       "world.t2i.norm_groups=8", f"world.t2i.loop.steps={steps}", "world.t2i.loop.warmup_steps=1",
-                       "world.t2i.loop.eval_every=1000", "world.t2i.eval.scenes=2", "world.t2i.eval.steps=2",
-                       f"world.t2i.curriculum.steps={curriculum_steps}", "world.t2i.curriculum.scenes=10",
-                       "world.t2i.curriculum.background=black", "progress=false"])
-    finally:
-        os.chdir(old)
+    cfg = compose(["logger=none", f"paths.reports={tmp_path}", f"world.root={tmp_path}/world",
+                   f"world.t2i.vae={repo}/artifacts/world/vae", f"world.t2i.clip={repo}/artifacts/world/clip",
+                   "world.t2i.scenes=12", "world.t2i.batch_size=3", "world.t2i.channels=[16,32]",
+                   "world.t2i.cross_attention=[true,false]", "world.t2i.layers_per_block=1",
+                   "world.t2i.norm_groups=8", f"world.t2i.loop.steps={steps}", "world.t2i.loop.warmup_steps=1",
+                   "world.t2i.loop.eval_every=1000", "world.t2i.eval.scenes=2", "world.t2i.eval.steps=2",
+                   f"world.t2i.curriculum.steps={curriculum_steps}", "world.t2i.curriculum.scenes=10",
+                   "world.t2i.curriculum.background=black", "progress=false"])
     if not Path(cfg.world.t2i.vae, "config.json").is_file():
         pytest.fail("artifacts/world/vae is missing: run `dvc pull pretrain_vae pretrain_clip` (scripts/setup.sh does)")
     return cfg
