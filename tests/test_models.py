@@ -269,3 +269,15 @@ def test_preset_without_editor_is_a_clear_error(cfg):
     with pytest.raises(Ip2pError) as err:
         load_diffusion(model.editor, "editor", model, cfg.paths.cache)
     assert_one_line_naming(err, "model.editor")
+
+
+def test_a_tiny_source_under_a_preset_without_build_is_a_clear_error(tmp_path):
+    """model=mini / sd15 / ip2p carry `build: null` (dvc.yaml tracks the key); asking one of them for a
+    'tiny' component must say so, not fail inside the builder."""
+    from ip2p.models.loader import resolve_source
+
+    model_cfg = OmegaConf.to_container(compose(["model=mini"]).model, resolve=True)
+    assert model_cfg["build"] is None
+    with pytest.raises(Ip2pError, match="no `build` section"):
+        resolve_source("tiny", "base", model_cfg, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-built

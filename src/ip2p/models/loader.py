@@ -77,7 +77,10 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
 def _tiny_root(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
     from omegaconf import DictConfig, OmegaConf
 
-    build = model_cfg["build"]
+    build = model_cfg.get("build")
+    if build is None:
+        raise Ip2pError(f"model '{model_cfg.get('name')}' has no `build` section, so it cannot make a 'tiny' "
+                        "model: use model=tiny, or give real checkpoints")
     if isinstance(build, DictConfig):
         build = OmegaConf.to_container(build, resolve=True)
     return ensure_tiny(cache_dir, build)
