@@ -629,3 +629,18 @@ def test_pairs_can_be_decoded_by_another_vae(tmp_path, cache_dir, tiny_base):
     assert load_vae(str(tiny_base.source)).config.latent_channels == tiny_base.vae.config.latent_channels
     with pytest.raises(Ip2pError, match="holds no VAE"):
         load_vae(str(tmp_path))
+
+
+def test_the_progress_bar_total_is_the_shards_share_of_the_input_lines(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ip2p.synthesis.run import expected_pairs
+
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("".join(f'{{"id": "p{i}"}}\n' for i in range(10)))
+    cfg = OmegaConf.create({"synthesis": {"input": str(path)}, "shard": {"count": 1}})
+    assert expected_pairs(cfg) == 10
+    cfg.shard.count = 4
+    assert expected_pairs(cfg) == round(10 / 4)
+    cfg.synthesis.input = str(tmp_path / "missing.jsonl")
+    assert expected_pairs(cfg) is None

@@ -140,6 +140,17 @@ def shard_records(cfg: DictConfig, summary: StageSummary, tokenizer_len, max_tok
         summary.rejected.update(unreadable)
 
 
+def expected_pairs(cfg: DictConfig) -> int | None:
+    """About how many caption pairs this shard gets (the input's lines over the shard count): the
+    progress bar's total, so that it shows an ETA. Rejected lines make the true count a little lower.
+    None without an input file (reading the records then says what is missing)."""
+    if not Path(cfg.synthesis.input).is_file():
+        return None
+    with open(cfg.synthesis.input, "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return max(1, round(lines / int(cfg.shard.count)))
+
+
 def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpg":
@@ -298,7 +309,7 @@ def run(cfg: DictConfig) -> Path:
         group.clear()
 
     records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
-    for record in summary.bar(records, desc="synthesize", unit="pair"):
+    for record in summary.bar(records, desc="synthesize", unit="pair", total=expected_pairs(cfg)):
         if (out_dir / record["id"]).is_dir():
             done_before += 1
             summary.records_out += 1
