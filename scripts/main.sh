@@ -7,15 +7,20 @@
 # and edit held-out world scenes with it (reports/world_demo.png) and one image through the CLI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+phase() { echo "== $1 (${SECONDS} s since the start)"; }
+phase "install"
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 WANDB_MODE=${WANDB_MODE:-offline}
 ip2p params experiment=mini    # params.yaml composes the mini experiment (`git checkout params.yaml`: tiny again)
+phase "dvc repro: captions ... register, world_judge, world_eval (the world's models were pulled)"
 dvc repro
+phase "promote and edit"
 ip2p promote --alias champion
 ip2p world-demo --params params.yaml
 ip2p edit examples/world_scene.png "make the circle blue" -o outputs/demo/edited.png \
   --model artifacts/model --steps 20 --resolution 64 --seed 0 --no-progress
+phase "done"
 echo "Reports: reports/ (world_eval.json + world_eval.png: the editor judged by the world's truth;"
 echo "  world_judge.json: instructions, pairs and filter vs the truth; eval.json, guidance_grid.png)"
 echo "Edits: reports/world_demo.png (held-out scenes x instructions), outputs/demo/edited.png"
