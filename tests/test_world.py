@@ -409,3 +409,28 @@ def test_same_scene():
     assert not same_scene(read(img), read(render(reshaped)))
     assert not same_scene(read(img), read(render(scene.replace(background="gray"))))
     assert not same_scene(read(img), read(render(scene.replace(objects=scene.objects[:1]))))
+
+
+def test_whole_scene_scores_need_every_object_and_the_right_count():
+    """pretrain-report's strict text-to-image score: a render of the caption's own scene is right; the same
+    scene with one object gone has the wrong count; with two objects swapped left-right it is still right
+    (order does not count); with a colour changed the count holds but the scene does not."""
+    from dataclasses import replace
+
+    from ip2p.pretrain.report import whole_scene_scores
+
+    two = [s for s in sample_scenes(4242, 200) if len(s.objects) == 2 and s.style == "none"
+           and len({o.colour for o in s.objects}) == 2][:6]
+    assert len(two) == 6
+    truth = np.stack([render(s) for s in two])
+    assert whole_scene_scores(two, truth) == {"count": 1.0, "scene": 1.0}
+    one_gone = np.stack([render(s.replace(objects=s.objects[:1])) for s in two])
+    assert whole_scene_scores(two, one_gone) == {"count": 0.0, "scene": 0.0}
+    swapped = np.stack([render(s.replace(objects=(replace(s.objects[0], x=s.objects[1].x, y=s.objects[1].y),
+                                                   replace(s.objects[1], x=s.objects[0].x, y=s.objects[0].y))))
+                        for s in two])
+    recoloured = np.stack([render(s.replace(objects=(replace(s.objects[0], colour=s.objects[1].colour),
+                                                     s.objects[1]))) for s in two])
+    assert whole_scene_scores(two, recoloured)["count"] == 1.0
+    assert whole_scene_scores(two, recoloured)["scene"] == 0.0
+    assert whole_scene_scores(two, swapped)["scene"] >= 5 / 6  # swapping may overlap, rarely

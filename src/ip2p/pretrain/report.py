@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,23 @@ log = logging.getLogger(__name__)
 
 TARGETS = {"t2i_colour": 0.90, "t2i_background": 0.90, "t2i_shape": 0.75, "vae_oracle_agreement": 0.98,
            "clip_pairwise": 0.90, "clip_direction_positive": 0.90, "llm_valid_and_consistent": 0.90}
+
+
+def whole_scene_scores(scenes: list, images: np.ndarray) -> dict:
+    """Stricter than the main-object scores of `t2i.score_generations`: the share of generations with as
+    many objects as the caption names (`count`), and with every object's shape, colour and size (in any
+    order), the background and the style all the caption's (`scene`). Both images of a Prompt-to-Prompt
+    pair need this. The truth is the oracle's reading of the scene's own render, so that the oracle's
+    conventions (no colour in black and white, sizes by side) apply to both sides alike."""
+    def objects(r) -> Counter:
+        return Counter((o.shape, o.colour, o.size) for o in r.objects)
+
+    count, scene = [], []
+    for s, img in zip(scenes, images):
+        truth, got = read(render(s)), read(img)
+        count.append(len(got.objects) == len(truth.objects))
+        scene.append((got.background, got.style) == (truth.background, truth.style) and objects(got) == objects(truth))
+    return {"count": float(np.mean(count)), "scene": float(np.mean(scene))}
 
 
 def clip_encoder(clip: ClipComponents, max_tokens: int) -> clip_stage.Encoder:
@@ -101,8 +119,11 @@ def run(cfg: DictConfig) -> dict:
     # 2. judge each against the world's truth on held-out scenes
     vae_result = vae_stage.judge(parts.vae, sample_scenes(c.seed, c.vae_scenes))
     t2i_scenes = sample_scenes(c.seed + 1, c.t2i_scenes)
-    t2i_result = t2i_stage.judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
-                                 dict(parts.scheduler.config), c.t2i, t2i_scenes)
+    e = c.t2i  # the same generations as t2i.judge makes, scored per main object and as whole scenes
+    t2i_images = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),
+                          [plain_caption(s) for s in t2i_scenes], steps=e.steps, guidance=e.guidance, seed=e.seed,
+                          scheduler=e.scheduler, guidance_rescale=e.guidance_rescale)
+    t2i_result = {**t2i_stage.score_generations(t2i_scenes, t2i_images), **whole_scene_scores(t2i_scenes, t2i_images)}
     t2i_result.update(t2i_stage.caption_reliance(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
                                                  dict(parts.scheduler.config), t2i_scenes, seed=c.seed))
     clip_result = clip_stage.judge(clip_encoder(clip, w.clip.max_tokens), c.seed + 2, c.clip_scenes)
