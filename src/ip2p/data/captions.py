@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ip2p.data.validate import Blocklist, load_blocklist, load_token_counter, normalise_caption, word_count
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
-from ip2p.io import ResumableJsonl, StageSummary, read_jsonl, shard_of, stable_seed
+from ip2p.io import ResumableJsonl, StageSummary, count_lines, read_jsonl, shard_of, stable_seed
 from ip2p.io.stage import shard_suffix
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,6 @@ def source_files(path: str | Path, fmt: str = "auto") -> list[tuple[Path, str]]:
             raise Ip2pError(f"cannot tell the format of '{f}': set captions.format to jsonl, csv, tsv or parquet")
         out.append((f, kind))
     return out
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as handle:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
 
 
 def _read_csv(path: Path, delimiter: str, unreadable: Counter) -> Iterator[dict]:
@@ -155,7 +150,7 @@ def read_rows(path: str | Path, fmt: str, columns: Columns, unreadable: Counter,
             except Exception:
                 pass  # reported properly when the file is read
         else:
-            total += _count_lines(f)
+            total += count_lines(f)
     wanted = [c for c in (columns.id, columns.caption, columns.url, columns.aesthetic) if c]
     pushdown = (columns.aesthetic, min_aesthetic) if columns.aesthetic and min_aesthetic is not None else None
     bar = tqdm(total=total, unit="row", desc="captions: read", disable=not progress)

@@ -1,8 +1,8 @@
 """Shared plumbing for every stage: atomic writes, sharding, resumable JSONL output, run summaries."""
 
 from ip2p.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ip2p.io.jsonl import ResumableJsonl, read_jsonl
+from ip2p.io.jsonl import ResumableJsonl, count_lines, read_jsonl
 from ip2p.io.stage import StageSummary, shard_of, stable_seed
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "ResumableJsonl", "read_jsonl",
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "ResumableJsonl", "count_lines", "read_jsonl",
            "StageSummary", "shard_of", "stable_seed"]

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ip2p.errors import Ip2pError
-from ip2p.io import StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl, shard_of
+from ip2p.io import (StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, count_lines, read_jsonl,
+                     shard_of)
 from ip2p.io.images import tensor_to_pil
 from ip2p.models.loader import load_clip, load_diffusion, load_vae
 from ip2p.sampling import make_scheduler
@@ -146,9 +147,7 @@ def expected_pairs(cfg: DictConfig) -> int | None:
     None without an input file (reading the records then says what is missing)."""
     if not Path(cfg.synthesis.input).is_file():
         return None
-    with open(cfg.synthesis.input, "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    return max(1, round(lines / int(cfg.shard.count)))
+    return max(1, round(count_lines(cfg.synthesis.input) / int(cfg.shard.count)))
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
