@@ -34,6 +34,8 @@ def test_the_shipped_configurations_pass():
     ("sampling.scheduler=nosuch", "sampling.scheduler"),
     ("filter.batch_size=-2", "filter.batch_size"),    # synthesis.early_drop.batch_size follows it
     ("synthesis.early_drop.thresholds.sim_0=1.5", "synthesis.early_drop.thresholds.sim_0"),
+    ("train.lr_schedule=linear", "train.lr_schedule"),
+    ("train.min_lr=1.0", "train.min_lr"),             # above train.lr
 ])
 def test_each_bad_key_is_named(override, key):
     problems = config_problems(compose([override]))

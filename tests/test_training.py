@@ -592,6 +592,38 @@ def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
         _decode({"bytes": b"\x89PNG broken", "path": None}, "input_image", "x-1")
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_against_torch_schedulers(tiny_editor, schedule):
+    """Warmup then constant (the paper) or half a cosine to min_lr at max_steps: the optimizer's rate per step,
+    checked against a linear ramp and torch's own CosineAnnealingLR started where the warmup ends."""
+    from ip2p.training.module import InstructPix2PixModule, TrainSettings
+
+    lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 5, 25
+    module = InstructPix2PixModule(tiny_editor, TrainSettings(lr=lr, min_lr=min_lr, warmup_steps=warmup,
+                                                              lr_schedule=schedule, max_steps=max_steps))
+    opt = module.configure_optimizers()
+    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    ours = []
+    for _ in range(max_steps + 3):  # past max_steps the cosine stays at its floor
+        ours.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    reference = [lr * (k + 1) / warmup for k in range(warmup)]
+    if schedule == "constant":
+        reference += [lr] * (max_steps + 3 - warmup)
+    else:
+        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(probe, T_max=max_steps - warmup, eta_min=min_lr)
+        for _ in range(max_steps - warmup + 1):
+            reference.append(probe.param_groups[0]["lr"])
+            probe.step()
+            cosine.step()
+        reference += [min_lr] * 2
+    assert ours == pytest.approx(reference, rel=1e-6)
+    assert (ours[-1] == pytest.approx(min_lr)) == (schedule == "cosine")
+
+
 def test_default_ema_follows_the_original_warmup_rule():
     """The original (LitEma with num_updates) and diffusers' script both cap the decay at (1+n)/(10+n).
     A constant 0.9999 would leave e^-1 = 37% of the untrained UNet in the EMA after the paper's 10k steps

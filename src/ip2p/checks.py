@@ -87,6 +87,7 @@ RULES: dict[str, Rule] = {
     "synthesis.early_drop.batch_size": POSITIVE_INT,
     "train.max_steps": POSITIVE_INT, "train.batch_size": POSITIVE_INT, "train.accumulate_grad_batches": POSITIVE_INT,
     "train.lr": above(0), "train.weight_decay": at_least(0), "train.warmup_steps": COUNT,
+    "train.min_lr": at_least(0), "train.lr_schedule": one_of("constant", "cosine"),
     "train.gradient_clip_val": optional(above(0)), "train.conditioning_dropout": within(0, 1 / 3),
     "train.ema.decay": within(0, 1), "train.log_every_n_steps": POSITIVE_INT,
     "train.data.num_workers": COUNT, "train.data.resolution": POSITIVE_INT,
@@ -119,6 +120,9 @@ def _relations(get: Callable[[str], Any]) -> list[str]:
     if get("evaluate.clip_value_range") == "signed" and get("evaluate.clip_preprocess") != "original":
         problems.append("evaluate.clip_value_range=signed (the original metric script's [-1, 1]) needs "
                         "evaluate.clip_preprocess=original")
+    lr, min_lr = get("train.lr"), get("train.min_lr")
+    if _number(lr) and _number(min_lr) and 0 < lr < min_lr:  # a bad lr alone is named once, by its own rule
+        problems.append(f"train.min_lr must be <= train.lr (got {min_lr} > {lr})")
     for scales in ("evaluate.text_guidances", "evaluate.image_guidances"):
         values = get(scales)
         if values is not None and (not values or not all(_number(v) and v >= 0 for v in values)):

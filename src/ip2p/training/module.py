@@ -18,6 +18,7 @@ stream position, never from global RNG state, so a resumed run repeats an uninte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
@@ -39,6 +40,9 @@ class TrainSettings:
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    max_steps: int = 0
     conditioning_dropout: float = 0.05
     ema_decay: float = 0.9999
     ema_warmup: bool = True
@@ -106,11 +110,18 @@ def is_sharded(strategy) -> bool:
     return type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
 
 
-def lr_warmup_factor(step: int, warmup_steps: int) -> float:
-    """Constant schedule, optionally after a linear warmup over `warmup_steps` optimizer steps."""
-    if warmup_steps <= 0:
+def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", max_steps: int = 0,
+              min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): a linear warmup over
+    `warmup_steps`, then constant (the paper) or half a cosine from 1 down to `min_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
         return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
+    if schedule != "cosine":
+        raise Ip2pError(f"train.lr_schedule must be constant or cosine (got '{schedule}')")
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +238,9 @@ class InstructPix2PixModule(pl.LightningModule):
         s = self.settings
         params = [p for p in self.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay, eps=s.eps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_warmup_factor(step, s.warmup_steps))
+        min_ratio = s.min_lr / s.lr
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, s.warmup_steps, s.lr_schedule, s.max_steps, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
     # -- sampling with the EMA weights --------------------------------------------------------------
