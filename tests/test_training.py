@@ -323,6 +323,8 @@ def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
 def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, dataset, cache_dir):
     """resume=auto: last.ckpt is used when run.json's fingerprint is this run's; a changed recipe or
     changed data starts fresh and moves the old checkpoints aside; max_steps may grow."""
+    from omegaconf import open_dict
+
     from ip2p.training.resume import record_run, resolve_resume, run_fingerprint
 
     cfg = compose_train(tmp_path, dataset, cache_dir)
@@ -340,6 +342,12 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
     assert run_fingerprint(cached) == run_fingerprint(cfg)                    # cached latents: the same losses
     flipless = compose_train(tmp_path, dataset, cache_dir, **{"train.data.flip": "false"})
     assert run_fingerprint(flipless) != run_fingerprint(cfg)                  # but the data recipe counts
+    before_schedules = compose_train(tmp_path, dataset, cache_dir)
+    with open_dict(before_schedules):
+        del before_schedules.train["lr_schedule"], before_schedules.train["min_lr"]
+    assert run_fingerprint(before_schedules) == run_fingerprint(cfg)          # runs from before those keys continue
+    cosine = compose_train(tmp_path, dataset, cache_dir, **{"train.lr_schedule": "cosine"})
+    assert run_fingerprint(cosine) != run_fingerprint(cfg)
     other_lr = compose_train(tmp_path, dataset, cache_dir, **{"train.lr": 3e-4})
     other_seed = compose_train(tmp_path, dataset, cache_dir, seed=1)
     assert run_fingerprint(other_lr) != run_fingerprint(cfg) != run_fingerprint(other_seed)

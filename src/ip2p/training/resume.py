@@ -44,6 +44,10 @@ def run_fingerprint(cfg: DictConfig) -> str:
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in NOT_IN_FINGERPRINT}
     recipe["data"] = {k: v for k, v in recipe["data"].items()
                       if k not in DATA_NOT_IN_FINGERPRINT and not (k == "cache_dtype" and v == "float32")}
+    if recipe.get("lr_schedule", "constant") == "constant":
+        # Keys added after runs were made, at the value that changes nothing: such runs keep their fingerprint.
+        recipe.pop("lr_schedule", None)
+        recipe.pop("min_lr", None)
     data_dir = Path(str(cfg.train.data.dir)).expanduser()
     files = sorted((str(p.relative_to(data_dir)), p.stat().st_size) for p in data_dir.rglob("*")
                    if p.is_file() and not p.name.startswith(".")) if data_dir.is_dir() else []
