@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ip2p.miniature.world_judge import filter_truth
+import numpy as np
+
+from ip2p.miniature.world_judge import auc, filter_truth, metric_truth
 from ip2p.world.cases import heldout_cases
 from ip2p.world.language import EDIT_KINDS, consistent
 from ip2p.world.render import render
@@ -33,6 +35,35 @@ def test_filter_truth_by_hand():
     assert r["recall"] == round(2 / 3, 4)
     assert r["correct_before_filter"] == 0.5
     assert r["correct_among_dropped"] == round(1 / 3, 4)
+
+
+def test_auc_against_counting_every_pair():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 60).astype(float)  # few values: many ties
+    labels = rng.random(60) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    counted = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (len(pos) * len(neg))
+    assert auc(scores, labels) == counted
+    assert auc(scores, np.zeros(60, bool)) is None
+    assert auc([1.0, 2.0, 3.0], [False, False, True]) == 1.0 and auc([3.0, 2.0, 1.0], [False, False, True]) == 0.0
+
+
+def test_metric_truth_by_hand():
+    # sim_image ranks the two correct candidates (a, b) first; sim_dir fails c at 0.5 whatever sim_image's threshold
+    table = pd.DataFrame({"id": list("abcd"), "both": [True, True, False, False], "success": [True, True, True, False],
+                          "preserved": [True, True, False, True],
+                          "clip_sim_image": [0.9, 0.8, 0.7, 0.6], "clip_sim_dir": [0.6, 0.6, 0.1, 0.6],
+                          "clip_sim_0": [0.5, 0.5, 0.5, np.nan], "clip_sim_1": [0.5, 0.5, 0.5, 0.5]})
+    r = metric_truth(table, {"sim_image": 0.0, "sim_dir": 0.5}, [0.0, 0.5])
+    assert r["sim_image"]["auc_both"] == 1.0 and r["sim_image"]["auc_preserved"] == round(2 / 3, 4)
+    # success: a, b, c above d (0.6): 3 of 3 pairs
+    assert r["sim_image"]["auc_success"] == 1.0
+    low, mid = r["sim_image"]["sweep"]
+    assert low["threshold"] == 0.6 and low["kept"] == 3 and low["precision"] == round(2 / 3, 4) and low["recall"] == 1.0
+    assert mid["threshold"] == 0.75 and mid["kept"] == 2 and mid["precision"] == 1.0
+    # sim_0 is unscored for d: its AUC uses a, b, c only (all tied: 0.5); d never passes its sweep
+    assert r["sim_0"]["auc_both"] == 0.5
+    assert r["sim_0"]["sweep"][0]["kept"] == 2   # a, b (c fails sim_dir, d has no sim_0)
 
 
 def test_mini_experiment_keeps_the_papers_settings():

@@ -170,6 +170,10 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
                    "eval.json", "register.json", "guidance_grid.csv", "guidance_grid.png", "clip_scores.png",
                    "world_judge.json", "world_eval.json", "world_eval.png"]:
         assert (project / "reports" / report).is_file(), report
+    judge = json.loads((project / "reports" / "world_judge.json").read_text())["filter"]
+    assert sorted(judge["by_score"]) == ["sim_0", "sim_1", "sim_dir", "sim_image"]
+    for entry in judge["by_score"].values():  # its lowest threshold keeps all the filter's rows, and top-k cut some
+        assert entry["sweep"][0]["kept"] >= judge["kept"]
     evaluation = json.loads((project / "reports" / "eval.json").read_text())
     assert evaluation["num_samples"] >= 1 and -1 <= evaluation["clip_sim_dir"] <= 1
     assert json.loads((project / "reports" / "register.json").read_text())["alias"] == "candidate"

@@ -159,6 +159,18 @@ def _source(cfg: DictConfig, clip_model: str) -> tuple[Source, ScoreCache]:
     return folder_source(source_dir, released, released and bool(f.use_released_scores), clip_model), cache
 
 
+def _clip_model(cfg: DictConfig) -> str:
+    return clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache), str(cfg.filter.clip_preprocess))
+
+
+def scored_candidates(cfg: DictConfig) -> Iterator[Candidate]:
+    """Every candidate of filter.source with its four CLIP scores (None when its images are unreadable),
+    through the score cache `run` fills: after `ip2p filter` this computes nothing."""
+    source, cache = _source(cfg, _clip_model(cfg))
+    for unit in Scoring(cfg, cache, source.load).run(source.units):
+        yield from unit.candidates
+
+
 def _record(c: Candidate) -> dict:
     """What a dataset row needs besides id, pair_id, seed, scores and the images (read again by `ref`)."""
     return {"ref": c.ref, "edit_prompt": c.edit_prompt, "input_caption": c.input_caption,
@@ -228,8 +240,7 @@ def run(cfg: DictConfig) -> Path:
     if f.split_by not in SPLIT_UNITS:
         raise Ip2pError(f"filter.split_by must be one of {', '.join(SPLIT_UNITS)} (got '{f.split_by}')")
     split_counts(0, fractions)  # bad fractions fail before any scoring
-    clip_model = clip_id(resolve_source(str(cfg.model.clip), "clip", cfg.model, cfg.paths.cache),
-                         str(f.clip_preprocess))
+    clip_model = _clip_model(cfg)
     source, cache = _source(cfg, clip_model)
     released = str(f.source) == "released"
     out_dir = Path(f.out_dir)

@@ -6,10 +6,13 @@
    whether the instructed attribute changed (success) and the rest stayed (preservation): by edit kind
    and as a curve over p (the fraction of steps with shared self-attention);
 3. filter: correctness of the kept vs the dropped candidates, i.e. the CLIP filter's precision and
-   recall against the truth; filtering must raise the share of correct pairs.
+   recall against the truth; filtering must raise the share of correct pairs;
+4. which CLIP score knows the truth: for each of the four scores, how well it ranks correct above wrong
+   candidates (AUC, for "both", "success" and "preserved" apart) and the precision and recall of the
+   filter as that score's threshold rises through its quantiles (the other three at their settings).
 
 Writes reports/world_judge.json (DVC metrics) and world_synthesis.png (correctness over p; kept vs
-dropped by kind). The stages themselves know nothing of the world: this reads their outputs, as a
+dropped by kind; precision against kept share for each score's threshold). The stages themselves know nothing of the world: this reads their outputs, as a
 person would look at them.
 """
 
@@ -26,9 +29,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ip2p.data.dataset import SPLITS, list_pair_folders, read_pair_folder
+from ip2p.filtering.run import scored_candidates, thresholds_from_config
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
 from ip2p.io.jsonl import read_jsonl
+from ip2p.scoring.clip import METRICS
+from ip2p.scoring.thresholds import score_column
 from ip2p.world.language import consistent, parse_instruction
 from ip2p.world.verdict import judge_edit, read_any
 
@@ -88,6 +94,53 @@ def filter_truth(cands: pd.DataFrame, kept: set[str]) -> dict:
             "recall": round(float(k[correct].mean()), 4) if correct.any() else 0.0}
 
 
+def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """The chance that a correct candidate scores above a wrong one (ties count half): the Mann-Whitney
+    statistic from average ranks. 0.5 = the score knows nothing of the label; None without both kinds."""
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = pd.Series(np.asarray(scores, dtype=float)).rank().to_numpy()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metric_truth(table: pd.DataFrame, thresholds: dict[str, float], quantiles: list[float]) -> dict:
+    """For each CLIP score (columns METRICS of `table`, with the verdict's both / success / preserved):
+    its AUC for each verdict, and the filter's kept count, precision and recall of "both" when that
+    score's threshold is set at each quantile of its values and the other scores keep theirs (top-k
+    not applied). Candidates without scores (unreadable) count as dropped."""
+    out = {}
+    for metric in METRICS:
+        name = metric.removeprefix("clip_")
+        values = table[metric].to_numpy(dtype=float)
+        scored = ~np.isnan(values)
+        entry = {f"auc_{v}": (None if (a := auc(values[scored], table[v].to_numpy(bool)[scored])) is None else round(a, 4))
+                 for v in ("both", "success", "preserved")}
+        others = np.ones(len(table), dtype=bool)
+        for other, limit in thresholds.items():
+            if other != name:
+                column = table[score_column(other)].to_numpy(dtype=float)
+                others &= ~np.isnan(column) & (column >= limit)
+        correct = table["both"].to_numpy(bool)
+        sweep = []
+        for q in quantiles:
+            limit = float(np.quantile(values[scored], q)) if scored.any() else float("nan")
+            keep = others & scored & (values >= limit)
+            sweep.append({"quantile": q, "threshold": round(limit, 4), "kept": int(keep.sum()),
+                          "precision": round(float(correct[keep].mean()), 4) if keep.any() else 0.0,
+                          "recall": round(float(keep[correct].mean()), 4) if correct.any() else 0.0})
+        entry["sweep"] = sweep
+        out[name] = entry
+    return out
+
+
+def clip_score_table(cfg: DictConfig) -> pd.DataFrame:
+    """id and the four CLIP scores of every candidate, as the filter scored them (its cache)."""
+    rows = [{"id": c.id, **{m: (c.scores or {}).get(m, np.nan) for m in METRICS}} for c in scored_candidates(cfg)]
+    return pd.DataFrame(rows, columns=["id", *METRICS])
+
+
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.judge
     out = Path(cfg.paths.reports)
@@ -108,21 +161,25 @@ def run(cfg: DictConfig) -> dict:
     result["filter"] = filter_truth(cands, kept)
     result["filter"]["raises_correct_share"] = (result["filter"]["correct_after_filter"]
                                                  > result["filter"]["correct_before_filter"])
+    # 4. each CLIP score against the truth (the scores come from the filter's cache)
+    table = cands.merge(clip_score_table(cfg), on="id", how="left")
+    thresholds = thresholds_from_config(cfg.filter.thresholds)
+    result["filter"]["by_score"] = metric_truth(table, thresholds, [float(q) for q in c.sweep_quantiles])
     atomic_write_json(out / "world_judge.json", result)
-    pictures(cands, kept, by_p, out)
+    pictures(cands, kept, by_p, result["filter"]["by_score"], out)
     log.info("world-judge: instructions %.3f, synthesis %.3f, filter %.3f -> %.3f",
              result["instructions"]["valid_and_consistent"], result["synthesis"]["correct"],
              result["filter"]["correct_before_filter"], result["filter"]["correct_after_filter"])
     return result
 
 
-def pictures(cands: pd.DataFrame, kept: set[str], by_p: pd.DataFrame, out: Path) -> None:
+def pictures(cands: pd.DataFrame, kept: set[str], by_p: pd.DataFrame, by_score: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(15, 3.8))
     mids = [i.mid for i in by_p.index]
     left.plot(mids, by_p["mean"], "o-")
     left.set(xlabel="p (fraction of steps with shared self-attention)", ylabel="correct pairs (oracle)",
@@ -136,7 +193,16 @@ def pictures(cands: pd.DataFrame, kept: set[str], by_p: pd.DataFrame, out: Path)
     right.set_xticks(x, kinds, rotation=30, fontsize=8)
     right.set(ylabel="correct pairs (oracle)", title="CLIP filter vs the truth", ylim=(0, 1))
     right.legend(fontsize=8)
-    for ax in (left, right):
+    total = max(len(cands), 1)
+    for name, entry in by_score.items():
+        sweep = entry["sweep"]
+        third.plot([r["kept"] / total for r in sweep], [r["precision"] for r in sweep], "o-",
+                   label=f"{name} (AUC both {entry['auc_both']})")
+    third.axhline(float(cands.both.mean()), color="gray", ls="--", lw=1, label="all candidates")
+    third.set(xlabel="kept share of candidates (threshold at quantiles)", ylabel="correct among kept (oracle)",
+              title="Raising one CLIP threshold", ylim=(0, None))
+    third.legend(fontsize=7)
+    for ax in (left, right, third):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out / "world_synthesis.png")
