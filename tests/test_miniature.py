@@ -3,9 +3,8 @@ filter-vs-truth arithmetic, checked by hand."""
 
 from __future__ import annotations
 
-import pandas as pd
-
 import numpy as np
+import pandas as pd
 
 from ip2p.miniature.world_judge import auc, filter_truth, metric_truth
 from ip2p.world.cases import heldout_cases

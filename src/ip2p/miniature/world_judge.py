@@ -12,8 +12,8 @@
    filter as that score's threshold rises through its quantiles (the other three at their settings).
 
 Writes reports/world_judge.json (DVC metrics) and world_synthesis.png (correctness over p; kept vs
-dropped by kind; precision against kept share for each score's threshold). The stages themselves know nothing of the world: this reads their outputs, as a
-person would look at them.
+dropped by kind; precision against kept share for each score's threshold). The stages themselves
+know nothing of the world: this reads their outputs, as a person would look at them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
 from ip2p.io.jsonl import read_jsonl
 from ip2p.scoring.clip import METRICS
-from ip2p.scoring.thresholds import score_column
+from ip2p.scoring.thresholds import first_failure
 from ip2p.world.language import consistent, parse_instruction
 from ip2p.world.verdict import judge_edit, read_any
 
@@ -111,18 +111,16 @@ def metric_truth(table: pd.DataFrame, thresholds: dict[str, float], quantiles: l
     score's threshold is set at each quantile of its values and the other scores keep theirs (top-k
     not applied). Candidates without scores (unreadable) count as dropped."""
     out = {}
+    correct = table["both"].to_numpy(bool)
+    records = table[list(METRICS)].to_dict("records")
     for metric in METRICS:
         name = metric.removeprefix("clip_")
         values = table[metric].to_numpy(dtype=float)
         scored = ~np.isnan(values)
         entry = {f"auc_{v}": (None if (a := auc(values[scored], table[v].to_numpy(bool)[scored])) is None else round(a, 4))
                  for v in ("both", "success", "preserved")}
-        others = np.ones(len(table), dtype=bool)
-        for other, limit in thresholds.items():
-            if other != name:
-                column = table[score_column(other)].to_numpy(dtype=float)
-                others &= ~np.isnan(column) & (column >= limit)
-        correct = table["both"].to_numpy(bool)
+        rest = {other: limit for other, limit in thresholds.items() if other != name}
+        others = np.array([first_failure(r, rest) is None for r in records], dtype=bool)  # the filter's own rule
         sweep = []
         for q in quantiles:
             limit = float(np.quantile(values[scored], q)) if scored.any() else float("nan")
