@@ -64,6 +64,11 @@ def test_edit_subprocess_then_in_process_same_bytes(photo, tmp_path, cache_dir):
     other = tmp_path / "other.png"
     assert main(["edit", str(photo), "make it snowy", "-o", str(other), *FAST[:-2], "2", "--no-progress"]) == 0
     assert other.read_bytes() != out.read_bytes()
+    # --autocast bfloat16: the same edit within bf16 rounding (a few grey levels), not the same bytes
+    fast = tmp_path / "bf16.png"
+    assert main(["edit", str(photo), "make it snowy", "-o", str(fast), *FAST, "--autocast", "bfloat16"]) == 0
+    exact, approx = (np.asarray(Image.open(p), dtype=np.float64) for p in (out, fast))
+    assert 0 < np.abs(approx - exact).mean() < 3.0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 
 
@@ -169,7 +174,7 @@ def test_help_mentions_every_option(capsys):
     text = capsys.readouterr().out
     typed = ["input", "instruction", "-o", "--output", "--model", "--model-config", "--steps", "--text-guidance",
              "--image-guidance", "--seed", "--resolution", "--scheduler", "--num-images", "--device", "--dtype",
-             "--no-progress"]
+             "--autocast", "--no-progress"]
     for option in typed:
         assert option in text, option
     for action in _edit_parser()._actions:  # and nothing the parser knows is missing from the list

@@ -244,7 +244,8 @@ def test_world_yield_runs_every_setting_on_the_same_candidates(tmp_path, cache_d
     assert all({"input", "edit", "output", "kind"} <= set(t) for t in triples)
     open_thresholds = [f"filter.thresholds.{k}=-1" for k in ("sim_image", "sim_dir", "sim_0", "sim_1")]
     settings = ("world.yield_table.settings=[{name: ref, scheduler: euler_ancestral, steps: 3, batch_size: 2, "
-                "pairs_per_batch: 1}, {name: fast, scheduler: dpmpp_2m, steps: 2, batch_size: 1, pairs_per_batch: 2}]")
+                "pairs_per_batch: 1}, {name: fast, scheduler: dpmpp_2m, steps: 2, batch_size: 1, pairs_per_batch: 2, "
+                "autocast: bfloat16}]")
     cfg = compose(["device=cpu", "progress=false", f"paths.cache={cache_dir}", "synthesis.resolution=64",
                    f"paths.reports={tmp_path}", "world.yield_table.pairs=3", "world.yield_table.candidates=2",
                    "filter.top_k=1", "logger=none", settings, *open_thresholds])
@@ -254,6 +255,7 @@ def test_world_yield_runs_every_setting_on_the_same_candidates(tmp_path, cache_d
         assert s["candidates"] == 6 and s["kept"] == 3  # top 1 of each pair's 2 candidates
         assert all(e["dropped"] == 0 and e["false_rejects"] == 0 for e in s["early"])
         assert s["seconds_per_candidate"] > 0 and s["kept_per_hour"] > 0
+    assert [s["autocast"] for s in result["settings"]] == ["None", "bfloat16"]  # the setting's own, else `autocast`
     assert result["settings"][0]["kept_per_hour_ratio"] == 1.0
     assert json.loads((tmp_path / "world_yield.json").read_text()) == result
     assert (tmp_path / "world_yield.png").stat().st_size > 0

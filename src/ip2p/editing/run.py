@@ -46,7 +46,8 @@ def run(cfg: DictConfig) -> list[Path]:
     image = resize_for_editing(load_image(cfg.edit.input, int(cfg.edit.max_input_pixels)), int(cfg.edit.resolution))
     instruction = str(cfg.edit.instruction or "")
     if instruction.strip():
-        components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+        components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,
+                                     cfg.get("autocast"))
         speed = cfg.edit.speed
         accelerate(components, bool(speed.channels_last), speed.compile, speed.compile_mode)
         images = InstructPix2Pix(components).edit(image, instruction, settings)

@@ -101,7 +101,8 @@ def evaluate(cfg: DictConfig) -> dict:
     gts = [_decode(r.get("edited_image"), int(e.resolution)) for r in pairs]
     has_gt = all(g is not None for g in gts)
 
-    editor = InstructPix2Pix(load_diffusion(e.model, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype))
+    editor = InstructPix2Pix(load_diffusion(e.model, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,
+                                                cfg.get("autocast")))
     clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
     default = Cell(float(e.default_text_guidance), float(e.default_image_guidance))
     cells = guidance_cells(e.text_guidances, e.image_guidances, extra=default)

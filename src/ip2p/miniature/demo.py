@@ -33,7 +33,8 @@ def run(cfg: DictConfig) -> dict:
     cases = heldout_cases(int(c.seed), int(c.scenes), kinds)
     grid = [[cases[k * int(c.scenes) + row] for k in range(len(kinds))] for row in range(int(c.scenes))]
     # 2. edit each with the editor
-    editor = InstructPix2Pix(load_diffusion(c.model, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32"))
+    editor = InstructPix2Pix(load_diffusion(c.model, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32",
+                                            cfg.get("autocast")))
     settings = EditSettings(steps=int(c.steps), text_guidance=float(c.text_guidance),
                             image_guidance=float(c.image_guidance), scheduler=str(c.scheduler), num_images=1,
                             seed=int(c.seed), progress=False)

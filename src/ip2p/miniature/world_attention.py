@@ -102,7 +102,8 @@ def run(cfg: DictConfig) -> dict:
     triples = world_triples(Path(cfg.synthesis.input), int(c.pairs))
     if not triples:
         raise ValueError(f"no world instruction in {cfg.synthesis.input} (run `ip2p instructions` first)")
-    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,
+                                cfg.get("autocast"))
     with start_mlflow_run(cfg, "world-attention"):
         # 2. the same candidates under every mode
         rows = []

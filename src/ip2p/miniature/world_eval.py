@@ -112,7 +112,8 @@ def evaluate(cfg: DictConfig) -> dict:
     # 2. the editor over the guidance grid (the generic grid code of `ip2p evaluate`)
     default = Cell(float(c.default_text_guidance), float(c.default_image_guidance))
     cells = guidance_cells(c.text_guidances, c.image_guidances, extra=default)
-    editor = InstructPix2Pix(load_diffusion(c.model, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32"))
+    autocast = cfg.get("autocast")
+    editor = InstructPix2Pix(load_diffusion(c.model, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32", autocast))
     edits = edit_grid(editor, inputs, instructions, ids, cells, int(c.steps), str(c.scheduler), int(c.seed),
                       int(c.batch_size), bool(cfg.progress))                       # [N, C, 3, H, W]
 
@@ -135,15 +136,15 @@ def evaluate(cfg: DictConfig) -> dict:
     if c.baselines.identity:
         methods["identity"] = pd.DataFrame(verdict_rows(cases, befores, renders, "identity", None))
     if c.baselines.regenerate:
-        base = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, "float32")
+        base = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, "float32", autocast)
         drawn = generate(base.unet, base.vae, base.text_encoder, base.tokenizer, dict(base.scheduler.config),
                          [case.output_caption for case in cases], steps=int(c.regenerate.steps),
                          guidance=float(c.regenerate.guidance), seed=int(c.seed), scheduler=str(c.regenerate.scheduler),
-                         resolution=int(renders.shape[1]))
+                         resolution=int(renders.shape[1]), autocast=base.autocast)
         methods["regenerate"] = pd.DataFrame(verdict_rows(cases, befores, drawn, "regenerate", None))
     if c.baselines.unfiltered_model:
         other = InstructPix2Pix(load_diffusion(c.baselines.unfiltered_model, "editor", cfg.model, cfg.paths.cache,
-                                               cfg.device, "float32"))
+                                               cfg.device, "float32", autocast))
         alt = edit_grid(other, inputs, instructions, ids, [default], int(c.steps), str(c.scheduler), int(c.seed),
                         int(c.batch_size), bool(cfg.progress))
         methods["unfiltered"] = pd.DataFrame(verdict_rows(cases, befores, to_uint8(alt[:, 0]), "unfiltered", default))

@@ -4,7 +4,8 @@ The paper's synthesis is its dominant cost (100 candidates x 100 sampler steps p
 a setting buys is kept training pairs per hour, and what it may cost is their correctness; the world
 can measure both. The same true world caption pairs (`world.yield_table.seed`) and the same candidates
 (seed, p, guidance: `draw_samples`, as `ip2p synthesize` draws them) go through every setting in
-`world.yield_table.settings` (sampler, steps, samples per UNet call, caption pairs per call):
+`world.yield_table.settings` (sampler, steps, samples per UNet call, caption pairs per call, and
+optionally the UNet's autocast dtype):
 
 1. synthesis, timed (denoising and VAE decoding: the stage's own PairSampler);
 2. CLIP scores and the filter's choice (its thresholds, then its top_k per caption pair: `select`);
@@ -36,7 +37,7 @@ from ip2p.filtering.select import select
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
 from ip2p.io.images import tensor_to_pil, to_uint8
-from ip2p.models.loader import load_clip, load_diffusion
+from ip2p.models.loader import load_clip, load_diffusion, resolve_autocast
 from ip2p.scoring.clip import ClipScorer
 from ip2p.scoring.thresholds import first_failure
 from ip2p.synthesis.pipeline import PairSampler, draw_samples
@@ -147,6 +148,7 @@ def summarise(table: list[dict], setting: dict, synthesis_s: float, scoring_s: f
     hours = (synthesis_s + scoring_s) / 3600
     return {
         **{k: setting[k] for k in SETTING_KEYS},
+        "autocast": str(setting.get("autocast")),
         "candidates": n,
         "seconds_per_candidate": round(synthesis_s / n, 4),
         "scoring_seconds_per_candidate": round(scoring_s / n, 4),
@@ -179,6 +181,8 @@ def early_look(table: list[dict], i: int, margin: float, look_at: float, kept: i
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.yield_table
     settings = [dict(OmegaConf.to_container(s, resolve=True)) for s in c.settings]
+    for s in settings:
+        s.setdefault("autocast", cfg.get("autocast"))   # a setting may run the UNet under its own autocast
     margins = [float(m) for m in c.look_margins]
     for s in settings:
         missing = [k for k in SETTING_KEYS if k not in s]
@@ -186,7 +190,8 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"world.yield_table.settings: '{s.get('name', '?')}' lacks {missing}")
     # 1. the caption pairs, the text-to-image model, the filter's CLIP and choice
     triples = true_triples(int(c.seed), int(c.pairs))
-    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,
+                                cfg.get("autocast"))
     scorer = ClipScorer(load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device), int(cfg.filter.batch_size),
                         str(cfg.filter.clip_preprocess))
     thresholds = dict(OmegaConf.to_container(cfg.filter.thresholds, resolve=True))
@@ -195,8 +200,9 @@ def run(cfg: DictConfig) -> dict:
         for setting in settings:
             # 2. synthesis under this setting, timed; 3. CLIP, the filter's choice and the oracle
             base = settings_from_config(cfg)
-            sampler = PairSampler(components, dataclasses.replace(base, steps=int(setting["steps"]),
-                                                                  scheduler=str(setting["scheduler"])))
+            parts = dataclasses.replace(components, autocast=resolve_autocast(setting["autocast"]))
+            sampler = PairSampler(parts, dataclasses.replace(base, steps=int(setting["steps"]),
+                                                             scheduler=str(setting["scheduler"])))
             look = look_step(float(c.look_at), int(setting["steps"]))
             rows, synthesis_s = synthesise(sampler, triples, setting, cfg, resolution(cfg, sampler), look,
                                            bool(cfg.progress))

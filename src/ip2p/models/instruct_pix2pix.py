@@ -93,7 +93,9 @@ class InstructPix2Pix:
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
             x = torch.cat([model_input] * 3)
-            eps = self.c.unet(torch.cat([x, branch_image], dim=1), t, encoder_hidden_states=branch_text).sample
+            with self.c.unet_precision():
+                eps = self.c.unet(torch.cat([x, branch_image], dim=1), t, encoder_hidden_states=branch_text).sample
+            eps = eps.to(model_input.dtype)
             eps_text_image, eps_image, eps_uncond = eps.chunk(3)
             return dual_guidance(eps_text_image, eps_image, eps_uncond, text_guidance, image_guidance)
 

@@ -12,6 +12,7 @@ both do so), never with arbitrary unpickling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import zipfile
@@ -24,6 +25,7 @@ import torch
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.models.tiny import ensure_tiny
+from ip2p.sampling.loop import unet_autocast
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class DiffusionComponents:
     tokenizer: Any
     scheduler: Any
     source: str
+    autocast: torch.dtype | None = None   # the UNet's forward under torch.autocast in this dtype (None: off)
+
+    def unet_precision(self) -> contextlib.AbstractContextManager:
+        """The context the denoisers call the UNet in (sampling.loop.unet_autocast with `autocast`)."""
+        return unet_autocast(self.unet.device.type, self.autocast)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DiffusionComponents":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -72,6 +79,16 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name not in table:
         raise Ip2pError(f"unknown dtype '{name}': use one of float32, float16, bfloat16")
     return table[name]
+
+
+def resolve_autocast(name: str | torch.dtype | None) -> torch.dtype | None:
+    """The `autocast` setting: null / "none" = off, else bfloat16 or float16."""
+    if name is None or (isinstance(name, str) and name.lower() in ("none", "null", "off", "")):
+        return None
+    dtype = resolve_dtype(name)
+    if dtype == torch.float32:
+        return None
+    return dtype
 
 
 def _tiny_root(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
@@ -156,9 +173,12 @@ def load_diffusion(
     cache_dir: str | Path,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = "float32",
+    autocast: str | torch.dtype | None = None,
 ) -> DiffusionComponents:
     """Load a pipeline's components. role="editor" returns an 8-channel UNet (a 4-channel
-    checkpoint is widened), role="base" the text-to-image UNet as stored."""
+    checkpoint is widened), role="base" the text-to-image UNet as stored. `autocast` (bfloat16 |
+    float16 | None) runs the UNet's forward under torch.autocast (DiffusionComponents.unet_precision)."""
+    autocast_dtype = resolve_autocast(autocast)   # a bad name fails before any weights load
     if source is None:
         raise Ip2pError(f"model preset '{model_cfg.get('name')}' has no {role} checkpoint configured "
                         f"(set model.{role}=PATH or pick another preset)")
@@ -178,6 +198,7 @@ def load_diffusion(
                         f"a {role} needs {expected}")
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.eval().requires_grad_(False)
+    parts.autocast = autocast_dtype
     return parts.to(resolve_device(str(device)) if isinstance(device, str) else device, resolve_dtype(dtype))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable
 
@@ -39,6 +40,15 @@ def scheduler_class(name: str):
         # SDE samplers that draw their own noise cannot follow our seeds: results would not reproduce.
         raise Ip2pError(f"scheduler '{name}' draws noise outside the seeded generator; pick another sampler")
     return cls
+
+
+def unet_autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The context a denoiser calls its UNet in: torch.autocast in `dtype` (bfloat16 / float16), or
+    nothing when dtype is None. Only the UNet's forward runs in it: weights, latents, guidance and the
+    sampler's arithmetic stay in their own dtype, and callers cast the prediction back to it."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def make_scheduler(name: str, base_config: dict):

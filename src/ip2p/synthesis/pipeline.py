@@ -263,7 +263,9 @@ class PairSampler:
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             control.begin_step(step)
-            eps = unet(torch.cat([model_input, model_input]), t, encoder_hidden_states=text).sample
+            with self.c.unet_precision():
+                eps = unet(torch.cat([model_input, model_input]), t, encoder_hidden_states=text).sample
+            eps = eps.to(model_input.dtype)
             eps_cond, eps_uncond = eps.chunk(2)  # each [input branch, output branch]
             guided = classifier_free_guidance(eps_cond, eps_uncond, cfg)
             if observe is not None:

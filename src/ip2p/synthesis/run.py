@@ -282,7 +282,8 @@ def run(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.synthesis.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = StageSummary("synthesize", int(cfg.shard.index), int(cfg.shard.count), progress=bool(cfg.progress))
-    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype)
+    components = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,
+                                cfg.get("autocast"))
     decoder = cfg.synthesis.get("vae")
     if decoder:  # the original decodes its pairs with SD's ft-MSE VAE; the latents are the base's either way
         components = dataclasses.replace(components, vae=load_vae(str(decoder), cfg.device, cfg.dtype))
@@ -329,6 +330,7 @@ def run(cfg: DictConfig) -> Path:
         "steps": settings.steps,
         "scheduler": settings.scheduler,
         "mode": settings.mode,
+        "autocast": str(cfg.get("autocast")),
         "resolution": size,
         "model": str(cfg.model.base),
     })
