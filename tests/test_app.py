@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ip2p.editing.service import EditorPool, Limits, Request, model_source, read_upload, request_problem, run_edit
@@ -64,6 +65,8 @@ def test_pool_loads_each_model_once_under_concurrent_requests(cfg):
     for t in threads:
         t.join()
     assert pool.loads == 1 and len(got) == 4 and all(e is got[0] for e in got)
+    assert got[0].c.autocast is None
+    assert EditorPool(cfg.model, cfg.paths.cache, "cpu", "float32", autocast="bfloat16").get("tiny").c.autocast is torch.bfloat16
     source, model_cfg = model_source("tiny", cfg)
     assert source == "tiny" and model_cfg.name == "tiny"
     with pytest.raises(Ip2pError, match="is not a preset"):

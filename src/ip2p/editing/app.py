@@ -90,7 +90,8 @@ class App:
         self.cfg, self.a = cfg, a
         self.default_model = default_model
         self.limits = Limits.from_config(a.limits)
-        self.pool = EditorPool(cfg.model, cfg.paths.cache, cfg.device, cfg.dtype, int(a.keep_models))
+        self.pool = EditorPool(cfg.model, cfg.paths.cache, cfg.device, cfg.dtype, int(a.keep_models),
+                                cfg.get("autocast"))
         self.out_dir = Path(a.output_dir) if a.output_dir else Path(tempfile.mkdtemp(prefix="ip2p-app-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rng = np.random.default_rng()

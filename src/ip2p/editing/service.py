@@ -104,8 +104,10 @@ class EditorPool:
     """Editors by model source, loaded on first use and kept (at most `keep` of them, the oldest
     dropped first). A lock makes concurrent first requests for one model load it once."""
 
-    def __init__(self, model_cfg: DictConfig | Mapping, cache_dir: str, device: str, dtype: str, keep: int = 1):
+    def __init__(self, model_cfg: DictConfig | Mapping, cache_dir: str, device: str, dtype: str, keep: int = 1,
+                 autocast: str | None = None):
         self.model_cfg, self.cache_dir, self.device, self.dtype = model_cfg, cache_dir, device, dtype
+        self.autocast = autocast
         self.keep = max(1, int(keep))
         self._editors: dict[str, InstructPix2Pix] = {}
         self._lock = threading.Lock()
@@ -116,7 +118,7 @@ class EditorPool:
             if source not in self._editors:
                 log.info("app: loading editor %s", source)
                 components = load_diffusion(source, "editor", model_cfg or self.model_cfg, self.cache_dir,
-                                            self.device, self.dtype)
+                                            self.device, self.dtype, self.autocast)
                 self.loads += 1
                 while len(self._editors) >= self.keep:
                     self._editors.pop(next(iter(self._editors)))
