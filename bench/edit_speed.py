@@ -13,6 +13,7 @@ VAE, CLIP ViT-L/14 text encoder) with random weights: speed does not depend on t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -115,21 +116,24 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="ours with the channels-last layout (edit.speed)")
     ap.add_argument("--compile", default=None, help="ours with torch.compile, this backend (e.g. inductor)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (reduce-overhead, max-autotune)")
+    ap.add_argument("--autocast", default=None,
+                    help="ours with the UNet under torch.autocast in this dtype (bfloat16); the reference stays as --dtype")
     args = ap.parse_args()
 
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
-    from ip2p.models.loader import resolve_dtype
+    from ip2p.models.loader import resolve_autocast, resolve_dtype
 
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     parts = build_components(args.preset, device, dtype, args.cache)
-    ours = InstructPix2Pix(parts)
+    ours = InstructPix2Pix(dataclasses.replace(parts, autocast=resolve_autocast(args.autocast)))
     if args.channels_last or args.compile:  # ours on its own copy (same weights), the reference stays eager
         from ip2p.models.speed import accelerate
 
-        ours = InstructPix2Pix(accelerate(build_components(args.preset, device, dtype, args.cache),
-                                          args.channels_last, args.compile, args.compile_mode))
+        fast = accelerate(build_components(args.preset, device, dtype, args.cache),
+                          args.channels_last, args.compile, args.compile_mode)
+        ours = InstructPix2Pix(dataclasses.replace(fast, autocast=resolve_autocast(args.autocast)))
     ref = StableDiffusionInstructPix2PixPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -151,7 +155,7 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
                "unet_forward_3way_s_median": statistics.median(unet_s), "runs": [],
                "ours_speed": {"channels_last": args.channels_last, "compile": args.compile,
-                              "compile_mode": args.compile_mode}}
+                              "compile_mode": args.compile_mode, "autocast": args.autocast}}
     for steps in args.steps:
         settings = EditSettings(steps=steps, progress=False, seed=0)
 

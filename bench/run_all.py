@@ -24,22 +24,28 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# Arguments per script and profile. cpu: what the miniature experiment runs (docs/miniature.md);
-# gpu: the paper's sizes (512 px edits and synthesis, 256 px training at batch 32).
+# Runs per profile: label -> (script, its arguments). cpu: what the miniature experiment runs
+# (docs/miniature.md), float32 and with the UNet under bfloat16 autocast (`autocast`, the reference
+# stays float32); gpu: the paper's sizes (512 px edits and synthesis, 256 px training at batch 32).
+MINI_EDIT = ["--preset", "mini", "--resolution", "64", "--steps", "20", "--repeats", "3"]
+MINI_SYNTHESIS = ["--preset", "mini", "--steps", "20", "--samples-per-batch", "1", "8", "--variants", "plain",
+                  "official", "--repeats", "3"]
+MINI_TRAIN = ["--preset", "mini", "--resolution", "64", "--batch-size", "32", "--steps", "3", "--repeats", "3"]
 PROFILES = {
     "cpu": {
-        "edit_speed": ["--preset", "mini", "--resolution", "64", "--steps", "20", "--repeats", "3"],
-        "synthesis_speed": ["--preset", "mini", "--steps", "20", "--samples-per-batch", "1", "8",
-                            "--variants", "plain", "official", "--repeats", "3"],
-        "train_speed": ["--preset", "mini", "--precision", "fp32", "--resolution", "64", "--batch-size", "32",
-                        "--steps", "3", "--repeats", "3"],
+        "edit_speed": ("edit_speed", MINI_EDIT),
+        "edit_speed_bf16": ("edit_speed", [*MINI_EDIT, "--autocast", "bfloat16"]),
+        "synthesis_speed": ("synthesis_speed", MINI_SYNTHESIS),
+        "synthesis_speed_bf16": ("synthesis_speed", [*MINI_SYNTHESIS, "--autocast", "bfloat16"]),
+        "train_speed": ("train_speed", [*MINI_TRAIN, "--precision", "fp32"]),
+        "train_speed_bf16": ("train_speed", [*MINI_TRAIN, "--precision", "bf16"]),
     },
     "gpu": {
-        "edit_speed": ["--preset", "sd15-random", "--dtype", "float16", "--steps", "20", "100"],
-        "synthesis_speed": ["--preset", "sd15-random", "--dtype", "float16", "--steps", "20",
-                            "--samples-per-batch", "1", "8", "--variants", "plain", "official"],
-        "train_speed": ["--preset", "sd15-random", "--precision", "bf16", "--resolution", "256",
-                        "--batch-size", "32", "--steps", "10"],
+        "edit_speed": ("edit_speed", ["--preset", "sd15-random", "--dtype", "float16", "--steps", "20", "100"]),
+        "synthesis_speed": ("synthesis_speed", ["--preset", "sd15-random", "--dtype", "float16", "--steps", "20",
+                                                "--samples-per-batch", "1", "8", "--variants", "plain", "official"]),
+        "train_speed": ("train_speed", ["--preset", "sd15-random", "--precision", "bf16", "--resolution", "256",
+                                        "--batch-size", "32", "--steps", "10"]),
     },
 }
 
@@ -54,8 +60,13 @@ def run_script(name: str, args: list[str], device: str) -> dict:
         return json.loads(out.read_text())
 
 
+def ours_note(autocast: str | None) -> str:
+    return f", ours under {autocast} autocast" if autocast else ""
+
+
 def edit_rows(doc: dict) -> list[dict]:
-    return [{"what": f"edit, {r['steps']} steps ({doc['resolution']} px)", "ours_s": r["ours_median_s"],
+    note = ours_note(doc["ours_speed"].get("autocast"))
+    return [{"what": f"edit, {r['steps']} steps ({doc['resolution']} px){note}", "ours_s": r["ours_median_s"],
              "reference_s": r["diffusers_median_s"], "reference": "diffusers StableDiffusionInstructPix2PixPipeline"}
             for r in doc["runs"]]
 
@@ -66,7 +77,8 @@ def synthesis_rows(doc: dict) -> list[dict]:
     for samples in doc["samples_per_batch"]:
         ours, plain = timing.get(f"S{samples}_official"), timing.get(f"S{samples}_plain")
         if ours and plain:
-            rows.append({"what": f"P2P synthesis, s per candidate, {samples}/batch, {doc['steps']} steps",
+            rows.append({"what": f"P2P synthesis, s per candidate, {samples}/batch, {doc['steps']} steps"
+                                 f"{ours_note(doc.get('ours_autocast'))}",
                          "ours_s": ours["s_per_candidate"], "reference_s": plain["s_per_candidate"],
                          "reference": "diffusers StableDiffusionPipeline, same batch, no attention control"})
     return rows
@@ -107,8 +119,10 @@ def main() -> None:
     args = ap.parse_args()
     device = args.device or ("cuda" if args.profile == "gpu" else "cpu")
 
-    docs = {name: run_script(name, script_args, device) for name, script_args in PROFILES[args.profile].items()}
-    rows = edit_rows(docs["edit_speed"]) + synthesis_rows(docs["synthesis_speed"]) + train_rows(docs["train_speed"])
+    docs = {label: run_script(script, script_args, device) for label, (script, script_args) in PROFILES[args.profile].items()}
+    rows = []
+    for label, (script, _) in PROFILES[args.profile].items():
+        rows += {"edit_speed": edit_rows, "synthesis_speed": synthesis_rows, "train_speed": train_rows}[script](docs[label])
     for r in rows:
         r["ratio"] = r["ours_s"] / r["reference_s"]
     machine = machine_name(docs)

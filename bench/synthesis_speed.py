@@ -23,6 +23,7 @@ every step: the most expensive case. Output: one JSON document (stdout, and --ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -94,8 +95,9 @@ def materialised_control_class():
     return MaterialisedControl
 
 
-def make_runners(parts, variants, specs, size: int, steps: int, cfg: float) -> dict:
-    """name -> a function that denoises one batch of len(specs) samples of the caption pair."""
+def make_runners(parts, variants, specs, size: int, steps: int, cfg: float, autocast=None) -> dict:
+    """name -> a function that denoises one batch of len(specs) samples of the caption pair (ours with
+    the UNet under `autocast` when it is set, the plain reference as loaded)."""
     from diffusers import StableDiffusionPipeline
 
     import ip2p.synthesis.pipeline as pair_pipeline
@@ -121,7 +123,8 @@ def make_runners(parts, variants, specs, size: int, steps: int, cfg: float) -> d
     for name, mode in (("official", "official"), ("materialised", "official"), ("google", "google")):
         if name not in variants:
             continue
-        sampler = PairSampler(parts, SynthesisSettings(steps=steps, scheduler=SAMPLER, mode=mode, progress=False))
+        sampler = PairSampler(dataclasses.replace(parts, autocast=autocast),
+                              SynthesisSettings(steps=steps, scheduler=SAMPLER, mode=mode, progress=False))
 
         def ours(sampler=sampler, materialise=name == "materialised"):
             if materialise:  # the sampler builds its control internally: swap the class for this call
@@ -160,11 +163,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--p", type=float, default=1.0, help="fraction of steps with copied self-attention")
     ap.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (all samples)")
+    ap.add_argument("--autocast", default=None,
+                    help="ours with the UNet under torch.autocast in this dtype (bfloat16); plain stays as --dtype")
     args = ap.parse_args()
 
     import diffusers
 
-    from ip2p.models.loader import resolve_dtype
+    from ip2p.models.loader import resolve_autocast, resolve_dtype
     from ip2p.synthesis import SampleSpec
 
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
@@ -173,7 +178,7 @@ def main() -> None:
     timing_key = f"timing_p{args.p:g}_{args.steps}steps"
     results = {
         "preset": args.preset, "device": str(device), "dtype": args.dtype, "resolution": size, "steps": args.steps,
-        "p": args.p, "cfg": args.cfg, "repeats": args.repeats, "samples_per_batch": args.samples_per_batch,
+        "p": args.p, "cfg": args.cfg, "repeats": args.repeats, "ours_autocast": args.autocast, "samples_per_batch": args.samples_per_batch,
         "captions": [INPUT_CAPTION, OUTPUT_CAPTION], "scheduler": SAMPLER,
         "reference": "plain = diffusers StableDiffusionPipeline, same weights and batch, no attention control",
         "timed": "denoising incl. text encoding; VAE decoding excluded",
@@ -185,7 +190,7 @@ def main() -> None:
     timing, peaks = results[timing_key], []
     for samples in args.samples_per_batch:
         specs = [SampleSpec(seed=1000 + k, p=args.p, cfg=args.cfg) for k in range(samples)]
-        runners = make_runners(parts, args.variants, specs, size, args.steps, args.cfg)
+        runners = make_runners(parts, args.variants, specs, size, args.steps, args.cfg, resolve_autocast(args.autocast))
         seconds = {name: [] for name in runners}
         memory = {name: [] for name in runners}
         failed = {name for name, fn in runners.items() if timed(fn, device)[0] is None}  # warm-up
