@@ -15,6 +15,13 @@ export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 WANDB_MODE=${WANDB_MODE:-offline}
 ip2p params experiment=mini    # params.yaml composes the mini experiment (`git checkout params.yaml`: tiny again)
 phase "dvc repro: captions ... register, world_judge, world_eval (the world's models were pulled)"
 dvc repro
+python - <<'TIMES'
+import json, pathlib
+# each stage's own time (reports/<stage>.json "seconds"; a stage DVC skipped shows its last run's)
+stages = ["captions", "instructions", "synthesize", "filter", "train", "eval", "world_judge", "world_eval"]
+times = {s: json.loads(p.read_text()).get("seconds") for s in stages if (p := pathlib.Path(f"reports/{s}.json")).exists()}
+print("stage seconds: " + ", ".join(f"{s} {t:.0f}" for s, t in times.items() if t is not None))
+TIMES
 phase "promote and edit"
 ip2p promote --alias champion
 ip2p world-demo --params params.yaml

@@ -10,6 +10,7 @@ import glob
 import io
 import logging
 import random
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -94,6 +95,7 @@ def run(cfg: DictConfig) -> dict:
 
 def evaluate(cfg: DictConfig) -> dict:
     # 1. the test pairs, the editor and CLIP
+    start = time.perf_counter()
     e = cfg.evaluate
     out_dir = Path(e.out_dir)
     pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed))
@@ -131,7 +133,7 @@ def evaluate(cfg: DictConfig) -> dict:
     headline = grid[(grid.text_guidance == default.text_guidance) & (grid.image_guidance == default.image_guidance)].iloc[0]
     summary = {"text_guidance": default.text_guidance, "image_guidance": default.image_guidance, "num_samples": len(pairs),
                "steps": int(e.steps), "resolution": int(e.resolution), "model": str(e.model),
-               **{m: round(float(headline[m]), 6) for m in metrics}}
+               **{m: round(float(headline[m]), 6) for m in metrics}, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out_dir / "eval.json", summary)
     log.info("evaluation: %s", summary)
     return summary

@@ -15,6 +15,7 @@ CLIP side by side) and world_eval_failures.png. Targets: docs/miniature.md.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
     c = cfg.world.eval
     out = Path(cfg.paths.reports)
     # 1. held-out cases, rendered; the oracle reads each input once
@@ -168,6 +170,7 @@ def evaluate(cfg: DictConfig) -> dict:
     seen = seen_combinations(Path(c.training_data)) if c.training_data else None
     if seen is not None:
         result["editor_by_combination"] = by_split(at_default, cases, seen)
+    result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "world_eval.json", result)
     tradeoff_picture(grid.reset_index(), out / "world_eval.png")
     failures_picture(cases, renders, edits[:, cells.index(default)], at_default, int(c.failures_shown),

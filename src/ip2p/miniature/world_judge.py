@@ -19,6 +19,7 @@ know nothing of the world: this reads their outputs, as a person would look at t
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def clip_score_table(cfg: DictConfig) -> pd.DataFrame:
 
 
 def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
     c = cfg.world.judge
     out = Path(cfg.paths.reports)
     # 1. instructions
@@ -163,6 +165,7 @@ def run(cfg: DictConfig) -> dict:
     table = cands.merge(clip_score_table(cfg), on="id", how="left")
     thresholds = thresholds_from_config(cfg.filter.thresholds)
     result["filter"]["by_score"] = metric_truth(table, thresholds, [float(q) for q in c.sweep_quantiles])
+    result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "world_judge.json", result)
     pictures(cands, kept, by_p, result["filter"]["by_score"], out)
     log.info("world-judge: instructions %.3f, synthesis %.3f, filter %.3f -> %.3f",
