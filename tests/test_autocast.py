@@ -16,6 +16,7 @@ import torch
 from ip2p.errors import Ip2pError
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_diffusion, resolve_autocast
+from ip2p.sampling.loop import unet_autocast
 from ip2p.sampling.text_to_image import generate
 from ip2p.synthesis.pipeline import PairSampler, SampleSpec, SynthesisSettings
 
@@ -38,7 +39,7 @@ def test_resolve_autocast_names():
 def test_load_diffusion_sets_autocast_and_refuses_a_bad_name_first(cfg):
     parts = load_diffusion("tiny", "editor", cfg.model, cfg.paths.cache, "cpu", "float32", "bfloat16")
     assert parts.autocast is BF16 and parts.unet.dtype == torch.float32  # weights stay float32
-    with parts.unet_precision():
+    with unet_autocast("cpu", parts.autocast):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is BF16
     assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(Ip2pError, match="unknown dtype"):

@@ -17,7 +17,7 @@ from PIL import Image
 from ip2p.io.images import pil_to_tensor, tensor_to_pil
 from ip2p.models.loader import DiffusionComponents
 from ip2p.sampling.guidance import dual_guidance
-from ip2p.sampling.loop import denoise, make_scheduler
+from ip2p.sampling.loop import denoise, make_scheduler, unet_prediction
 
 
 @dataclass
@@ -93,9 +93,7 @@ class InstructPix2Pix:
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
             x = torch.cat([model_input] * 3)
-            with self.c.unet_precision():
-                eps = self.c.unet(torch.cat([x, branch_image], dim=1), t, encoder_hidden_states=branch_text).sample
-            eps = eps.to(model_input.dtype)
+            eps = unet_prediction(self.c.unet, self.c.autocast, torch.cat([x, branch_image], dim=1), t, branch_text)
             eps_text_image, eps_image, eps_uncond = eps.chunk(3)
             return dual_guidance(eps_text_image, eps_image, eps_uncond, text_guidance, image_guidance)
 

@@ -12,7 +12,6 @@ both do so), never with arbitrary unpickling.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 import zipfile
@@ -25,7 +24,6 @@ import torch
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.models.tiny import ensure_tiny
-from ip2p.sampling.loop import unet_autocast
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +42,8 @@ class DiffusionComponents:
     tokenizer: Any
     scheduler: Any
     source: str
-    autocast: torch.dtype | None = None   # the UNet's forward under torch.autocast in this dtype (None: off)
-
-    def unet_precision(self) -> contextlib.AbstractContextManager:
-        """The context the denoisers call the UNet in (sampling.loop.unet_autocast with `autocast`)."""
-        return unet_autocast(self.unet.device.type, self.autocast)
+    autocast: torch.dtype | None = None   # the UNet's forward under torch.autocast in this dtype (None: off;
+                                          # sampling.loop.unet_prediction)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DiffusionComponents":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -177,7 +172,7 @@ def load_diffusion(
 ) -> DiffusionComponents:
     """Load a pipeline's components. role="editor" returns an 8-channel UNet (a 4-channel
     checkpoint is widened), role="base" the text-to-image UNet as stored. `autocast` (bfloat16 |
-    float16 | None) runs the UNet's forward under torch.autocast (DiffusionComponents.unet_precision)."""
+    float16 | None) runs the UNet's forward under torch.autocast (sampling.loop.unet_prediction)."""
     autocast_dtype = resolve_autocast(autocast)   # a bad name fails before any weights load
     if source is None:
         raise Ip2pError(f"model preset '{model_cfg.get('name')}' has no {role} checkpoint configured "

@@ -43,12 +43,20 @@ def scheduler_class(name: str):
 
 
 def unet_autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """The context a denoiser calls its UNet in: torch.autocast in `dtype` (bfloat16 / float16), or
-    nothing when dtype is None. Only the UNet's forward runs in it: weights, latents, guidance and the
-    sampler's arithmetic stay in their own dtype, and callers cast the prediction back to it."""
+    """torch.autocast in `dtype` (bfloat16 / float16), or nothing when dtype is None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def unet_prediction(unet, autocast: torch.dtype | None, sample: torch.Tensor, t: torch.Tensor,
+                    text: torch.Tensor) -> torch.Tensor:
+    """The UNet's output for `sample`, its forward under `autocast` (None: as loaded). Only the forward
+    runs in the lower precision: the prediction comes back in the sample's dtype, so weights, latents,
+    guidance and the sampler's arithmetic stay in theirs."""
+    with unet_autocast(unet.device.type, autocast):
+        out = unet(sample, t, encoder_hidden_states=text).sample
+    return out.to(sample.dtype)
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -8,7 +8,7 @@ import torch
 
 from ip2p.io.images import to_uint8
 from ip2p.sampling.guidance import classifier_free_guidance, rescale_guidance
-from ip2p.sampling.loop import denoise, make_scheduler, unet_autocast
+from ip2p.sampling.loop import denoise, make_scheduler, unet_prediction
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts
              autocast: torch.dtype | None = None) -> np.ndarray:
     """[B, H, W, 3] uint8 images for the prompts; prompt k uses noise seeded by seed + k. The model's
     prediction (epsilon or v, as the scheduler config says) is guided, then optionally rescaled.
-    `autocast`: the UNet's forward under torch.autocast in that dtype (DiffusionComponents.unet_precision)."""
+    `autocast`: the UNet's forward under torch.autocast in that dtype (sampling.loop.unet_prediction)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = (resolution or unet.config.sample_size * factor) // factor
     out = []
@@ -41,9 +41,7 @@ def generate(unet, vae, text_encoder, tokenizer, scheduler_config: dict, prompts
         generator = torch.Generator().manual_seed(seed + start)
 
         def predict(x, t, _i):
-            with unet_autocast(unet.device.type, autocast):
-                eps = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
-            eps_c, eps_u = eps.to(x.dtype).chunk(2)
+            eps_c, eps_u = unet_prediction(unet, autocast, torch.cat([x, x]), t, text).chunk(2)
             return rescale_guidance(classifier_free_guidance(eps_c, eps_u, guidance), eps_c, guidance_rescale)
 
         noise_scheduler = make_scheduler(scheduler, scheduler_config)

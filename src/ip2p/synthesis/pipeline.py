@@ -26,6 +26,7 @@ from ip2p.io.stage import stable_seed
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import DiffusionComponents
 from ip2p.sampling import classifier_free_guidance, denoise, make_scheduler, predicted_clean
+from ip2p.sampling.loop import unet_prediction
 from ip2p.synthesis.attention import AttentionControl, GoogleSettings, attention_control
 from ip2p.synthesis.p2p_alignment import AlignScores, TokenMap, refine_map, replace_map
 
@@ -263,9 +264,7 @@ class PairSampler:
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             control.begin_step(step)
-            with self.c.unet_precision():
-                eps = unet(torch.cat([model_input, model_input]), t, encoder_hidden_states=text).sample
-            eps = eps.to(model_input.dtype)
+            eps = unet_prediction(unet, self.c.autocast, torch.cat([model_input, model_input]), t, text)
             eps_cond, eps_uncond = eps.chunk(2)  # each [input branch, output branch]
             guided = classifier_free_guidance(eps_cond, eps_uncond, cfg)
             if observe is not None:
