@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from ip2p.miniature.world_judge import auc, filter_truth, metric_truth
 from ip2p.world.cases import heldout_cases
@@ -263,3 +264,20 @@ def test_world_yield_runs_every_setting_on_the_same_candidates(tmp_path, cache_d
                    "world.yield_table.settings=[{name: x, steps: 3}]"])
     with pytest.raises(ValueError, match="'x' lacks"):
         run(bad)
+
+
+@pytest.mark.parametrize("experiment, expected", [
+    ("mini", {"device": "cpu", "autocast": "bfloat16", "dtype": "float32"}),
+    ("paper", {"device": "cuda", "dtype": "float16", "autocast": None}),
+    ("tiny", {"device": "auto", "dtype": "float32", "autocast": None}),
+])
+def test_an_experiments_top_level_keys_win_over_the_root_config(experiment, expected):
+    """The root config's own keys (device, dtype, autocast) must not override what an experiment sets
+    (they did while `_self_` came after the experiment in the defaults list), and the command line
+    still overrides both."""
+    from ip2p.config import compose
+
+    cfg = compose([f"experiment={experiment}"])
+    assert {k: cfg[k] for k in expected} == expected
+    assert compose([f"experiment={experiment}", "autocast=float16", "device=cpu"]).autocast == "float16"
+    assert compose([f"experiment={experiment}", "device=cpu"]).device == "cpu"
