@@ -279,5 +279,5 @@ def test_an_experiments_top_level_keys_win_over_the_root_config(experiment, expe
 
     cfg = compose([f"experiment={experiment}"])
     assert {k: cfg[k] for k in expected} == expected
-    assert compose([f"experiment={experiment}", "autocast=float16", "device=cpu"]).autocast == "float16"
-    assert compose([f"experiment={experiment}", "device=cpu"]).device == "cpu"
+    overridden = compose([f"experiment={experiment}", "autocast=float16", "device=cuda:1"])
+    assert (overridden.autocast, overridden.device) == ("float16", "cuda:1")
