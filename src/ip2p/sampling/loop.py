@@ -54,7 +54,7 @@ def unet_prediction(unet, autocast: torch.dtype | None, sample: torch.Tensor, t:
     """The UNet's output for `sample`, its forward under `autocast` (None: as loaded). Only the forward
     runs in the lower precision: the prediction comes back in the sample's dtype, so weights, latents,
     guidance and the sampler's arithmetic stay in theirs."""
-    with unet_autocast(unet.device.type, autocast):
+    with unet_autocast(sample.device.type, autocast):  # the sample's: unet.device walks every submodule
         out = unet(sample, t, encoder_hidden_states=text).sample
     return out.to(sample.dtype)
 
