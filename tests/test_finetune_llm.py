@@ -159,18 +159,32 @@ def test_a_killed_finetune_resumes_at_the_last_epoch_to_the_same_weights(tmp_pat
                         "progress=false", "llm_finetune.accelerator=cpu", f"llm_finetune.epochs={epochs}"])
 
     straight = finetune_llm.run(config("straight", 2))
-    # killed after its first epoch's checkpoint (here: as the model is being saved)
-    real_save = finetune_llm.save_model
+    # killed at the first step of its second epoch: the first epoch's checkpoint must be on disk
+    real_module = finetune_llm._lightning_module
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    class Killed(Exception):
+        pass
 
-    monkeypatch.setattr(finetune_llm, "save_model", killed)
-    with pytest.raises(KeyboardInterrupt):
-        finetune_llm.run(config("killed", 1))
+    def killed_in_second_epoch(*args, **kwargs):
+        module = real_module(*args, **kwargs)
+        step = module.training_step
+
+        def training_step(batch, *rest):
+            if module.current_epoch == 1:
+                raise Killed
+            return step(batch, *rest)
+
+        module.training_step = training_step
+        return module
+
+    monkeypatch.setattr(finetune_llm, "_lightning_module", killed_in_second_epoch)
+    with pytest.raises(Killed):
+        finetune_llm.run(config("killed", 2))
     checkpoints = tmp_path / "killed" / "llm.checkpoints"
-    assert (checkpoints / "last.ckpt").is_file() and not (tmp_path / "killed" / "llm").exists()
-    monkeypatch.setattr(finetune_llm, "save_model", real_save)
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert not (tmp_path / "killed" / "llm").exists()
+    assert not (tmp_path / "killed" / "checkpoints").exists()  # no stray default checkpoints
+    monkeypatch.setattr(finetune_llm, "_lightning_module", real_module)
     resumed = finetune_llm.run(config("killed", 2))
     assert not checkpoints.exists()  # the finished model replaces them
     a = load_llm(str(straight), compose([]).model, cache_dir)[0].state_dict()
@@ -179,3 +193,36 @@ def test_a_killed_finetune_resumes_at_the_last_epoch_to_the_same_weights(tmp_pat
     report = json.loads((tmp_path / "killed" / "reports" / "finetune_llm.json").read_text())
     assert report["optimizer_steps"] == json.loads(
         (tmp_path / "straight" / "reports" / "finetune_llm.json").read_text())["optimizer_steps"]
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    from ip2p.data.finetune_llm import lr_factor
+
+    # warm-up 10 steps, 110 in all: decay runs over steps 10..110
+    assert [lr_factor(s, 10, 110, "linear") for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(60, 10, 110, "constant") == 1.0
+    assert lr_factor(60, 10, 110, "linear") == pytest.approx(0.5)
+    assert lr_factor(35, 10, 110, "linear") == pytest.approx(0.75)
+    assert lr_factor(35, 10, 110, "cosine") == pytest.approx(0.5 * (1 + 2 ** -0.5))  # cos(pi / 4)
+    assert lr_factor(110, 10, 110, "cosine") == pytest.approx(0.0)
+    assert lr_factor(0, 0, 100, "linear") == 1.0  # no warm-up: the full rate at once
+
+
+def test_an_unknown_lr_schedule_fails_before_anything_loads(tmp_path):
+    from ip2p.errors import Ip2pError
+
+    cfg = compose([f"paths.artifacts={tmp_path}", "llm_finetune.lr_schedule=exponential",
+                   f"llm_finetune.data={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(Ip2pError, match="lr_schedule 'exponential'"):
+        finetune_llm.run(cfg)
+
+
+def test_only_a_decaying_schedule_ties_a_checkpoint_to_its_number_of_epochs():
+    from omegaconf import OmegaConf
+
+    cfg = compose([])
+    train = [{"input": "a", "edit": "b", "output": "c"}]
+    finger = lambda **kw: finetune_llm.recipe_fingerprint(OmegaConf.merge(cfg.llm_finetune, kw), cfg, train)  # noqa: E731
+    assert finger(epochs=1) == finger(epochs=3)  # constant: a longer run continues a shorter one
+    assert finger(epochs=1, lr_schedule="linear") != finger(epochs=3, lr_schedule="linear")
+    assert finger(epochs=1) != finger(epochs=1, lr_schedule="linear")

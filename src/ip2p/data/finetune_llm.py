@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -117,7 +118,25 @@ def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16
     return total / max(count, 1)
 
 
-def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate's multiplier at optimizer step `step` (0-based): a linear warm-up over
+    `warmup_steps`, then constant, or decaying to 0 at `total_steps` linearly or along a half cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise Ip2pError(f"unknown lr_schedule '{schedule}': use one of {', '.join(LR_SCHEDULES)}")
+
+
+def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant"):
     import pytorch_lightning as pl
 
     class CompletionLM(pl.LightningModule):
@@ -148,9 +167,9 @@ def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
             no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
             opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-            # linear warm-up, then constant
-            warm = lambda step: min(1.0, (step + 1) / max(1, warmup_steps))  # noqa: E731
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+            total = int(self.trainer.estimated_stepping_batches)  # optimizer steps of the whole run
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: lr_factor(step, warmup_steps, total, schedule))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return CompletionLM()
@@ -158,13 +177,28 @@ def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int):
 
 def recipe_fingerprint(f: DictConfig, cfg: DictConfig, train: list[dict]) -> str:
     """What a checkpoint must share with this run to be continued: the recipe, the seed, the base and
-    the training examples. Not the number of epochs: the learning rate is constant after warmup, so a
-    longer run continues a shorter one exactly."""
+    the training examples. The number of epochs only where the learning rate decays (it sets the
+    decay); with a constant rate after warm-up a longer run continues a shorter one exactly."""
     keys = ("base", "batch_size", "lr", "weight_decay", "warmup_steps", "accumulate_grad_batches",
-            "gradient_clip", "max_length", "precision", "heldout_fraction")
+            "gradient_clip", "max_length", "precision", "heldout_fraction", "lr_schedule")
+    if str(f.get("lr_schedule", "constant")) != "constant":
+        keys += ("epochs",)
     text = json.dumps({"recipe": {k: str(f.get(k)) for k in keys}, "seed": int(cfg.seed),
                        "examples": [(e["input"], e["edit"], e["output"]) for e in train]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _last_checkpoint_each_epoch(checkpoints: Path):
+    """A callback writing <checkpoints>/last.ckpt at every epoch's end (through the trainer's atomic
+    checkpoint IO). Not Lightning's ModelCheckpoint(save_top_k=0, save_last=True): it writes `last`
+    only after a top-k save, so with top-k 0 a run killed mid-way had no checkpoint (Lightning 2.6)."""
+    import pytorch_lightning as pl
+
+    class LastCheckpointEachEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.save_checkpoint(checkpoints / "last.ckpt")
+
+    return LastCheckpointEachEpoch()
 
 
 def resume_point(checkpoints: Path, fingerprint: str) -> str | None:
@@ -198,6 +232,8 @@ def run(cfg: DictConfig) -> Path:
     if (output / DONE_MARKER).exists():
         print(f"finetune-llm: {output} is complete; nothing to do (delete it to train again)")
         return output
+    if str(f.get("lr_schedule", "constant")) not in LR_SCHEDULES:  # before any data or model loads
+        raise Ip2pError(f"unknown lr_schedule '{f.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}")
     summary = StageSummary("finetune_llm")
     rejected: Counter = Counter()
     examples = load_human_examples(f.data, rejected)
@@ -223,7 +259,8 @@ def run(cfg: DictConfig) -> Path:
     val_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in heldout], batch_size=batch_size,
                             collate_fn=pad) if heldout else None
     model.train()  # load_llm hands out models in eval mode
-    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps))
+    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps),
+                               str(f.get("lr_schedule", "constant")))
     # A checkpoint at every epoch's end beside the output; a rerun of the same recipe after a kill
     # continues from it (another recipe or other data starts over).
     checkpoints = output.with_name(output.name + ".checkpoints")
@@ -231,11 +268,10 @@ def run(cfg: DictConfig) -> Path:
     trainer = pl.Trainer(max_epochs=int(f.epochs), accelerator=str(f.accelerator), devices=1,
                          precision=f.precision, accumulate_grad_batches=int(f.accumulate_grad_batches),
                          gradient_clip_val=float(f.gradient_clip), logger=False,
-                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(checkpoints), save_top_k=0,
-                                                                 save_last=True, every_n_epochs=1,
-                                                                 save_on_train_epoch_end=True)],
+                         callbacks=[_last_checkpoint_each_epoch(checkpoints)],
                          plugins=[atomic_checkpoint_io()],
                          enable_progress_bar=bool(cfg.progress), enable_model_summary=False,
+                         enable_checkpointing=False,  # no default ModelCheckpoint: ours above writes last.ckpt
                          log_every_n_steps=1, num_sanity_val_steps=0, default_root_dir=str(output.parent))
     if resume:
         log.info("finetune-llm: resuming from %s", resume)
