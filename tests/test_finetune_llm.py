@@ -110,6 +110,18 @@ def test_finetuning_lowers_the_heldout_loss(tmp_path, cache_dir, tiny_lm, capsys
     assert all(set(r["attempts"]) <= known and len(r["attempts"]) == 2 for r in rejected)
 
 
+def test_finetune_progress_reaches_a_redirected_log(tmp_path, cache_dir, tiny_lm, capsys):
+    """A log file is not a terminal: Lightning's default Rich bar prints only its last frame there, when
+    the run ends, so a cluster job's log showed no progress for hours; the tqdm bar writes every step."""
+    cfg = compose([f"paths.cache={cache_dir}", f"paths.artifacts={tmp_path}", f"paths.reports={tmp_path}",
+                   f"paths.data={REPO / 'data'}", "progress=true", "llm_finetune.accelerator=cpu"])
+    finetune_llm.run(cfg)
+    captured = capsys.readouterr()
+    steps = -(-181 // int(cfg.llm_finetune.batch_size))
+    # frames while it runs (Rich, redirected, prints only the finished bar), each with its rate
+    assert f"| 1/{steps} [" in captured.out and f"| {steps}/{steps} [" in captured.out and "it/s" in captured.out
+
+
 def test_hf_backend_samples_reproducibly_per_batch(tiny_lm):
     model, tokenizer = tiny_lm
     backend = HFBackend(model, tokenizer, "hf:tiny", Sampling(max_new_tokens=12), batch_size=3)

@@ -708,3 +708,18 @@ def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch, cfg):
 
     trainer = build_trainer(cfg, resolve_paths(cfg), [], [])
     assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+
+
+def test_the_trainer_shows_a_tqdm_bar_that_reaches_redirected_logs(cfg):
+    """Lightning picks a Rich bar when rich is installed, which prints only its last frame into a log
+    file: the stage asks for tqdm's, and for none when progress is off."""
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from ip2p.training.launch import build_trainer
+    from ip2p.training.run import resolve_paths
+
+    shown = build_trainer(OmegaConf.merge(cfg, {"progress": True}), resolve_paths(cfg), [], [])
+    assert type(shown.progress_bar_callback) is TQDMProgressBar
+    hidden = build_trainer(OmegaConf.merge(cfg, {"progress": False}), resolve_paths(cfg), [], [])
+    assert hidden.progress_bar_callback is None

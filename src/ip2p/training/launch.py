@@ -180,7 +180,10 @@ def build_trainer(cfg: DictConfig, paths, loggers: list, callbacks: list):
         log_every_n_steps=int(t.log_every_n_steps), enable_progress_bar=bool(cfg.progress),
         enable_model_summary=bool(tr.get("enable_model_summary", False)), deterministic=bool(tr.deterministic),
         use_distributed_sampler=False,  # our samplers shard by rank and resume by step themselves
-        logger=loggers or False, callbacks=callbacks, default_root_dir=str(paths.checkpoint_dir),
+        # tqdm, not Lightning's default Rich bar when rich is installed: Rich draws nothing into a
+        # redirected log (a cluster job's, `dvc repro > log`), tqdm's lines show rate and ETA there too
+        logger=loggers or False, callbacks=callbacks + ([pl.callbacks.TQDMProgressBar()] if cfg.progress else []),
+        default_root_dir=str(paths.checkpoint_dir),
     )
 
 
