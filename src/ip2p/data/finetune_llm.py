@@ -121,9 +121,16 @@ def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
+def checked_lr_schedule(name: str) -> str:
+    if name not in LR_SCHEDULES:
+        raise Ip2pError(f"unknown lr_schedule '{name}': use one of {', '.join(LR_SCHEDULES)}")
+    return name
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """The learning rate's multiplier at optimizer step `step` (0-based): a linear warm-up over
     `warmup_steps`, then constant, or decaying to 0 at `total_steps` linearly or along a half cosine."""
+    checked_lr_schedule(schedule)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -131,9 +138,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":
         return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise Ip2pError(f"unknown lr_schedule '{schedule}': use one of {', '.join(LR_SCHEDULES)}")
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
 def _lightning_module(model, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant"):
@@ -232,8 +237,7 @@ def run(cfg: DictConfig) -> Path:
     if (output / DONE_MARKER).exists():
         print(f"finetune-llm: {output} is complete; nothing to do (delete it to train again)")
         return output
-    if str(f.get("lr_schedule", "constant")) not in LR_SCHEDULES:  # before any data or model loads
-        raise Ip2pError(f"unknown lr_schedule '{f.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}")
+    schedule = checked_lr_schedule(str(f.get("lr_schedule", "constant")))  # before any data or model loads
     summary = StageSummary("finetune_llm")
     rejected: Counter = Counter()
     examples = load_human_examples(f.data, rejected)
@@ -259,8 +263,7 @@ def run(cfg: DictConfig) -> Path:
     val_loader = DataLoader([encode_example(tokenizer, e, max_length) for e in heldout], batch_size=batch_size,
                             collate_fn=pad) if heldout else None
     model.train()  # load_llm hands out models in eval mode
-    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps),
-                               str(f.get("lr_schedule", "constant")))
+    module = _lightning_module(model, float(f.lr), float(f.weight_decay), int(f.warmup_steps), schedule)
     # A checkpoint at every epoch's end beside the output; a rerun of the same recipe after a kill
     # continues from it (another recipe or other data starts over).
     checkpoints = output.with_name(output.name + ".checkpoints")
