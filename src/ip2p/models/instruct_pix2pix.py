@@ -15,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ip2p.io.images import pil_to_tensor, tensor_to_pil
-from ip2p.models.loader import DiffusionComponents, first_parameter
+from ip2p.models.loader import DiffusionComponents, weights_device, weights_dtype
 from ip2p.sampling.guidance import dual_guidance
 from ip2p.sampling.loop import denoise, make_scheduler, unet_prediction
 
@@ -39,11 +39,11 @@ class InstructPix2Pix:
 
     @property
     def device(self) -> torch.device:
-        return first_parameter(self.c.unet).device
+        return weights_device(self.c.unet)
 
     @property
     def dtype(self) -> torch.dtype:
-        return first_parameter(self.c.unet).dtype
+        return weights_dtype(self.c.unet)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -56,13 +56,13 @@ class InstructPix2Pix:
     @torch.no_grad()
     def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> conditioning latents: posterior mode, unscaled."""
-        images = images.to(self.device, first_parameter(self.c.vae).dtype)
+        images = images.to(self.device, weights_dtype(self.c.vae))
         return self.c.vae.encode(images).latent_dist.mode().to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents -> images in [-1, 1]."""
-        latents = latents.to(first_parameter(self.c.vae).dtype) / self.c.vae.config.scaling_factor
+        latents = latents.to(weights_dtype(self.c.vae)) / self.c.vae.config.scaling_factor
         return self.c.vae.decode(latents).sample
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ip2p.io.stage import stable_seed
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
-from ip2p.models.loader import DiffusionComponents, first_parameter
+from ip2p.models.loader import DiffusionComponents, weights_device, weights_dtype
 from ip2p.sampling import classifier_free_guidance, denoise, make_scheduler, predicted_clean
 from ip2p.sampling.loop import unet_prediction
 from ip2p.synthesis.attention import AttentionControl, GoogleSettings, attention_control
@@ -156,7 +156,7 @@ class PairSampler:
 
     @property
     def device(self) -> torch.device:
-        return first_parameter(self.c.unet).device
+        return weights_device(self.c.unet)
 
     @property
     def latent_scale(self) -> int:
@@ -242,7 +242,7 @@ class PairSampler:
         latent_hw = (height // self.latent_scale, width // self.latent_scale)
         generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in specs]
         noise = randn_tensor((s, unet.config.in_channels, *latent_hw), generator=generators,
-                             device=self.device, dtype=first_parameter(unet).dtype)
+                             device=self.device, dtype=weights_dtype(unet))
         texts = sorted({text for pair in pairs for text in pair})
         encoded = self._text.encode_text(texts)  # each distinct caption once: [T, L, D]
         row_of = {text: i for i, text in enumerate(texts)}
