@@ -271,7 +271,8 @@ def run(cfg: DictConfig) -> Path:
     trainer = pl.Trainer(max_epochs=int(f.epochs), accelerator=str(f.accelerator), devices=1,
                          precision=f.precision, accumulate_grad_batches=int(f.accumulate_grad_batches),
                          gradient_clip_val=float(f.gradient_clip), logger=False,
-                         callbacks=[_last_checkpoint_each_epoch(checkpoints)]  # tqdm: shows in redirected logs
+                         # tqdm's bar, not Lightning's Rich default: it also shows in redirected logs
+                         callbacks=[_last_checkpoint_each_epoch(checkpoints)]
                          + ([pl.callbacks.TQDMProgressBar()] if cfg.progress else []),
                          plugins=[atomic_checkpoint_io()],
                          enable_progress_bar=bool(cfg.progress), enable_model_summary=False,

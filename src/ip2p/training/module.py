@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
 from ip2p.models.ema import ExponentialMovingAverage
-from ip2p.models.loader import DiffusionComponents
+from ip2p.models.loader import DiffusionComponents, weights_device
 
 
 @dataclass
@@ -162,7 +162,7 @@ class InstructPix2PixModule(pl.LightningModule):
 
     def _frozen_to_device(self) -> None:
         for module in (self.frozen.vae, self.frozen.text_encoder):
-            if module.device != self.device:
+            if weights_device(module) != self.device:  # asked every step: not diffusers' slow .device
                 module.to(self.device)
 
     @torch.no_grad()
