@@ -182,7 +182,20 @@ def test_curriculum_first_scenes_are_one_large_object_without_style():
     assert len({s.background for s in anywhere}) > 3
 
 
-def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int):
+def test_curriculum_first_scenes_can_be_small():
+    from ip2p.pretrain.t2i import first_scenes
+    from ip2p.world.vocab import SIZES
+
+    def small(s):
+        return SIZES["small"][0] <= s.objects[0].side <= SIZES["small"][1]
+
+    assert all(small(s) for s in first_scenes(4, 40, None, p_small=1.0))
+    mixed = [small(s) for s in first_scenes(4, 200, None, p_small=0.5)]
+    assert 0.35 < sum(mixed) / len(mixed) < 0.65
+    assert all(len(s.objects) == 1 and s.style == "none" for s in first_scenes(4, 40, None, p_small=0.5))
+
+
+def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int, extra: tuple[str, ...] = ()):
     from ip2p.config import compose
 
     repo = Path(__file__).resolve().parents[1]
@@ -193,7 +206,7 @@ def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int):
                    "world.t2i.norm_groups=8", f"world.t2i.loop.steps={steps}", "world.t2i.loop.warmup_steps=1",
                    "world.t2i.loop.eval_every=1000", "world.t2i.eval.scenes=2", "world.t2i.eval.steps=2",
                    f"world.t2i.curriculum.steps={curriculum_steps}", "world.t2i.curriculum.scenes=10",
-                   "world.t2i.curriculum.background=black", "progress=false"])
+                   "world.t2i.curriculum.background=black", "progress=false", *extra])
     if not Path(cfg.world.t2i.vae, "config.json").is_file():
         pytest.fail("artifacts/world/vae is missing: run `dvc pull pretrain_vae pretrain_clip` (scripts/setup.sh does)")
     return cfg
@@ -222,3 +235,44 @@ def test_curriculum_longer_than_the_run_is_refused(tmp_path):
 
     with pytest.raises(Ip2pError, match="never see the whole world"):
         t2i.run(_tiny_t2i_cfg(tmp_path, curriculum_steps=4, steps=4))
+
+
+def test_rehearsal_mixes_first_scenes_into_the_whole_worlds_batches(tmp_path, monkeypatch):
+    """After the curriculum, `rehearsal` of each batch (here 1 of 3) still comes from the first scenes."""
+    import ip2p.pretrain.t2i as t2i
+
+    captioned = []
+    real_caption = t2i.caption
+    monkeypatch.setattr(t2i, "caption", lambda scene, rng: captioned.append(scene) or real_caption(scene, rng))
+    cfg = _tiny_t2i_cfg(tmp_path, curriculum_steps=1, steps=3, extra=("world.t2i.curriculum.rehearsal=0.34",))
+    t2i.run(cfg)
+    world = t2i.sample_scenes(cfg.world.t2i.seed, cfg.world.t2i.scenes)
+    first = t2i.first_scenes(cfg.world.t2i.curriculum.seed, 10, "black")
+    batches = [captioned[i:i + 3] for i in range(0, 9, 3)]
+    assert all(s in first for s in batches[0])
+    for batch in batches[1:]:
+        assert sum(s in world for s in batch) == 2 and sum(s in first for s in batch) == 1
+
+
+def test_init_from_continues_a_saved_base(tmp_path):
+    """`init_from` starts the UNet from a saved base: at learning rate 0 the saved UNet is that base's
+    bit for bit, while a fresh run at the same rate saves its own random initialisation."""
+    import ip2p.pretrain.t2i as t2i
+    from diffusers import UNet2DConditionModel
+
+    zero = ("world.t2i.loop.lr=0.0", "world.t2i.loop.min_lr=0.0")
+    first = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=1, extra=("world.t2i.seed=11",))
+    t2i.run(first)
+    base = UNet2DConditionModel.from_pretrained(f"{first.world.t2i.output}/unet").state_dict()
+    again = _tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=1,
+                          extra=(*zero, f"world.t2i.init_from={first.world.t2i.output}"))
+    t2i.run(again)
+    fresh = _tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=1, extra=zero)
+    t2i.run(fresh)
+
+    def saved(cfg):
+        return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
+
+    continued, new = saved(again), saved(fresh)
+    assert all(torch.equal(continued[k], base[k]) for k in base)
+    assert not all(torch.equal(new[k], base[k]) for k in base)

@@ -50,3 +50,14 @@ def test_same_seed_same_files(tmp_path):
     b = source.caption_records(5, 50), source.edit_records(6, 30)
     assert a == b
     assert source.caption_records(7, 50) != a[0]
+
+
+def test_edit_examples_can_oversample_two_object_scenes():
+    """`p_two_objects` sets the share of examples whose input scene has two objects (the world's own
+    share without it); the examples stay consistent with the world."""
+    def two(records):
+        return sum(len(parse_caption(r["input"]).objects) == 2 for r in records) / len(records)
+
+    world, oversampled = source.edit_records(6, 400), source.edit_records(6, 400, p_two_objects=0.8)
+    assert 0.25 < two(world) < 0.45 and two(oversampled) > 0.7
+    assert all(consistent(r["input"], r["edit"], r["output"]) for r in oversampled)

@@ -112,13 +112,14 @@ def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progre
     return cached
 
 
-def first_scenes(seed: int, n: int, background: str | None) -> list[Scene]:
-    """The curriculum's first scenes: one large object, no global style, on `background` (None: any)."""
-    one_large = SceneDistribution(p_two_objects=0.0, p_style={"none": 1.0}, p_small=0.0)
+def first_scenes(seed: int, n: int, background: str | None, p_small: float = 0.0) -> list[Scene]:
+    """The curriculum's first scenes: one object (small with probability `p_small`), no global style, on
+    `background` (None: any)."""
+    one_object = SceneDistribution(p_two_objects=0.0, p_style={"none": 1.0}, p_small=p_small)
     rng = np.random.default_rng(seed)
     out: list[Scene] = []
     while len(out) < n:
-        scene = sample_scene(rng, one_large)
+        scene = sample_scene(rng, one_object)
         if background is not None:
             scene = dataclasses.replace(scene, background=background)
         if valid(scene):  # a colour too close to the forced background is drawn again
@@ -258,24 +259,41 @@ def run(cfg: DictConfig) -> dict:
     if first_steps >= c.loop.steps:
         raise Ip2pError(f"world.t2i.curriculum.steps ({first_steps}) must be fewer than world.t2i.loop.steps "
                         f"({c.loop.steps}): the base would never see the whole world")
+    rehearsal = float(curriculum.get("rehearsal", 0.0))
     if first_steps:
-        first = first_scenes(curriculum.seed, curriculum.scenes, curriculum.get("background"))
+        first = first_scenes(curriculum.seed, curriculum.scenes, curriculum.get("background"),
+                             float(curriculum.get("p_small", 0.0)))
         pools.insert(0, Pool.encode(vae, first, checkpoints / "t2i_latents_first.pt", cfg.progress))
     latent_size = pools[-1].cached["mean"].shape[-1]
-    unet = build_unet(c, text_encoder.config.hidden_size, sample_size=latent_size)
+    if c.get("init_from"):  # continue training a saved base (its own architecture; `channels` etc. unused)
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(c.init_from) / "unet")
+    else:
+        unet = build_unet(c, text_encoder.config.hidden_size, sample_size=latent_size)
     empty = encode_prompts(tokenizer, text_encoder, [""])
     eval_scenes = sample_scenes(c.eval.seed, c.eval.scenes)
     loop = LoopConfig.from_cfg(c.loop, progress=cfg.progress)
     scale = vae.config.scaling_factor
 
+    def draw(pool: Pool, rng: np.random.Generator, n: int):
+        """n scenes of `pool`: (cached mean, cached std, object masks, scenes)."""
+        idx = torch.from_numpy(rng.integers(0, len(pool.scenes), n))
+        return (pool.cached["mean"][idx].float(), pool.cached["std"][idx].float(), pool.masks[idx],
+                [pool.scenes[i] for i in idx.tolist()])
+
     def loss_fn(step: int) -> dict:
-        pool = pools[0] if step < first_steps else pools[-1]
         rng = np.random.default_rng([c.seed, step])
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        idx = torch.from_numpy(rng.integers(0, len(pool.scenes), c.batch_size))
-        mean, std = pool.cached["mean"][idx].float(), pool.cached["std"][idx].float()
+        if step < first_steps:
+            mean, std, masks, scenes = draw(pools[0], rng, c.batch_size)
+        else:  # the whole world, with a share of each batch rehearsing the curriculum's first scenes
+            n_first = int(round(rehearsal * c.batch_size)) if first_steps else 0
+            parts = [draw(pools[-1], rng, c.batch_size - n_first)] + ([draw(pools[0], rng, n_first)] if n_first else [])
+            mean, std, masks = (torch.cat([p[k] for p in parts]) for k in range(3))
+            scenes = [s for p in parts for s in p[3]]
         x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        prompts = [caption(pool.scenes[i], rng) for i in idx.tolist()]
+        prompts = [caption(scene, rng) for scene in scenes]
         text = encode_prompts(tokenizer, text_encoder, prompts)
         drop = torch.from_numpy(rng.random(c.batch_size) < c.caption_dropout)
         text = torch.where(drop[:, None, None], empty.expand_as(text), text)
@@ -287,7 +305,7 @@ def run(cfg: DictConfig) -> dict:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=text).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise  # v = sqrt(a) eps - sqrt(1-a) x0
-        per_pixel = F.mse_loss(pred, target, reduction="none") * pixel_weight(pool.masks[idx], c.object_weight)
+        per_pixel = F.mse_loss(pred, target, reduction="none") * pixel_weight(masks, c.object_weight)
         per_sample = per_pixel.mean(dim=(1, 2, 3))
         w = min_snr_weight(alphas_cumprod, t, c.min_snr_gamma, sched["prediction_type"])
         return {"loss": (w * per_sample).mean(), "mse": per_sample.mean().detach()}

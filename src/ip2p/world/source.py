@@ -21,7 +21,7 @@ from ip2p.io.atomic import atomic_file, atomic_write_json
 from ip2p.io.figures import save_figure
 from ip2p.world.language import caption, world_triple
 from ip2p.world.render import render
-from ip2p.world.scene import Scene, sample_scene, sample_scenes
+from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,13 @@ def caption_records(seed: int, n: int) -> list[dict]:
             for k, s in enumerate(sample_scenes(seed, n))]
 
 
-def edit_records(seed: int, n: int) -> list[dict]:
+def edit_records(seed: int, n: int, p_two_objects: float | None = None) -> list[dict]:
+    """`n` examples in the paper's format. `p_two_objects` (None: the world's own share) oversamples
+    scenes of two objects: there the LM must read which words belong to which object, and that binding
+    is what it gets wrong (docs/miniature-world.md)."""
+    dist = SceneDistribution() if p_two_objects is None else SceneDistribution(p_two_objects=p_two_objects)
     rng = np.random.default_rng(seed)
-    return [world_triple(sample_scene(rng), rng) for _ in range(n)]
+    return [world_triple(sample_scene(rng, dist), rng) for _ in range(n)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -68,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
     # 1. captions with their scenes (the caption source); 2. edit examples (the LM's fine-tuning set)
     captions = caption_records(c.seed, c.captions)
     write_jsonl(Path(c.captions_output), captions)
-    edits = edit_records(c.edits_seed, c.edits)
+    edits = edit_records(c.edits_seed, c.edits, c.get("edits_p_two_objects"))
     write_jsonl(Path(c.edits_output), edits)
     # 3. a picture of samples; 4. counts
     samples_picture(captions[:c.picture_samples], Path(cfg.paths.reports) / "world_samples.png")
