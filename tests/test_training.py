@@ -723,3 +723,17 @@ def test_the_trainer_shows_a_tqdm_bar_that_reaches_redirected_logs(cfg):
     assert type(shown.progress_bar_callback) is TQDMProgressBar
     hidden = build_trainer(OmegaConf.merge(cfg, {"progress": False}), resolve_paths(cfg), [], [])
     assert hidden.progress_bar_callback is None
+
+
+def test_ema_tracks_the_live_unet_through_a_fit_and_its_resume(dataset, cache_dir, tmp_path):
+    """The EMA callback takes the UNet's tensor lists once per fit: at decay 0 (no warmup) the average
+    must equal the trained UNet after every step, also after a resume, which starts a new fit."""
+    from ip2p.training.run import run
+
+    extra = {"train.ema.decay": 0.0, "train.ema.warmup": "false", "train.export.enabled": "false"}
+    for steps in (3, 5):
+        run(compose_train(tmp_path, dataset, cache_dir, **{"train.max_steps": steps, **extra}))
+        state = _checkpoint_weights(tmp_path / "artifacts" / "checkpoints" / "last.ckpt")["state_dict"]
+        assert int(state["ema.num_updates"]) == steps
+        unet = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+        assert unet and all(torch.equal(v, state["ema.model." + k]) for k, v in unet.items())

@@ -32,7 +32,8 @@ def ema_update_(averaged: list[torch.Tensor], current: list[torch.Tensor], decay
     if not averaged:
         return
     # a + (1 - decay) * (c - a), all tensors in one fused call (an SD-size UNet has ~700 of them)
-    torch._foreach_lerp_(averaged, [c.detach().to(a.dtype) for a, c in zip(averaged, current)], 1.0 - decay)
+    torch._foreach_lerp_(averaged, [c if c.dtype == a.dtype else c.to(a.dtype) for a, c in zip(averaged, current)],
+                         1.0 - decay)
 
 
 class ExponentialMovingAverage(nn.Module):
@@ -47,13 +48,22 @@ class ExponentialMovingAverage(nn.Module):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
+    def tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(averaged parameters, model's parameters, averaged buffers, model's buffers), in matching order.
+        A training loop may take these once and pass them to every `update`: walking a UNet's modules
+        costs about as much as the averaging itself (bench/README.md)."""
+        return (list(self.model.parameters()), list(model.parameters()), list(self.model.buffers()),
+                list(model.buffers()))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> float:
-        """Fold the current weights of `model` into the average; returns the decay used."""
+    def update(self, model: nn.Module, tensors: tuple[list[torch.Tensor], ...] | None = None) -> float:
+        """Fold the current weights of `model` into the average; returns the decay used. `tensors`:
+        `self.tensors(model)`, taken while the model's parameters are the same objects (None: walk now)."""
         n = int(self.num_updates.item()) + 1
         decay = ema_decay(n, self.decay, self.warmup)
-        ema_update_(list(self.model.parameters()), list(model.parameters()), decay)
-        for a, c in zip(self.model.buffers(), model.buffers()):
+        averaged, current, averaged_buffers, buffers = tensors if tensors is not None else self.tensors(model)
+        ema_update_(averaged, current, decay)
+        for a, c in zip(averaged_buffers, buffers):
             a.copy_(c)  # running statistics (if any) are copied, not averaged
         self.num_updates += 1
         return decay

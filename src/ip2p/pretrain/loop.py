@@ -91,6 +91,7 @@ def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, 
     if start:
         log.info("%s: resuming at step %d of %d from %s", name, start, c.steps, checkpoint)
     model.train()
+    ema_tensors = ema.tensors(model)  # walked once: the parameters stay the same objects from here on
     bar = tqdm(total=c.steps, initial=start, desc=name, disable=not c.progress, unit="step", dynamic_ncols=True)
     t0, running, counted = time.perf_counter(), {}, 0
     for step in range(start, c.steps):
@@ -102,7 +103,7 @@ def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, 
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         opt.step()
-        ema.update(model)
+        ema.update(model, ema_tensors)
         for k, v in losses.items():
             running[k] = running.get(k, 0.0) + float(v.detach())
         counted += 1

@@ -28,11 +28,21 @@ log = logging.getLogger(__name__)
 
 
 class EMAUpdate(Callback):
-    """After every optimizer step (not every micro-batch under gradient accumulation)."""
+    """After every optimizer step (not every micro-batch under gradient accumulation). The tensor lists
+    are taken once per fit, after the strategy has placed (or wrapped) the UNet."""
+
+    def __init__(self):
+        self._tensors = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._tensors = pl_module.ema.tensors(pl_module.unet)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._tensors = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         while int(pl_module.ema.num_updates) < trainer.global_step:
-            pl_module.ema.update(pl_module.unet)
+            pl_module.ema.update(pl_module.unet, self._tensors)
 
 
 def sample_grid(inputs: torch.Tensor, edits: torch.Tensor, targets: torch.Tensor | None = None) -> Image.Image:
