@@ -276,3 +276,31 @@ def test_init_from_continues_a_saved_base(tmp_path):
     continued, new = saved(again), saved(fresh)
     assert all(torch.equal(continued[k], base[k]) for k in base)
     assert not all(torch.equal(new[k], base[k]) for k in base)
+
+
+def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path):
+    """`refine` runs a second training from the first run's saved base: at learning rate 0 the final
+    base is the first run's bit for bit, the report keeps both runs, and a refine that would share the
+    first run's checkpoint is refused."""
+    import ip2p.pretrain.t2i as t2i
+    from diffusers import UNet2DConditionModel
+    from ip2p.errors import Ip2pError
+
+    def unet(cfg):
+        return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
+
+    alone = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=2)
+    t2i.run(alone)
+    refine = ("+world.t2i.refine={checkpoint: " + str(tmp_path / "b" / "refine.pt") + ", loop: {steps: 2, lr: 0.0, "
+              "min_lr: 0.0}, curriculum: {steps: 1, p_small: 1.0, rehearsal: 0.5}}")
+    both = _tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=2, extra=(refine.replace("+", "", 1),))
+    result = t2i.run(both)
+    assert result["first_run"]["steps"] == 2 and result["steps"] == 2
+    assert (tmp_path / "b" / "refine.pt").is_file() and (tmp_path / "b" / "refine_latents_first.pt").is_file()
+    first, final = unet(alone), unet(both)  # the same seed: the first runs are equal
+    assert all(torch.equal(first[k], final[k]) for k in first)
+
+    same = _tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=2,
+                         extra=("world.t2i.refine={loop: {steps: 2}}",))
+    with pytest.raises(Ip2pError, match="refine.checkpoint must differ"):
+        t2i.run(same)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -241,6 +241,23 @@ class Pool:
 
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.t2i
+    refine = None
+    if c.get("refine"):  # a second run continues the saved base with its own curriculum and schedule
+        settings = OmegaConf.to_container(c, resolve=True)
+        if Path(settings["refine"].get("checkpoint", c.checkpoint)) == Path(c.checkpoint):
+            raise Ip2pError("world.t2i.refine.checkpoint must differ from world.t2i.checkpoint: the refine run "
+                            "would resume from the first run's finished checkpoint")
+        refine = OmegaConf.merge(settings, settings["refine"], {"init_from": settings["output"], "refine": None})
+    result = train_base(cfg, c, "pretrain-t2i")
+    if refine is not None:
+        result = {**train_base(cfg, refine, "pretrain-t2i-refine"), "first_run": result}
+    atomic_write_json(Path(cfg.paths.reports) / "pretrain_t2i.json", result)
+    log.info("pretrain-t2i: %s", result)
+    return result
+
+
+def train_base(cfg: DictConfig, c: DictConfig, name: str) -> dict:
+    """One training run of the base with the settings `c` (world.t2i's layout); saves it to `c.output`."""
     out = Path(c.output)
     torch.manual_seed(c.seed)
     # 1. frozen parts (world VAE and CLIP text tower) and the UNet to train
@@ -263,7 +280,8 @@ def run(cfg: DictConfig) -> dict:
     if first_steps:
         first = first_scenes(curriculum.seed, curriculum.scenes, curriculum.get("background"),
                              float(curriculum.get("p_small", 0.0)))
-        pools.insert(0, Pool.encode(vae, first, checkpoints / "t2i_latents_first.pt", cfg.progress))
+        first_cache = checkpoints / f"{Path(c.checkpoint).stem}_latents_first.pt"  # a refine run has its own
+        pools.insert(0, Pool.encode(vae, first, first_cache, cfg.progress))
     latent_size = pools[-1].cached["mean"].shape[-1]
     if c.get("init_from"):  # continue training a saved base (its own architecture; `channels` etc. unused)
         from diffusers import UNet2DConditionModel
@@ -314,16 +332,14 @@ def run(cfg: DictConfig) -> dict:
         return {**judge(ema_unet, vae, text_encoder, tokenizer, sched, c.eval, eval_scenes),
                 **caption_reliance(ema_unet, vae, text_encoder, tokenizer, sched, eval_scenes)}
 
-    with start_mlflow_run(cfg, "pretrain-t2i", {"parameters": sum(p.numel() for p in unet.parameters())}):
+    with start_mlflow_run(cfg, name, {"parameters": sum(p.numel() for p in unet.parameters())}):
         # 3. train; 4. judge the EMA UNet; 5. save the whole text-to-image pipeline
-        ema = train("pretrain-t2i", unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics)
+        ema = train(name, unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics)
         final = ema.model.eval()
         result = {**judge(final, vae, text_encoder, tokenizer, sched, c.eval, eval_scenes),
                   "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps}
         save_pipeline(out, final, vae, text_encoder, tokenizer, c.clip, sched)
         log_metrics({f"final/{k}": v for k, v in result.items()})
-    atomic_write_json(Path(cfg.paths.reports) / "pretrain_t2i.json", result)
-    log.info("pretrain-t2i: %s", result)
     return result
 
 
