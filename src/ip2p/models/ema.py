@@ -51,7 +51,7 @@ class ExponentialMovingAverage(nn.Module):
     def tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
         """(averaged parameters, model's parameters, averaged buffers, model's buffers), in matching order.
         A training loop may take these once and pass them to every `update`: walking a UNet's modules
-        costs about as much as the averaging itself (bench/README.md)."""
+        costs about as much as the averaging itself (tiny UNet on 2 cores: 0.8 ms of walks per update)."""
         return (list(self.model.parameters()), list(model.parameters()), list(self.model.buffers()),
                 list(model.buffers()))
 
