@@ -206,7 +206,7 @@ def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int, extra: tuple[str,
                    "world.t2i.norm_groups=8", f"world.t2i.loop.steps={steps}", "world.t2i.loop.warmup_steps=1",
                    "world.t2i.loop.eval_every=1000", "world.t2i.eval.scenes=2", "world.t2i.eval.steps=2",
                    f"world.t2i.curriculum.steps={curriculum_steps}", "world.t2i.curriculum.scenes=10",
-                   "world.t2i.curriculum.background=black", "progress=false", *extra])
+                   "world.t2i.curriculum.background=black", "world.t2i.refine=null", "progress=false", *extra])
     if not Path(cfg.world.t2i.vae, "config.json").is_file():
         pytest.fail("artifacts/world/vae is missing: run `dvc pull pretrain_vae pretrain_clip` (scripts/setup.sh does)")
     return cfg
@@ -284,6 +284,8 @@ def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path):
     first run's checkpoint is refused."""
     import ip2p.pretrain.t2i as t2i
     from diffusers import UNet2DConditionModel
+    from omegaconf import OmegaConf
+
     from ip2p.errors import Ip2pError
 
     def unet(cfg):
@@ -291,16 +293,28 @@ def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path):
 
     alone = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=2)
     t2i.run(alone)
-    refine = ("+world.t2i.refine={checkpoint: " + str(tmp_path / "b" / "refine.pt") + ", loop: {steps: 2, lr: 0.0, "
-              "min_lr: 0.0}, curriculum: {steps: 1, p_small: 1.0, rehearsal: 0.5}}")
-    both = _tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=2, extra=(refine.replace("+", "", 1),))
+    def with_refine(cfg, refine: dict):
+        OmegaConf.update(cfg, "world.t2i.refine", refine, merge=False)
+        return cfg
+
+    both = with_refine(_tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=2),
+                       {"checkpoint": str(tmp_path / "b" / "refine.pt"), "loop": {"steps": 2, "lr": 0.0, "min_lr": 0.0},
+                        "curriculum": {"steps": 1, "p_small": 1.0, "rehearsal": 0.5}})
     result = t2i.run(both)
     assert result["first_run"]["steps"] == 2 and result["steps"] == 2
     assert (tmp_path / "b" / "refine.pt").is_file() and (tmp_path / "b" / "refine_latents_first.pt").is_file()
     first, final = unet(alone), unet(both)  # the same seed: the first runs are equal
     assert all(torch.equal(first[k], final[k]) for k in first)
 
-    same = _tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=2,
-                         extra=("world.t2i.refine={loop: {steps: 2}}",))
+    same = with_refine(_tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=2), {"loop": {"steps": 2}})
     with pytest.raises(Ip2pError, match="refine.checkpoint must differ"):
         t2i.run(same)
+
+
+def test_shipped_recipe_refines_with_its_own_checkpoint_and_the_variants_do_not():
+    from ip2p.config import compose
+
+    t = compose([]).world.t2i
+    assert t.refine.checkpoint != t.checkpoint and str(t.refine.checkpoint).startswith(str(compose([]).world.root))
+    assert t.refine.curriculum.rehearsal > 0 and t.refine.loop.steps > t.refine.curriculum.steps
+    assert all(compose([f"world={v}"]).world.t2i.refine is None for v in ("f2", "wide"))
