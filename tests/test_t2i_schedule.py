@@ -311,6 +311,42 @@ def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path):
         t2i.run(same)
 
 
+def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_path):
+    """`refine` as a list: each run continues the base the run before it saved, with its own checkpoint
+    and first-scene cache; at learning rate 0 the last base is still the first run's bit for bit. Two
+    runs sharing a checkpoint are refused before any training."""
+    import ip2p.pretrain.t2i as t2i
+    from diffusers import UNet2DConditionModel
+    from omegaconf import OmegaConf
+
+    from ip2p.errors import Ip2pError
+
+    def unet(cfg):
+        return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
+
+    def refine(name: str, steps: int) -> dict:
+        return {"checkpoint": str(tmp_path / "b" / f"{name}.pt"), "loop": {"steps": steps, "lr": 0.0, "min_lr": 0.0},
+                "curriculum": {"steps": 1, "p_small": 1.0, "rehearsal": 0.5}}
+
+    alone = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=2)
+    t2i.run(alone)
+    twice = _tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=2)
+    OmegaConf.update(twice, "world.t2i.refine", [refine("r1", 2), refine("r2", 3)], merge=False)
+    result = t2i.run(twice)
+    assert result["steps"] == 3 and result["first_run"]["steps"] == 2  # the last run's numbers on top
+    assert [r["steps"] for r in result["refine_runs"]] == [2]
+    for name in ("r1", "r2"):
+        assert (tmp_path / "b" / f"{name}.pt").is_file() and (tmp_path / "b" / f"{name}_latents_first.pt").is_file()
+    first, final = unet(alone), unet(twice)
+    assert all(torch.equal(first[k], final[k]) for k in first)
+
+    clash = _tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=2)
+    OmegaConf.update(clash, "world.t2i.refine", [refine("r1", 2), refine("r1", 3)], merge=False)
+    with pytest.raises(Ip2pError, match="used twice"):
+        t2i.run(clash)
+    assert not Path(clash.world.t2i.output).exists()  # refused before the first run trained
+
+
 def test_shipped_recipe_refines_with_its_own_checkpoint_and_the_variants_do_not():
     from ip2p.config import compose
 

@@ -131,6 +131,28 @@ def test_edges_are_anti_aliased(shape):
     assert (is_bg | is_obj | between).all()
 
 
+def test_coverage_in_a_window_is_that_part_of_the_whole_canvas():
+    """The oracle draws its shape templates in a window around the object: every value there must be
+    the whole canvas's, for boxes at whole and half pixels, windows a pixel or more larger than the box
+    and windows cut by the canvas's edge."""
+    from ip2p.world.render import coverage
+
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        shape = SPEC_SHAPES[rng.integers(len(SPEC_SHAPES))]
+        w, h = int(rng.integers(3, 40)), int(rng.integers(3, 40))
+        x0, y0 = int(rng.integers(0, 65 - w)), int(rng.integers(0, 65 - h))
+        sx, sy = rng.choice([0.0, 0.5, 1.0], size=2)
+        box = (x0 + sx, y0 + sy, x0 + w - sx, y0 + h - sy)
+        m = int(rng.integers(1, 4))
+        left, top, right, bottom = max(x0 - m, 0), max(y0 - m, 0), min(x0 + w + m, 64), min(y0 + h + m, 64)
+        whole = coverage(shape, *box)
+        part = coverage(shape, *box, window=(left, top, right - left, bottom - top))
+        assert part.shape == (bottom - top, right - left)
+        np.testing.assert_array_equal(part, whole[top:bottom, left:right])
+        assert whole.sum() == pytest.approx(part.sum(), abs=1e-3)  # nothing drawn outside the window
+
+
 # -------------------------------------------------------------------------------------------- styles
 
 

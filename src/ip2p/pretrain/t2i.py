@@ -239,18 +239,33 @@ class Pool:
         return Pool(scenes, cached, torch.from_numpy(np.stack([object_mask(s, factor) for s in scenes])))
 
 
+def refine_runs(c: DictConfig) -> list[DictConfig]:
+    """The settings of each refine run, in order: `world.t2i.refine` is one run (a mapping), several (a
+    list of them) or none (null). Each one's keys override the first run's settings (not the previous
+    refine's), and each continues the saved base (`init_from` the output the run before it wrote)."""
+    settings = OmegaConf.to_container(c, resolve=True)
+    runs = settings.pop("refine") or []
+    runs = [runs] if isinstance(runs, dict) else list(runs)
+    checkpoints = [str(Path(c.checkpoint))]
+    for run in runs:
+        checkpoint = str(Path(run.get("checkpoint", c.checkpoint)))
+        if checkpoint in checkpoints:  # it would resume from another run's finished checkpoint
+            raise Ip2pError(f"world.t2i.refine.checkpoint must differ from world.t2i.checkpoint and from every other "
+                            f"refine run's ('{checkpoint}' is used twice)")
+        checkpoints.append(checkpoint)
+    return [OmegaConf.merge(settings, run, {"init_from": settings["output"], "refine": None}) for run in runs]
+
+
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.t2i
-    refine = None
-    if c.get("refine"):  # a second run continues the saved base with its own curriculum and schedule
-        settings = OmegaConf.to_container(c, resolve=True)
-        if Path(settings["refine"].get("checkpoint", c.checkpoint)) == Path(c.checkpoint):
-            raise Ip2pError("world.t2i.refine.checkpoint must differ from world.t2i.checkpoint: the refine run "
-                            "would resume from the first run's finished checkpoint")
-        refine = OmegaConf.merge(settings, settings["refine"], {"init_from": settings["output"], "refine": None})
+    refines = refine_runs(c)  # checked before the first run spends its hours
     result = train_base(cfg, c, "pretrain-t2i")
-    if refine is not None:
-        result = {**train_base(cfg, refine, "pretrain-t2i-refine"), "first_run": result}
+    earlier = [result]
+    for k, refine in enumerate(refines, start=1):  # each continues the base the run before it saved
+        name = "pretrain-t2i-refine" if len(refines) == 1 else f"pretrain-t2i-refine{k}"
+        earlier.append(train_base(cfg, refine, name))
+    if refines:  # the last run's numbers first, then every run before it
+        result = {**earlier[-1], "first_run": earlier[0], **({"refine_runs": earlier[1:-1]} if len(refines) > 1 else {})}
     atomic_write_json(Path(cfg.paths.reports) / "pretrain_t2i.json", result)
     log.info("pretrain-t2i: %s", result)
     return result
