@@ -347,10 +347,16 @@ def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_pa
     assert not Path(clash.world.t2i.output).exists()  # refused before the first run trained
 
 
-def test_shipped_recipe_refines_with_its_own_checkpoint_and_the_variants_do_not():
+def test_shipped_recipe_refines_with_its_own_checkpoints_and_the_variants_do_not():
     from ip2p.config import compose
+    from ip2p.pretrain.t2i import refine_runs
 
     t = compose([]).world.t2i
-    assert t.refine.checkpoint != t.checkpoint and str(t.refine.checkpoint).startswith(str(compose([]).world.root))
-    assert t.refine.curriculum.rehearsal > 0 and t.refine.loop.steps > t.refine.curriculum.steps
+    runs = refine_runs(t)
+    checkpoints = [str(t.checkpoint)] + [str(r.checkpoint) for r in runs]
+    assert len(runs) == 2 and len(set(checkpoints)) == len(checkpoints)
+    assert all(c.startswith(str(compose([]).world.root)) for c in checkpoints)
+    for r in runs:  # each continues the saved base, drills single objects, then rehearses them in the whole world
+        assert r.init_from == t.output and r.refine is None
+        assert r.curriculum.rehearsal > 0 and r.loop.steps > r.curriculum.steps
     assert all(compose([f"world={v}"]).world.t2i.refine is None for v in ("f2", "wide"))
