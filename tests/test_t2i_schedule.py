@@ -212,6 +212,23 @@ def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int, extra: tuple[str,
     return cfg
 
 
+def _saved_unet(cfg) -> dict:
+    """The UNet weights a run saved in its base folder."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
+
+
+@pytest.fixture(scope="module")
+def first_run_unet(tmp_path_factory):
+    """The weights of a 2-step first run without refines: what a refine at learning rate 0 must keep."""
+    import ip2p.pretrain.t2i as t2i
+
+    alone = _tiny_t2i_cfg(tmp_path_factory.mktemp("alone"), curriculum_steps=0, steps=2)
+    t2i.run(alone)
+    return _saved_unet(alone)
+
+
 def test_curriculum_trains_on_the_first_scenes_then_the_whole_world(tmp_path, monkeypatch):
     """The stage's first `curriculum.steps` batches are captions of the first scenes only (one object, the
     forced background); the later ones come from the whole world."""
@@ -258,78 +275,61 @@ def test_init_from_continues_a_saved_base(tmp_path):
     """`init_from` starts the UNet from a saved base: at learning rate 0 the saved UNet is that base's
     bit for bit, while a fresh run at the same rate saves its own random initialisation."""
     import ip2p.pretrain.t2i as t2i
-    from diffusers import UNet2DConditionModel
 
     zero = ("world.t2i.loop.lr=0.0", "world.t2i.loop.min_lr=0.0")
     first = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=1, extra=("world.t2i.seed=11",))
     t2i.run(first)
-    base = UNet2DConditionModel.from_pretrained(f"{first.world.t2i.output}/unet").state_dict()
+    base = _saved_unet(first)
     again = _tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=1,
                           extra=(*zero, f"world.t2i.init_from={first.world.t2i.output}"))
     t2i.run(again)
     fresh = _tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=1, extra=zero)
     t2i.run(fresh)
-
-    def saved(cfg):
-        return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
-
-    continued, new = saved(again), saved(fresh)
+    continued, new = _saved_unet(again), _saved_unet(fresh)
     assert all(torch.equal(continued[k], base[k]) for k in base)
     assert not all(torch.equal(new[k], base[k]) for k in base)
 
 
-def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path):
+def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path, first_run_unet):
     """`refine` runs a second training from the first run's saved base: at learning rate 0 the final
     base is the first run's bit for bit, the report keeps both runs, and a refine that would share the
     first run's checkpoint is refused."""
     import ip2p.pretrain.t2i as t2i
-    from diffusers import UNet2DConditionModel
     from omegaconf import OmegaConf
 
     from ip2p.errors import Ip2pError
-
-    def unet(cfg):
-        return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
 
     def with_refine(cfg, refine: dict):  # replaces the shipped refine block instead of merging into it
         OmegaConf.update(cfg, "world.t2i.refine", refine, merge=False)
         return cfg
 
-    alone = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=2)
-    t2i.run(alone)
     both = with_refine(_tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=2),
                        {"checkpoint": str(tmp_path / "b" / "refine.pt"), "loop": {"steps": 2, "lr": 0.0, "min_lr": 0.0},
                         "curriculum": {"steps": 1, "p_small": 1.0, "rehearsal": 0.5}})
     result = t2i.run(both)
     assert result["first_run"]["steps"] == 2 and result["steps"] == 2
     assert (tmp_path / "b" / "refine.pt").is_file() and (tmp_path / "b" / "refine_latents_first.pt").is_file()
-    first, final = unet(alone), unet(both)  # the same seed: the first runs are equal
-    assert all(torch.equal(first[k], final[k]) for k in first)
+    final = _saved_unet(both)  # the same seed: the first runs are equal
+    assert all(torch.equal(first_run_unet[k], final[k]) for k in first_run_unet)
 
     same = with_refine(_tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=2), {"loop": {"steps": 2}})
     with pytest.raises(Ip2pError, match="refine.checkpoint must differ"):
         t2i.run(same)
 
 
-def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_path):
+def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_path, first_run_unet):
     """`refine` as a list: each run continues the base the run before it saved, with its own checkpoint
     and first-scene cache; at learning rate 0 the last base is still the first run's bit for bit. Two
     runs sharing a checkpoint are refused before any training."""
     import ip2p.pretrain.t2i as t2i
-    from diffusers import UNet2DConditionModel
     from omegaconf import OmegaConf
 
     from ip2p.errors import Ip2pError
-
-    def unet(cfg):
-        return UNet2DConditionModel.from_pretrained(f"{cfg.world.t2i.output}/unet").state_dict()
 
     def refine(name: str, steps: int) -> dict:
         return {"checkpoint": str(tmp_path / "b" / f"{name}.pt"), "loop": {"steps": steps, "lr": 0.0, "min_lr": 0.0},
                 "curriculum": {"steps": 1, "p_small": 1.0, "rehearsal": 0.5}}
 
-    alone = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=2)
-    t2i.run(alone)
     twice = _tiny_t2i_cfg(tmp_path / "b", curriculum_steps=0, steps=2)
     OmegaConf.update(twice, "world.t2i.refine", [refine("r1", 2), refine("r2", 3)], merge=False)
     result = t2i.run(twice)
@@ -337,8 +337,8 @@ def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_pa
     assert [r["steps"] for r in result["refine_runs"]] == [2]
     for name in ("r1", "r2"):
         assert (tmp_path / "b" / f"{name}.pt").is_file() and (tmp_path / "b" / f"{name}_latents_first.pt").is_file()
-    first, final = unet(alone), unet(twice)
-    assert all(torch.equal(first[k], final[k]) for k in first)
+    final = _saved_unet(twice)
+    assert all(torch.equal(first_run_unet[k], final[k]) for k in first_run_unet)
 
     clash = _tiny_t2i_cfg(tmp_path / "c", curriculum_steps=0, steps=2)
     OmegaConf.update(clash, "world.t2i.refine", [refine("r1", 2), refine("r1", 3)], merge=False)

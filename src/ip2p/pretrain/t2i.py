@@ -259,13 +259,14 @@ def refine_runs(c: DictConfig) -> list[DictConfig]:
 def run(cfg: DictConfig) -> dict:
     c = cfg.world.t2i
     refines = refine_runs(c)  # checked before the first run spends its hours
-    result = train_base(cfg, c, "pretrain-t2i")
-    earlier = [result]
+    runs = [train_base(cfg, c, "pretrain-t2i")]
     for k, refine in enumerate(refines, start=1):  # each continues the base the run before it saved
-        name = "pretrain-t2i-refine" if len(refines) == 1 else f"pretrain-t2i-refine{k}"
-        earlier.append(train_base(cfg, refine, name))
-    if refines:  # the last run's numbers first, then every run before it
-        result = {**earlier[-1], "first_run": earlier[0], **({"refine_runs": earlier[1:-1]} if len(refines) > 1 else {})}
+        runs.append(train_base(cfg, refine, "pretrain-t2i-refine" if len(refines) == 1 else f"pretrain-t2i-refine{k}"))
+    result = runs[-1]  # the last run's numbers on top, then every run before it
+    if len(runs) > 1:
+        result = {**result, "first_run": runs[0]}
+    if len(runs) > 2:
+        result["refine_runs"] = runs[1:-1]
     atomic_write_json(Path(cfg.paths.reports) / "pretrain_t2i.json", result)
     log.info("pretrain-t2i: %s", result)
     return result

@@ -43,7 +43,8 @@ def unit_polygon(shape: str) -> np.ndarray:
 
 def coverage(shape: str, x0: float, y0: float, x1: float, y1: float, canvas: int = CANVAS,
              window: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Fraction [canvas, canvas] of each pixel covered by `shape` stretched to the box (x0, y0)-(x1, y1).
+    """Fraction [canvas, canvas] (or [height, width] of `window`) of each pixel covered by `shape`
+    stretched to the box (x0, y0)-(x1, y1).
 
     window = (left, top, width, height) in whole pixels draws only that part of the canvas, with the
     same values as the whole canvas there, provided it holds the box with a pixel to spare on every
