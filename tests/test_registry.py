@@ -84,6 +84,33 @@ def test_promote_moves_alias_and_edit_by_alias(registry, cfg, noise_image, tiny_
         load_diffusion(f"models:/{name}@nobody", "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
 
 
+def test_two_registries_version_one_load_their_own_editors(registry, cfg, tiny_editor, tmp_path, monkeypatch):
+    """Every registry numbers its versions from 1 (each clone's sqlite store), and downloads are cached per
+    user: version 1 of another registry with other weights must load those weights, not the cached ones."""
+    import copy
+
+    import torch
+
+    name = registry["cfg"].register.name
+    other = copy.deepcopy(tiny_editor)
+    with torch.no_grad():
+        other.unet.conv_in.weight.add_(1.0)
+    model_dir = export_pipeline(other, tmp_path / "model")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_register(compose([f"paths.cache={cfg.paths.cache}", f"register.model_dir={model_dir}",
+                          f"logger.mlflow.tracking_uri={uri}", f"logger.mlflow.artifact_location={tmp_path / 'mlartifacts'}",
+                          f"register.eval_report={registry['root'] / 'eval.json'}",
+                          f"register.record={tmp_path / 'register.json'}"]))
+    loaded = {}
+    for tracking in (registry["uri"], uri, registry["uri"]):  # the first registry's download is cached before
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+        loaded.setdefault(tracking, []).append(
+            load_diffusion(f"models:/{name}/1", "editor", cfg.model, cfg.paths.cache, "cpu", "float32").unet.conv_in.weight)
+    assert all(w.equal(tiny_editor.unet.conv_in.weight) for w in loaded[registry["uri"]])
+    assert loaded[uri][0].equal(other.unet.conv_in.weight)
+    assert not loaded[uri][0].equal(tiny_editor.unet.conv_in.weight)
+
+
 def test_pyfunc_answers_a_bad_row_with_one_line_and_edits_the_others(tiny_editor, tmp_path):
     import mlflow.pyfunc
     import pandas as pd

@@ -3,6 +3,7 @@ folder, so that every loader takes a registry URI wherever it takes a folder (`i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -28,10 +29,18 @@ def resolve_model_uri(uri: str, cache_dir: str | Path, tracking_uri: str | None 
             mv = client.get_model_version(name, version)
     except (MlflowException, ValueError) as err:
         raise Ip2pError(f"cannot resolve '{uri}' in the registry at {mlflow.get_tracking_uri()}: {first_line(err)}") from err
-    target = build_once(Path(cache_dir).expanduser() / "registry" / mv.name / f"v{mv.version}",
+    target = build_once(Path(cache_dir).expanduser() / "registry" / mv.name / _version_key(mv),
                         lambda folder: mlflow.artifacts.download_artifacts(
                             artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(folder)))
     return str(_pipeline_folder(target, uri))
+
+
+def _version_key(mv) -> str:
+    """The cache folder of one registered version. Every registry numbers its versions from 1 (each clone's
+    sqlite store, each test's), so the number alone would hand one registry's download to another: the
+    version's source (MLflow 3: its logged model's unique id) and creation time tell them apart."""
+    digest = hashlib.sha256(f"{mv.source}|{mv.run_id}|{mv.creation_timestamp}".encode()).hexdigest()[:12]
+    return f"v{mv.version}-{digest}"
 
 
 def _pipeline_folder(model_dir: Path, uri: str) -> Path:
