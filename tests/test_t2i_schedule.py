@@ -354,8 +354,8 @@ def test_shipped_recipe_refines_with_its_own_checkpoints_and_the_variants_do_not
     t = compose([]).world.t2i
     runs = refine_runs(t)
     checkpoints = [str(t.checkpoint)] + [str(r.checkpoint) for r in runs]
-    # the shipped base is the third refine run's: an entry dropped or added without retraining shows here
-    assert len(runs) == len(t.refine) == 3 and len(set(checkpoints)) == len(checkpoints)
+    # the shipped base is the fourth refine run's: an entry dropped or added without retraining shows here
+    assert len(runs) == len(t.refine) == 4 and len(set(checkpoints)) == len(checkpoints)
     assert all(c.startswith(str(compose([]).world.root)) for c in checkpoints)
     for r in runs:  # each continues the saved base, drills single objects, then rehearses them in the whole world
         assert r.init_from == t.output and r.refine is None
