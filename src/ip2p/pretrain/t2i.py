@@ -112,10 +112,12 @@ def cache_latents(vae, scenes: list[Scene], path: Path, batch: int = 128, progre
     return cached
 
 
-def first_scenes(seed: int, n: int, background: str | None, p_small: float = 0.0) -> list[Scene]:
-    """The curriculum's first scenes: one object (small with probability `p_small`), no global style, on
+def first_scenes(seed: int, n: int, background: str | None, p_small: float = 0.0,
+                 p_two_objects: float = 0.0) -> list[Scene]:
+    """The curriculum's first scenes: one object (two with probability `p_two_objects`: a drill of binding
+    each colour and shape to its own object), each small with probability `p_small`, no global style, on
     `background` (None: any)."""
-    one_object = SceneDistribution(p_two_objects=0.0, p_style={"none": 1.0}, p_small=p_small)
+    one_object = SceneDistribution(p_two_objects=p_two_objects, p_style={"none": 1.0}, p_small=p_small)
     rng = np.random.default_rng(seed)
     out: list[Scene] = []
     while len(out) < n:
@@ -295,7 +297,7 @@ def train_base(cfg: DictConfig, c: DictConfig, name: str) -> dict:
     rehearsal = float(curriculum.get("rehearsal", 0.0))
     if first_steps:
         first = first_scenes(curriculum.seed, curriculum.scenes, curriculum.get("background"),
-                             float(curriculum.get("p_small", 0.0)))
+                             float(curriculum.get("p_small", 0.0)), float(curriculum.get("p_two_objects", 0.0)))
         first_cache = checkpoints / f"{Path(c.checkpoint).stem}_latents_first.pt"  # a refine run has its own
         pools.insert(0, Pool.encode(vae, first, first_cache, cfg.progress))
     latent_size = pools[-1].cached["mean"].shape[-1]
