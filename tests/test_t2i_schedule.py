@@ -195,8 +195,8 @@ def test_curriculum_first_scenes_can_be_small():
     assert all(len(s.objects) == 1 and s.style == "none" for s in first_scenes(4, 40, None, p_small=0.5))
 
 
-
 def test_curriculum_first_scenes_can_drill_two_objects():
+    from ip2p.config import compose
     from ip2p.pretrain.t2i import first_scenes
     from ip2p.world.scene import valid
 
@@ -205,9 +205,8 @@ def test_curriculum_first_scenes_can_drill_two_objects():
     mixed = [len(s.objects) == 2 for s in first_scenes(5, 200, None, p_two_objects=0.5)]
     assert 0.35 < sum(mixed) / len(mixed) < 0.65
     # the shipped recipe's drills stay single objects: the key's default keeps the trained base's data
-    from ip2p.config import compose
-
     assert compose([]).world.t2i.curriculum.p_two_objects == 0.0
+
 
 def _tiny_t2i_cfg(tmp_path, curriculum_steps: int, steps: int, extra: tuple[str, ...] = ()):
     from ip2p.config import compose

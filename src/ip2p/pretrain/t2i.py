@@ -117,11 +117,11 @@ def first_scenes(seed: int, n: int, background: str | None, p_small: float = 0.0
     """The curriculum's first scenes: one object (two with probability `p_two_objects`: a drill of binding
     each colour and shape to its own object), each small with probability `p_small`, no global style, on
     `background` (None: any)."""
-    one_object = SceneDistribution(p_two_objects=p_two_objects, p_style={"none": 1.0}, p_small=p_small)
+    drill = SceneDistribution(p_two_objects=p_two_objects, p_style={"none": 1.0}, p_small=p_small)
     rng = np.random.default_rng(seed)
     out: list[Scene] = []
     while len(out) < n:
-        scene = sample_scene(rng, one_object)
+        scene = sample_scene(rng, drill)
         if background is not None:
             scene = dataclasses.replace(scene, background=background)
         if valid(scene):  # a colour too close to the forced background is drawn again
