@@ -367,10 +367,12 @@ def test_shipped_recipe_refines_with_its_own_checkpoints_and_the_variants_do_not
     t = compose([]).world.t2i
     runs = refine_runs(t)
     checkpoints = [str(t.checkpoint)] + [str(r.checkpoint) for r in runs]
-    # the shipped base is the fourth refine run's: an entry dropped or added without retraining shows here
-    assert len(runs) == len(t.refine) == 4 and len(set(checkpoints)) == len(checkpoints)
+    # the shipped base is the fifth refine run's: an entry dropped or added without retraining shows here
+    assert len(runs) == len(t.refine) == 5 and len(set(checkpoints)) == len(checkpoints)
     assert all(c.startswith(str(compose([]).world.root)) for c in checkpoints)
-    for r in runs:  # each continues the saved base, drills single objects, then rehearses them in the whole world
+    for r in runs:  # each continues the saved base, drills simple scenes, then rehearses them in the whole world
         assert r.init_from == t.output and r.refine is None
         assert r.curriculum.rehearsal > 0 and r.loop.steps > r.curriculum.steps
+    # the last one drills mostly two objects (binding colours to their objects); the earlier ones single objects
+    assert [r.curriculum.get("p_two_objects", 0.0) for r in runs] == [0.0] * 4 + [0.7]
     assert all(compose([f"world={v}"]).world.t2i.refine is None for v in ("f2", "wide"))
