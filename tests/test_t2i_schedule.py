@@ -204,7 +204,8 @@ def test_curriculum_first_scenes_can_drill_two_objects():
     assert all(len(s.objects) == 2 and s.style == "none" and valid(s) for s in pairs)
     mixed = [len(s.objects) == 2 for s in first_scenes(5, 200, None, p_two_objects=0.5)]
     assert 0.35 < sum(mixed) / len(mixed) < 0.65
-    # the shipped recipe's drills stay single objects: the key's default keeps the trained base's data
+    # the first run's drill stays single objects (only the last refine run sets the key): its default keeps
+    # the data the shipped base was trained on
     assert compose([]).world.t2i.curriculum.p_two_objects == 0.0
 
 
