@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 phase() { echo "== $1 (${SECONDS} s since the start)"; }
 phase "install"
+# No byte-compiling at install: the stages compile the modules they import, once (scripts/setup.sh)
+export IP2P_PIP_COMPILE=0
+unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 WANDB_MODE=${WANDB_MODE:-offline}

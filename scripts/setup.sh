@@ -10,9 +10,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
+# pip byte-compiles every module it installs (about a minute of the install on 2 cores, most of them never
+# imported). IP2P_PIP_COMPILE=0 skips that (scripts/main.sh sets it): Python then compiles what a process
+# imports, on first use, and keeps it, unless PYTHONDONTWRITEBYTECODE is set (then every process recompiles).
+no_compile=""
+if [ "${IP2P_PIP_COMPILE:-1}" = 0 ]; then no_compile=--no-compile; fi
 python -m pip install -q --upgrade pip
-python -m pip install -q "${IP2P_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q $no_compile "${IP2P_TORCH:-torch==2.13.0}"
+python -m pip install -q $no_compile -e ".[dev]"
 # The web editor's browser test drives a real Chromium (Debian's; browser downloads are not possible).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "setup: installing Debian's chromium for the browser test"

@@ -281,3 +281,55 @@ def test_an_experiments_top_level_keys_win_over_the_root_config(experiment, expe
     assert {k: cfg[k] for k in expected} == expected
     overridden = compose([f"experiment={experiment}", "autocast=float16", "device=cuda:1"])
     assert (overridden.autocast, overridden.device) == ("float16", "cuda:1")
+
+
+def test_edit_grid_seeds_follow_the_case(tiny_editor):
+    """world-eval edits in two calls (the grid's kinds over every cell, the rest at the default cell): a
+    case's edit must not depend on which other cases share its call or its batch."""
+    import torch
+
+    from ip2p.evaluation.grid import Cell, edit_grid
+    from ip2p.models.instruct_pix2pix import InstructPix2Pix
+
+    editor = InstructPix2Pix(tiny_editor)
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    instructions = [f"make it {w}" for w in ("red", "blue", "snowy", "green", "old")]
+    ids = [f"case-{i}" for i in range(5)]
+    cells = [Cell(3.0, 1.5), Cell(5.0, 2.0)]
+    full = edit_grid(editor, images, instructions, ids, cells, 3, "euler_ancestral", 7, batch_size=4, progress=False)
+    sub = [3, 1]
+    part = edit_grid(editor, images[sub], [instructions[i] for i in sub], [ids[i] for i in sub], cells[1:], 3,
+                     "euler_ancestral", 7, batch_size=1, progress=False)
+    assert part.shape == (2, 1, 3, 64, 64)
+    torch.testing.assert_close(part[:, 0], full[sub, 1], atol=1e-4, rtol=0)
+    renamed = edit_grid(editor, images[[3]], [instructions[3]], ["another-case"], cells[1:], 3, "euler_ancestral", 7,
+                        batch_size=1, progress=False)
+    assert (renamed[0, 0] - full[3, 1]).abs().max() > 1e-3   # the case's id is what seeds it
+
+
+def test_world_eval_edits_only_the_grid_kinds_over_the_grid(cfg, tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from ip2p.miniature.world_eval import evaluate
+
+    c = OmegaConf.merge(cfg, {"paths": {"reports": str(tmp_path)}, "world": {"eval": {
+        "model": "tiny", "per_kind": 2, "steps": 2, "text_guidances": [2.0, 5.0], "image_guidances": [1.5],
+        "default_text_guidance": 3.0, "default_image_guidance": 2.0, "training_data": None,
+        "grid_kinds": ["recolour", "style"], "baselines": {"regenerate": False}}}})
+    result = evaluate(c)
+    kinds = list(c.world.eval.kinds)
+    assert result["grid_kinds"] == ["recolour", "style"]
+    assert result["cases"] == 2 * len(kinds)
+    assert result["edits"] == 2 * 2 * 3 + 2 * (len(kinds) - 2)   # 2 kinds x 2 cases x 3 cells, the rest once
+    # the default cell judges every kind (per-kind keys), the grid only the grid's kinds
+    assert all(f"success_{k}" in result["editor"] for k in kinds)
+    grid = pd.read_csv(tmp_path / "world_eval_grid.csv")
+    cells = sorted(zip(grid.text_guidance, grid.image_guidance))
+    assert cells == [(2.0, 1.5), (3.0, 2.0), (5.0, 1.5)]
+    # the grid's default row averages the 4 grid-kind cases: each kind's mean, weighted equally by hand
+    row = grid[(grid.text_guidance == 3.0) & (grid.image_guidance == 2.0)].iloc[0]
+    by_hand = np.mean([result["editor"][f"success_{k}"] for k in ("recolour", "style")])
+    assert row.success == pytest.approx(by_hand, abs=1e-4)
+    assert json.loads((tmp_path / "world_eval.json").read_text())["grid_kinds"] == ["recolour", "style"]
