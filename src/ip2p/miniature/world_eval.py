@@ -186,14 +186,14 @@ def evaluate(cfg: DictConfig) -> dict:
         result["editor_by_combination"] = by_split(at_default, cases, seen)
     result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "world_eval.json", result)
-    tradeoff_picture(grid.reset_index(), out / "world_eval.png")
+    tradeoff_picture(grid.reset_index(), result["grid_kinds"], out / "world_eval.png")
     failures_picture(cases, renders, at_default_edits, at_default, int(c.failures_shown),
                      out / "world_eval_failures.png")
     log.info("world-eval at %s: %s", default, {k: ed[k] for k in TRUTH})
     return result
 
 
-def tradeoff_picture(grid: pd.DataFrame, path: Path) -> None:
+def tradeoff_picture(grid: pd.DataFrame, kinds: list[str], path: Path) -> None:
     """Left: the truth (preservation vs success); right: the paper's CLIP axes. One line per text
     guidance through the image guidances, as the paper's figure."""
     import matplotlib
@@ -215,7 +215,7 @@ def tradeoff_picture(grid: pd.DataFrame, path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Held-out rendered scenes, guidance grid (labels: image guidance)", fontsize=10)
+    fig.suptitle(f"Held-out rendered scenes ({', '.join(kinds)}), guidance grid (labels: image guidance)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
