@@ -333,3 +333,8 @@ def test_world_eval_edits_only_the_grid_kinds_over_the_grid(cfg, tmp_path):
     by_hand = np.mean([result["editor"][f"success_{k}"] for k in ("recolour", "style")])
     assert row.success == pytest.approx(by_hand, abs=1e-4)
     assert json.loads((tmp_path / "world_eval.json").read_text())["grid_kinds"] == ["recolour", "style"]
+    # grid kinds that name no evaluated kind: one line before any model loads
+    from ip2p.errors import Ip2pError
+
+    with pytest.raises(Ip2pError, match="grid_kinds .* names none of world.eval.kinds"):
+        evaluate(OmegaConf.merge(c, {"world": {"eval": {"grid_kinds": ["teleport"]}}}))

@@ -2,9 +2,8 @@
 
 For every held-out case (a render, an instruction, the true edited scene; ip2p.world.cases) the editor
 edits with the project's own grid code (the same as `ip2p evaluate`): cases of `grid_kinds` over the
-whole text x image guidance grid, the other kinds at the default cell only (the grid is what chooses
-the default, and the targets are on the headline kinds; the rest would triple the time for a plot
-nobody reads). The oracle reads input and edit and the world's verdict says whether the instructed
+whole text x image guidance grid, the other kinds at the default cell only (the grid chooses the
+default and the targets are on the headline kinds; every kind on the grid costs 60% more edits). The oracle reads input and edit and the world's verdict says whether the instructed
 attribute now holds (success) and whether everything else stayed (preservation). CLIP metrics of the
 same edits sit beside them, so the paper's trade-off plot can be read with the truth on its axes.
 Baselines at the default cell, same cases: identity (return the input), regenerate (the base
@@ -25,6 +24,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from ip2p.errors import Ip2pError
 from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells
 from ip2p.evaluation.run import score_grid
 from ip2p.io.atomic import atomic_write_json, atomic_write_text
@@ -118,6 +118,8 @@ def evaluate(cfg: DictConfig) -> dict:
     default = Cell(float(c.default_text_guidance), float(c.default_image_guidance))
     cells = guidance_cells(c.text_guidances, c.image_guidances, extra=default)
     grid_kinds = set(c.grid_kinds) if c.get("grid_kinds") else set(c.kinds)
+    if not grid_kinds & set(c.kinds):
+        raise Ip2pError(f"world.eval.grid_kinds {sorted(grid_kinds)} names none of world.eval.kinds {list(c.kinds)}")
     parts = [(idx, part_cells) for idx, part_cells in (
         ([i for i, case in enumerate(cases) if case.kind in grid_kinds], cells),
         ([i for i, case in enumerate(cases) if case.kind not in grid_kinds], [default])) if idx]
