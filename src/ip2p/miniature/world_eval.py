@@ -2,10 +2,11 @@
 
 For every held-out case (a render, an instruction, the true edited scene; ip2p.world.cases) the editor
 edits with the project's own grid code (the same as `ip2p evaluate`): cases of `grid_kinds` over the
-whole text x image guidance grid, the other kinds at the default cell only (the grid chooses the
-default and the targets are on the headline kinds; every kind on the grid costs 60% more edits). The oracle reads input and edit and the world's verdict says whether the instructed
-attribute now holds (success) and whether everything else stayed (preservation). CLIP metrics of the
-same edits sit beside them, so the paper's trade-off plot can be read with the truth on its axes.
+whole text x image guidance grid, the other kinds at the default cell only (the grid chooses the default
+and the targets are on the headline kinds; every kind on the grid costs 60% more edits). The oracle
+reads input and edit and the world's verdict says whether the instructed attribute now holds (success)
+and whether everything else stayed (preservation). CLIP metrics of the same edits sit beside them, so
+the paper's trade-off plot can be read with the truth on its axes.
 Baselines at the default cell, same cases: identity (return the input), regenerate (the base
 text-to-image model draws the edited caption) and, when given, an editor trained on unfiltered pairs.
 
