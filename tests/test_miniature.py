@@ -328,13 +328,50 @@ def test_world_eval_edits_only_the_grid_kinds_over_the_grid(cfg, tmp_path):
     grid = pd.read_csv(tmp_path / "world_eval_grid.csv")
     cells = sorted(zip(grid.text_guidance, grid.image_guidance))
     assert cells == [(2.0, 1.5), (3.0, 2.0), (5.0, 1.5)]
+    assert (grid.cases == 4).all()   # every cell averages the same 2 kinds x 2 cases
     # the grid's default row averages the 4 grid-kind cases: each kind's mean, weighted equally by hand
     row = grid[(grid.text_guidance == 3.0) & (grid.image_guidance == 2.0)].iloc[0]
     by_hand = np.mean([result["editor"][f"success_{k}"] for k in ("recolour", "style")])
     assert row.success == pytest.approx(by_hand, abs=1e-4)
     assert json.loads((tmp_path / "world_eval.json").read_text())["grid_kinds"] == ["recolour", "style"]
-    # grid kinds that name no evaluated kind: one line before any model loads
+    # a grid kind that is not evaluated (a typo): one line before any case is drawn
     from ip2p.errors import Ip2pError
 
-    with pytest.raises(Ip2pError, match="grid_kinds .* names none of world.eval.kinds"):
-        evaluate(OmegaConf.merge(c, {"world": {"eval": {"grid_kinds": ["teleport"]}}}))
+    with pytest.raises(Ip2pError, match=r"grid_kinds names kinds that world.eval.kinds lacks: \['recolor'\]"):
+        evaluate(OmegaConf.merge(c, {"world": {"eval": {"grid_kinds": ["recolor", "style"]}}}))
+
+
+def test_world_eval_keeps_cases_and_cells_apart(cfg, tmp_path, monkeypatch):
+    """The bookkeeping of the split, with an editor whose answer is known: it returns the input at the
+    default cell and a black image elsewhere. At the default cell the editor must then be judged exactly as
+    the identity baseline (same cases, same inputs), every kind; off it nothing is preserved; CLIP sees the
+    input itself at the default cell (image similarity 1)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import ip2p.miniature.world_eval as world_eval
+    from ip2p.evaluation.grid import Cell
+
+    default = Cell(3.0, 2.0)
+
+    def known_editor(editor, images, instructions, ids, cells, *args, **kwargs):
+        out = torch.full((len(ids), len(cells), *images.shape[1:]), -1.0)
+        for k, cell in enumerate(cells):
+            if cell == default:
+                out[:, k] = images
+        return out
+
+    monkeypatch.setattr(world_eval, "edit_grid", known_editor)
+    c = OmegaConf.merge(cfg, {"paths": {"reports": str(tmp_path)}, "world": {"eval": {
+        "model": "tiny", "per_kind": 3, "text_guidances": [2.0, 3.0], "image_guidances": [1.5],
+        "default_text_guidance": 3.0, "default_image_guidance": 2.0, "training_data": None,
+        "grid_kinds": ["reshape", "background"], "baselines": {"regenerate": False}}}})
+    result = world_eval.evaluate(c)
+    assert result["editor"] == result["identity"]
+    assert result["identity"]["preserved"] > 0.9   # the check has teeth: renders read back as themselves
+    grid = pd.read_csv(tmp_path / "world_eval_grid.csv").set_index(["text_guidance", "image_guidance"])
+    assert grid.loc[(3.0, 2.0), "clip_sim_image"] == pytest.approx(1.0, abs=1e-3)
+    assert grid.loc[(3.0, 2.0), "preserved"] == pytest.approx(
+        np.mean([result["identity"][f"preserved_{k}"] for k in ("reshape", "background")]), abs=1e-4)
+    for cell in [(2.0, 1.5), (3.0, 1.5)]:
+        assert grid.loc[cell, "preserved"] == 0 and grid.loc[cell, "clip_sim_image"] < 0.99

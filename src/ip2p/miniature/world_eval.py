@@ -106,6 +106,10 @@ def evaluate(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     c = cfg.world.eval
     out = Path(cfg.paths.reports)
+    grid_kinds = set(c.grid_kinds) if c.get("grid_kinds") else set(c.kinds)   # null or []: every kind
+    if grid_kinds - set(c.kinds):
+        raise Ip2pError(f"world.eval.grid_kinds names kinds that world.eval.kinds lacks: "
+                        f"{sorted(grid_kinds - set(c.kinds))} (kinds: {list(c.kinds)})")
     # 1. held-out cases, rendered; the oracle reads each input once
     cases = heldout_cases(int(c.seed), int(c.per_kind), tuple(c.kinds))
     renders = np.stack([render(case.scene) for case in cases])
@@ -118,9 +122,6 @@ def evaluate(cfg: DictConfig) -> dict:
     #    every cell, the other kinds at the default cell only. Seeds follow the case, not the batch.
     default = Cell(float(c.default_text_guidance), float(c.default_image_guidance))
     cells = guidance_cells(c.text_guidances, c.image_guidances, extra=default)
-    grid_kinds = set(c.grid_kinds) if c.get("grid_kinds") else set(c.kinds)
-    if not grid_kinds & set(c.kinds):
-        raise Ip2pError(f"world.eval.grid_kinds {sorted(grid_kinds)} names none of world.eval.kinds {list(c.kinds)}")
     parts = [(idx, part_cells) for idx, part_cells in (
         ([i for i, case in enumerate(cases) if case.kind in grid_kinds], cells),
         ([i for i, case in enumerate(cases) if case.kind not in grid_kinds], [default])) if idx]
@@ -144,7 +145,9 @@ def evaluate(cfg: DictConfig) -> dict:
         at_default_edits[idx] = edits[:, part_cells.index(default)]
     per_edit = pd.DataFrame(rows).merge(pd.concat(clip_parts), on=["case", "text_guidance", "image_guidance"])
     on_grid = per_edit[per_edit.kind.isin(grid_kinds)]       # every cell averages the same cases
-    grid = on_grid.groupby(["text_guidance", "image_guidance"])[[*TRUTH, "clip_sim_dir", "clip_sim_image"]].mean()
+    by_cell = on_grid.groupby(["text_guidance", "image_guidance"])
+    grid = by_cell[[*TRUTH, "clip_sim_dir", "clip_sim_image"]].mean()
+    grid.insert(0, "cases", by_cell.size())
     atomic_write_text(out / "world_eval_grid.csv", grid.reset_index().to_csv(index=False, float_format="%.4f"))
 
     # 4. baselines on the same cases
