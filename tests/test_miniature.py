@@ -309,6 +309,7 @@ def test_edit_grid_seeds_follow_the_case(tiny_editor):
 
 def test_world_eval_edits_only_the_grid_kinds_over_the_grid(cfg, tmp_path):
     import json
+    import re
 
     from omegaconf import OmegaConf
 
@@ -334,11 +335,13 @@ def test_world_eval_edits_only_the_grid_kinds_over_the_grid(cfg, tmp_path):
     by_hand = np.mean([result["editor"][f"success_{k}"] for k in ("recolour", "style")])
     assert row.success == pytest.approx(by_hand, abs=1e-4)
     assert json.loads((tmp_path / "world_eval.json").read_text())["grid_kinds"] == ["recolour", "style"]
-    # a grid kind that is not evaluated (a typo): one line before any case is drawn
-    from ip2p.errors import Ip2pError
+    # a grid kind that is not evaluated (a typo): one line from the settings check, before any work
+    from ip2p.checks import config_problems
 
-    with pytest.raises(Ip2pError, match=r"grid_kinds names kinds that world.eval.kinds lacks: \['recolor'\]"):
-        evaluate(OmegaConf.merge(c, {"world": {"eval": {"grid_kinds": ["recolor", "style"]}}}))
+    problems = config_problems(OmegaConf.merge(c, {"world": {"eval": {"grid_kinds": ["recolor", "style"]}}}))
+    assert any(re.fullmatch(r"world.eval.grid_kinds names kinds that world.eval.kinds lacks: \['recolor'\] .*", p)
+               for p in problems), problems
+    assert config_problems(c) == []
 
 
 def test_world_eval_keeps_cases_and_cells_apart(cfg, tmp_path, monkeypatch):

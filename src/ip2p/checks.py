@@ -123,6 +123,10 @@ def _relations(get: Callable[[str], Any]) -> list[str]:
     lr, min_lr = get("train.lr"), get("train.min_lr")
     if _number(lr) and _number(min_lr) and 0 < lr < min_lr:  # a bad lr alone is named once, by its own rule
         problems.append(f"train.min_lr must be <= train.lr (got {min_lr} > {lr})")
+    kinds, grid_kinds = get("world.eval.kinds"), get("world.eval.grid_kinds")
+    if kinds is not None and grid_kinds and set(grid_kinds) - set(kinds):
+        problems.append(f"world.eval.grid_kinds names kinds that world.eval.kinds lacks: "
+                        f"{sorted(set(grid_kinds) - set(kinds))} (kinds: {kinds})")
     for scales in ("evaluate.text_guidances", "evaluate.image_guidances"):
         values = get(scales)
         if values is not None and (not values or not all(_number(v) and v >= 0 for v in values)):
