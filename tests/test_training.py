@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -532,6 +533,55 @@ def test_v_prediction_objective_is_the_velocity(cfg):
     velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * target
     assert torch.equal(captured["t"], t)
     torch.testing.assert_close(loss, (velocity ** 2).mean())
+
+
+@pytest.mark.parametrize("power", [2.0, 3.0])
+def test_timestep_draws_follow_the_power_law(power):
+    from ip2p.training.module import draw_timesteps
+
+    T = 1000
+    # power 1 is the paper's uniform draw, exactly the randint draws uniform training always made
+    uniform = draw_timesteps(64, T, 1.0, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(uniform, torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(3)))
+    t = draw_timesteps(200_000, T, power, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    # t = floor((1 - u^p) T): P(t < k) = P(u > (1 - k/T)^(1/p)) = 1 - (1 - k/T)^(1/p), written out by hand
+    for k in (100, 250, 500, 750, 900):
+        expected = 1.0 - (1.0 - k / T) ** (1.0 / power)
+        assert abs(float((t < k).double().mean()) - expected) < 0.005, k
+    with pytest.raises(ValueError, match="positive"):
+        draw_timesteps(4, T, 0.0, None, "cpu")
+
+
+def test_training_draws_timesteps_with_the_configured_power(tmp_path, dataset, cache_dir):
+    from ip2p.errors import Ip2pError
+    from ip2p.training.module import InstructPix2PixModule, draw_timesteps, encode_pair
+    from ip2p.training.run import load_components, settings_from_config
+
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.timestep_power": 3.0})
+    settings = settings_from_config(cfg)
+    assert settings.timestep_power == 3.0
+    module = InstructPix2PixModule(load_components(cfg), settings)
+    captured = {}
+
+    def fake_unet(sample, t, encoder_hidden_states):
+        captured["t"] = t
+        return type("Out", (), {"sample": torch.zeros_like(sample[:, :4])})()
+
+    module.unet.forward = fake_unet
+    # training_step outside a fit: no logging, and the one optimizer's learning rate it reads
+    module.log = lambda *args, **kwargs: None
+    module._trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": 1e-4}])])
+    batch = {"input": torch.zeros(8, 3, 32, 32), "edited": torch.zeros(8, 3, 32, 32),
+             "input_ids": torch.zeros(8, 77, dtype=torch.long), "id": list(range(8)), "position": [5] * 8}
+    module.training_step(batch, 0)
+    # the same draws in the same order as diffusion_loss: the VAE sample, the noise, then the timesteps
+    g = module.batch_generator("train-step", 5)
+    target, _ = encode_pair(module.frozen.vae, batch["edited"], batch["input"], g)
+    torch.randn(target.shape, generator=g)
+    assert torch.equal(captured["t"], draw_timesteps(8, 1000, 3.0, g, "cpu"))
+    with pytest.raises(Ip2pError, match="timestep_power"):
+        settings_from_config(compose_train(tmp_path, dataset, cache_dir, **{"train.timestep_power": 0}))
 
 
 def test_trainer_configs_build_strategies_and_read_launcher_environment(monkeypatch):

@@ -44,6 +44,7 @@ class TrainSettings:
     min_lr: float = 0.0
     max_steps: int = 0
     conditioning_dropout: float = 0.05
+    timestep_power: float = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     gradient_checkpointing: bool = False
@@ -108,6 +109,21 @@ def ema_unet_from_state(state: dict, unet_config):
 def is_sharded(strategy) -> bool:
     """Strategies whose modules cannot be called outside their own forward (parameters sharded)."""
     return type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+
+
+def draw_timesteps(batch_size: int, num_train_timesteps: int, power: float, generator: torch.Generator | None,
+                   device) -> torch.Tensor:
+    """Training timesteps [B]: t = floor((1 - u^power) * T), u ~ U[0, 1). power 1 is uniform over 0..T-1 (the
+    paper; drawn with randint, so the draws are the ones uniform training always made); power > 1 leans
+    towards high noise, P(t >= T / 2) = 2^(-1 / power) (3: 79%), where the layout is decided and an
+    editor must read its input image (T2I-Adapter's "cubic" sampling for structure conditions)."""
+    if power <= 0:
+        raise ValueError(f"timestep power must be positive (got {power})")
+    if power == 1.0:
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
+    u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+    t = torch.floor((1.0 - u ** power) * num_train_timesteps).long()
+    return t.clamp_(0, num_train_timesteps - 1)
 
 
 def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", max_steps: int = 0,
@@ -185,7 +201,8 @@ class InstructPix2PixModule(pl.LightningModule):
     def batch_generator(self, purpose: str, key: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(stable_seed(self.settings.seed, purpose, int(key)))
 
-    def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float) -> torch.Tensor:
+    def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float,
+                       timestep_power: float = 1.0) -> torch.Tensor:
         """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`."""
         self._frozen_to_device()
         if "latent_mean" in batch:  # cached latents (ip2p.training.latent_cache): no VAE, no text encoder
@@ -200,8 +217,8 @@ class InstructPix2PixModule(pl.LightningModule):
         batch_size = target_latents.shape[0]
         noise = torch.randn(target_latents.shape, generator=generator, device=self.device,
                             dtype=target_latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
-                                  generator=generator, device=self.device)
+        timesteps = draw_timesteps(batch_size, self.noise_scheduler.config.num_train_timesteps, timestep_power,
+                                   generator, self.device)
         if dropout > 0:
             r = torch.rand(batch_size, generator=generator, device=self.device)
             text, condition = apply_conditioning_dropout(text, condition, self.empty_text(), r, dropout)
@@ -216,7 +233,7 @@ class InstructPix2PixModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.batch_generator("train-step", batch["position"][0])
-        loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout)
+        loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout, self.settings.timestep_power)
         self.last_loss = float(loss.detach())
         batch_size = len(batch["id"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
@@ -225,7 +242,8 @@ class InstructPix2PixModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # The same noise and timesteps at every evaluation: val losses are comparable across steps.
+        # The same noise and (uniform) timesteps at every evaluation: val losses are comparable across steps
+        # and across recipes.
         generator = self.batch_generator("val-step", batch["index"][0])
         loss = self.diffusion_loss(batch, generator, dropout=0.0)
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["id"]))

@@ -84,10 +84,13 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
     p = float(t.conditioning_dropout)
     if not 0.0 <= 3 * p <= 1.0:
         raise Ip2pError(f"train.conditioning_dropout must be in [0, 1/3] (got {p})")
+    if not float(t.timestep_power) > 0:
+        raise Ip2pError(f"train.timestep_power must be positive (got {t.timestep_power})")
     grid = OmegaConf.to_container(t.validation.grid, resolve=True)
     return TrainSettings(lr=float(t.lr), betas=tuple(float(b) for b in t.betas), weight_decay=float(t.weight_decay),
                          eps=float(t.eps), warmup_steps=int(t.warmup_steps), lr_schedule=str(t.lr_schedule),
                          min_lr=float(t.min_lr), max_steps=int(t.max_steps), conditioning_dropout=p,
+                         timestep_power=float(t.timestep_power),
                          ema_decay=float(t.ema.decay), ema_warmup=bool(t.ema.warmup),
                          gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid)
 
