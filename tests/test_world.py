@@ -433,6 +433,32 @@ def test_same_scene():
     assert not same_scene(read(img), read(render(scene.replace(objects=scene.objects[:1]))))
 
 
+def test_attribute_agreement_counts_each_attribute_apart():
+    """pretrain-report's per-attribute VAE agreement: identical images agree on everything; a background
+    change costs only the background; a recolour of one of two objects costs half the objects' colour;
+    a lost object costs the count and leaves those images out of the per-object shares."""
+    from dataclasses import replace
+
+    from ip2p.pretrain.report import attribute_agreement
+
+    two = [s for s in sample_scenes(4243, 200) if len(s.objects) == 2 and s.style == "none"
+           and s.background != "sky" and len({o.colour for o in s.objects} | {"yellow"}) == 3][:4]
+    assert len(two) == 4
+    truth = np.stack([render(s) for s in two])
+    assert attribute_agreement(truth, truth) == {k: 1.0 for k in
+                                                 ("background", "style", "count", "shape", "colour", "size")}
+    sky = np.stack([render(s.replace(background="sky")) for s in two])
+    assert attribute_agreement(truth, sky) == {"background": 0.0, "style": 1.0, "count": 1.0, "shape": 1.0,
+                                               "colour": 1.0, "size": 1.0}
+    recoloured = np.stack([render(s.replace(objects=(replace(s.objects[0], colour="yellow"), s.objects[1])))
+                           for s in two])
+    assert attribute_agreement(truth, recoloured)["colour"] == 0.5
+    # two images lose an object: count 2 of 4; shape, colour and size judged on the other two (4 objects)
+    mixed = np.stack([render(s.replace(objects=s.objects[:1])) if i < 2 else render(s) for i, s in enumerate(two)])
+    got = attribute_agreement(truth, mixed)
+    assert got["count"] == 0.5 and got["shape"] == got["colour"] == got["size"] == 1.0
+
+
 def test_whole_scene_scores_need_every_object_and_the_right_count():
     """pretrain-report's strict text-to-image score: a render of the caption's own scene is right; the same
     scene with one object gone has the wrong count; with two objects swapped left-right it is still right

@@ -3,7 +3,7 @@ project's one loader exactly as real checkpoints are -> reports/pretrain.json (D
 pictures: generations per caption, and VAE reconstructions beside their originals.
 
 Targets (docs/miniature-world.md): text-to-image colour >= 0.90, background >= 0.90, shape >= 0.75;
-VAE oracle agreement >= 0.98; CLIP picks the true caption over one differing in one attribute >= 0.90
+VAE oracle agreement >= 0.98 (the whole scene read back alike; `vae_agreement_*` per attribute); CLIP picks the true caption over one differing in one attribute >= 0.90
 (pairwise; the stricter 1-of-6 choice is reported beside it) and directional similarity > 0 in
 >= 0.90 of true before/after pairs; LM valid-and-consistent >= 0.90.
 """
@@ -54,6 +54,27 @@ def whole_scene_scores(scenes: list, images: np.ndarray) -> dict:
         count.append(len(got.objects) == len(truth.objects))
         scene.append((got.background, got.style) == (truth.background, truth.style) and objects(got) == objects(truth))
     return {"count": float(np.mean(count)), "scene": float(np.mean(scene))}
+
+
+def attribute_agreement(originals: np.ndarray, reconstructions: np.ndarray) -> dict:
+    """Per attribute, how often the oracle reads a reconstruction as it reads its original: background,
+    style and object count per image; shape, colour and size per object, over the images whose counts
+    agree, objects matched by position as `same_scene` matches them. `same_scene` (the VAE target) asks
+    all of them at once; this says which attribute a miss is made of."""
+    scene_keys, object_keys = ("background", "style", "count"), ("shape", "colour", "size")
+    agree, per_object = Counter(), 0
+    for a, b in zip(originals, reconstructions):
+        ra, rb = read(a), read(b)
+        agree["background"] += ra.background == rb.background
+        agree["style"] += ra.style == rb.style
+        agree["count"] += len(ra.objects) == len(rb.objects)
+        if len(ra.objects) == len(rb.objects):
+            for p, q in zip(ra.objects, rb.objects):
+                per_object += 1
+                for k in object_keys:
+                    agree[k] += getattr(p, k) == getattr(q, k)
+    return {**{k: agree[k] / len(originals) for k in scene_keys},
+            **{k: agree[k] / per_object if per_object else float("nan") for k in object_keys}}
 
 
 def clip_encoder(clip: ClipComponents, max_tokens: int) -> clip_stage.Encoder:
@@ -117,7 +138,10 @@ def run(cfg: DictConfig) -> dict:
     parts = load_diffusion(w.t2i.output, "base", cfg.model, cfg.paths.cache, "cpu", "float32")
     clip = load_clip(w.clip.output, cfg.model, cfg.paths.cache, "cpu")
     # 2. judge each against the world's truth on held-out scenes
-    vae_result = vae_stage.judge(parts.vae, sample_scenes(c.seed, c.vae_scenes))
+    vae_scenes = sample_scenes(c.seed, c.vae_scenes)
+    vae_result = vae_stage.judge(parts.vae, vae_scenes)
+    originals = np.stack([render(s) for s in vae_scenes])
+    vae_result["agreement"] = attribute_agreement(originals, vae_stage.reconstruct(parts.vae, originals))
     t2i_scenes = sample_scenes(c.seed + 1, c.t2i_scenes)
     e = c.t2i  # the same generations as t2i.judge makes, scored per main object and as whole scenes
     t2i_images = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),
@@ -131,6 +155,7 @@ def run(cfg: DictConfig) -> dict:
     llm_result = json.loads(llm_report.read_text()) if llm_report.exists() else {}
     metrics = {
         "vae_psnr": vae_result["psnr"], "vae_oracle_agreement": vae_result["oracle_agreement"],
+        **{f"vae_agreement_{k}": v for k, v in vae_result["agreement"].items()},
         **{f"t2i_{k}": v for k, v in t2i_result.items()},
         **{f"clip_{k}": v for k, v in clip_result.items()},
         "llm_well_formed": llm_result.get("well_formed"),
