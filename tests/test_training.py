@@ -582,6 +582,11 @@ def test_training_draws_timesteps_with_the_configured_power(tmp_path, dataset, c
     assert torch.equal(captured["t"], draw_timesteps(8, 1000, 3.0, g, "cpu"))
     with pytest.raises(Ip2pError, match="timestep_power"):
         settings_from_config(compose_train(tmp_path, dataset, cache_dir, **{"train.timestep_power": 0}))
+    # the CLI's settings check names it in one line before anything loads
+    from ip2p.checks import config_problems
+
+    assert any(p.startswith("train.timestep_power") for p in
+               config_problems(compose_train(tmp_path, dataset, cache_dir, **{"train.timestep_power": 0})))
 
 
 def test_trainer_configs_build_strategies_and_read_launcher_environment(monkeypatch):
