@@ -30,6 +30,7 @@ if [ ! -f data/captions.jsonl ] || [ ! -f data/human_edits.jsonl ]; then
 fi
 # The miniature world's foundation models (docs/miniature-world.md), trained once by the pretrain_*
 # stages and stored on the same remote: pulled, not retrained (`dvc repro -f pretrain_vae` retrains).
-if [ ! -f artifacts/world/base/model_index.json ] || [ ! -f artifacts/world/llm/config.json ]; then
-  DVC_NO_ANALYTICS=1 dvc pull -q world_captions pretrain_vae pretrain_clip pretrain_t2i pretrain_llm
+if [ ! -f artifacts/world/base/model_index.json ] || [ ! -f artifacts/world/llm/config.json ] ||
+   [ ! -f artifacts/world/vae_refined/config.json ]; then
+  DVC_NO_ANALYTICS=1 dvc pull -q world_captions pretrain_vae refine_vae pretrain_clip pretrain_t2i pretrain_llm
 fi

@@ -36,6 +36,8 @@ def test_the_shipped_configurations_pass():
     ("synthesis.early_drop.thresholds.sim_0=1.5", "synthesis.early_drop.thresholds.sim_0"),
     ("train.lr_schedule=linear", "train.lr_schedule"),
     ("train.min_lr=1.0", "train.min_lr"),             # above train.lr
+    ("world.vae_refine.outline_px=0", "world.vae_refine.outline_px"),
+    ("world.vae_refine.outline_weight=-1", "world.vae_refine.outline_weight"),
 ])
 def test_each_bad_key_is_named(override, key):
     problems = config_problems(compose([override]))

@@ -186,6 +186,30 @@ def test_clip_folder_round_trip(tiny_root, tmp_path, cfg):
         clip.processor.tokenizer.__class__.from_pretrained(tiny_root / "editor" / "tokenizer")("make it snowy").input_ids
 
 
+def test_base_vae_replaces_the_base_vae_for_the_base_role_only(cfg, tiny_base, tmp_path):
+    """model.base_vae (a VAE swapped in under the base, as SD users swap in SD's fine-tuned VAE): the base
+    role encodes and decodes with it and keeps its own UNet; an editor keeps the VAE of its own folder;
+    a VAE with other latent channels is a one-line error."""
+    other = type(tiny_base.vae).from_config(tiny_base.vae.config)
+    other.load_state_dict(tiny_base.vae.state_dict())
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.3)
+    other.save_pretrained(tmp_path / "vae-ft")
+    model = OmegaConf.merge(cfg.model, {"base_vae": str(tmp_path / "vae-ft")})
+    base = load_diffusion("tiny", "base", model, cfg.paths.cache, "cpu", "float32")
+    assert torch.equal(base.vae.decoder.conv_out.bias, other.decoder.conv_out.bias)
+    assert not torch.equal(base.vae.decoder.conv_out.bias, tiny_base.vae.decoder.conv_out.bias)
+    assert all(torch.equal(t, tiny_base.unet.state_dict()[n]) for n, t in base.unet.state_dict().items())
+    editor = load_diffusion("tiny", "editor", model, cfg.paths.cache, "cpu", "float32")
+    assert torch.equal(editor.vae.decoder.conv_out.bias, tiny_base.vae.decoder.conv_out.bias)
+    wide = type(tiny_base.vae).from_config({**tiny_base.vae.config, "latent_channels": 8})
+    wide.save_pretrained(tmp_path / "vae-8")
+    with pytest.raises(Ip2pError, match="8 latent channels") as err:
+        load_diffusion("tiny", "base", OmegaConf.merge(cfg.model, {"base_vae": str(tmp_path / "vae-8")}),
+                       cfg.paths.cache, "cpu", "float32")
+    assert "\n" not in str(err.value)
+
+
 def test_tiny_build_is_deterministic(cfg, tmp_path):
     build = OmegaConf.to_container(cfg.model.build, resolve=True)
     first, second = ensure_tiny(tmp_path / "one", build), ensure_tiny(tmp_path / "two", build)

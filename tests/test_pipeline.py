@@ -23,8 +23,9 @@ STAGES = ["captions", "instructions", "synthesize", "filter", "train", "evaluate
           "world_eval"]
 # The miniature world's stages come first; their outputs are on the remote (dvc.lock), so `dvc pull`
 # gets them and `dvc repro` does not retrain them.
-WORLD_STAGES = ["world_captions", "pretrain_vae", "pretrain_clip", "pretrain_t2i", "pretrain_llm", "pretrain_report"]
-WORLD_PULL = ["world_captions", "pretrain_vae", "pretrain_clip", "pretrain_t2i", "pretrain_llm"]
+WORLD_STAGES = ["world_captions", "pretrain_vae", "refine_vae", "pretrain_clip", "pretrain_t2i", "pretrain_llm",
+                "pretrain_report"]
+WORLD_PULL = ["world_captions", "pretrain_vae", "refine_vae", "pretrain_clip", "pretrain_t2i", "pretrain_llm"]
 
 
 def _plain(value):

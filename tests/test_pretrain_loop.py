@@ -381,3 +381,72 @@ def test_vae_decoder_phase_trains_the_decoder_and_keeps_the_latents_bit_for_bit(
     for name, tensor in again.state_dict().items():
         if name.startswith("decoder."):
             assert torch.equal(tensor, after[name]), name
+
+
+# ----------------------------------------------------------------------------------- VAE refine stage
+
+def test_outline_band_is_the_ring_around_each_object_and_the_seam_between_touching_ones():
+    """A k x k square on whole pixels: its outline band (1 px each side) is the square grown by one pixel
+    on each side without the four corners (4-connected dilation) less the square shrunk by one:
+    (k + 2)^2 - 4 - (k - 2)^2 = 8k - 4 pixels. Two squares that touch keep the seam between them."""
+    from ip2p.pretrain.vae_refine import outline_band
+    from ip2p.world.scene import Obj, Scene
+
+    k = 10
+    one = Scene((Obj("square", "red", float(k), 20.0, 20.0),), "gray")   # box 15..25: whole pixels
+    band = outline_band(one, 1)
+    assert band.sum() == 8 * k - 4
+    assert band[15, 15] == 1 and band[14, 20] == 1 and band[14, 14] == 0 and band[20, 20] == 0
+    # side by side: left square covers x 15..25, the right one 25..35; both outlines run along x = 25
+    two = Scene((Obj("square", "red", float(k), 20.0, 20.0), Obj("square", "blue", float(k), 30.0, 20.0)), "gray")
+    seam = outline_band(two, 1)
+    # the last pixel of the left, the first of the right: 5 px deep inside the two squares' 10 x 20 union
+    assert seam[20, 24] == 1 and seam[20, 25] == 1
+    assert seam.sum() == 2 * (8 * k - 4) - 2 * k   # each ring's outer column at the seam is the other's inner one
+
+
+def _refine_cfg(tmp_path, train_encoder: bool):
+    from ip2p.config import compose
+
+    return compose(["progress=false", "logger=none", f"paths.reports={tmp_path / 'reports'}",
+                    f"world.vae_refine.source={tmp_path / 'vae'}", f"world.vae_refine.output={tmp_path / 'out'}",
+                    f"world.vae_refine.checkpoint={tmp_path / 'refine.pt'}",
+                    f"world.vae_refine.train_encoder={str(train_encoder).lower()}",
+                    "world.vae_refine.batch_size=2", "world.vae_refine.eval_scenes=2", "world.vae_refine.loop.steps=4",
+                    "world.vae_refine.loop.checkpoint_every=2", "world.vae_refine.loop.warmup_steps=1",
+                    "world.vae_refine.loop.log_every=2", "world.vae_refine.loop.ema_decay=0.5"])
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_refine_vae_stage_continues_the_vae_and_says_how_far_the_latents_moved(tmp_path, train_encoder):
+    """`ip2p refine-vae`: the decoder always learns; the encoder only with train_encoder (without it the
+    latents the base was trained on stay as they were: drift 0). The saved folder loads through the
+    loader, keeps the source's latent scale, and a finished run does not train again."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from ip2p.models.loader import load_vae
+    from ip2p.pretrain import vae as vae_stage
+    from ip2p.pretrain import vae_refine
+
+    torch.manual_seed(0)
+    source = vae_stage.build_vae(OmegaConf.create({"channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
+                                                   "norm_groups": 4, "mid_attention": False}))
+    source.register_to_config(scaling_factor=0.37)
+    source.save_pretrained(tmp_path / "vae")
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    cfg = _refine_cfg(tmp_path, train_encoder)
+    result = vae_refine.run(cfg)
+    refined = load_vae(str(tmp_path / "out"))
+    after = refined.state_dict()
+    encoder = [n for n in after if n.startswith(("encoder.", "quant_conv."))]
+    changed = [n for n in encoder if not torch.equal(after[n], before[n])]
+    assert bool(changed) == train_encoder, changed
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("decoder."))
+    assert refined.config.scaling_factor == pytest.approx(0.37)
+    assert (result["latent_drift"] > 0) == train_encoder and result["latent_drift"] < 0.5, result
+    assert json.loads((tmp_path / "reports" / "refine_vae.json").read_text())["steps"] == 4
+    again = vae_refine.run(cfg)   # the checkpoint says done: the same weights, no training
+    assert all(torch.equal(t, load_vae(str(tmp_path / "out")).state_dict()[n]) for n, t in after.items())
+    assert again["psnr"] == pytest.approx(result["psnr"])

@@ -105,6 +105,8 @@ RULES: dict[str, Rule] = {
     "shard.count": POSITIVE_INT, "shard.index": COUNT,
     "filter.clip_preprocess": one_of("hf", "original"), "evaluate.clip_preprocess": one_of("hf", "original"),
     "evaluate.clip_value_range": one_of("unit", "signed"),
+    "world.vae_refine.batch_size": POSITIVE_INT, "world.vae_refine.outline_weight": at_least(0),
+    "world.vae_refine.outline_px": POSITIVE_INT,
 }
 
 

@@ -32,6 +32,7 @@ STAGES: dict[str, str] = {
     "merge": "ip2p.io.merge:run",
     "world-captions": "ip2p.world.source:run",
     "pretrain-vae": "ip2p.pretrain.vae:run",
+    "refine-vae": "ip2p.pretrain.vae_refine:run",
     "pretrain-clip": "ip2p.pretrain.clip:run",
     "pretrain-t2i": "ip2p.pretrain.t2i:run",
     "pretrain-llm": "ip2p.pretrain.llm:run",

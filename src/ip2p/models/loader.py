@@ -196,6 +196,9 @@ def load_diffusion(
         parts = _load_single_file(resolved, role, model_cfg, cache_dir)
     else:
         parts = _load_pipeline_folder(resolved)
+    base_vae = model_cfg.get("base_vae") if role == "base" else None
+    if base_vae:  # another VAE under the base (as SD users swap in SD's fine-tuned VAE): every stage that
+        parts = _swap_vae(parts, str(base_vae))   # starts from the base encodes and decodes with it
     latent_channels = parts.vae.config.latent_channels
     if role == "editor" and parts.unet.config.in_channels == latent_channels:
         log.warning("%s has a %d-channel UNet: widening conv_in to %d channels (image channels start at zero)",
@@ -209,6 +212,18 @@ def load_diffusion(
         module.eval().requires_grad_(False)
     parts.autocast = autocast_dtype
     return parts.to(resolve_device(str(device)) if isinstance(device, str) else device, resolve_dtype(dtype))
+
+
+def _swap_vae(parts: DiffusionComponents, source: str) -> DiffusionComponents:
+    """The base's components with the VAE at `source` in place of its own. Its latents must have the
+    base's channels; an editor trained from the base saves this VAE in its folder, so it travels on."""
+    vae = load_vae(source)
+    own = parts.vae.config.latent_channels
+    if vae.config.latent_channels != own:
+        raise Ip2pError(f"model.base_vae '{source}' has {vae.config.latent_channels} latent channels; "
+                        f"the base '{parts.source}' has {own}")
+    parts.vae = vae
+    return parts
 
 
 def _load_pipeline_folder(source: str) -> DiffusionComponents:

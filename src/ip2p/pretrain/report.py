@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
@@ -134,8 +134,10 @@ def reconstructions_picture(vae, scenes, path: Path) -> None:
 @torch.no_grad()
 def run(cfg: DictConfig) -> dict:
     w, c = cfg.world, cfg.world.report
-    # 1. load every model through the one loader, as the pipeline stages will
-    parts = load_diffusion(w.t2i.output, "base", cfg.model, cfg.paths.cache, "cpu", "float32")
+    # 1. load every model through the one loader, as the pipeline stages will: the base with the VAE the
+    #    mini preset swaps in under it (model.base_vae), so the VAE judged is the one the chain uses
+    model_cfg = OmegaConf.merge(cfg.model, {"base_vae": c.base_vae})
+    parts = load_diffusion(w.t2i.output, "base", model_cfg, cfg.paths.cache, "cpu", "float32")
     clip = load_clip(w.clip.output, cfg.model, cfg.paths.cache, "cpu")
     # 2. judge each against the world's truth on held-out scenes
     vae_scenes = sample_scenes(c.seed, c.vae_scenes)
