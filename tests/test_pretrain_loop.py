@@ -450,3 +450,23 @@ def test_refine_vae_stage_continues_the_vae_and_says_how_far_the_latents_moved(t
     again = vae_refine.run(cfg)   # the checkpoint says done: the same weights, no training
     assert all(torch.equal(t, load_vae(str(tmp_path / "out")).state_dict()[n]) for n, t in after.items())
     assert again["psnr"] == pytest.approx(result["psnr"])
+
+
+def test_refine_vae_scene_mix_overrides_only_what_it_names():
+    """world.vae_refine.scenes: null keys keep the world's distribution (the same draws as sample_scene's
+    default); a named share changes what the batches hold."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from ip2p.pretrain.vae_refine import scene_distribution
+    from ip2p.world.scene import SceneDistribution, sample_scene
+    from ip2p.world.vocab import SIZES
+
+    assert scene_distribution(OmegaConf.create({"p_two_objects": None, "p_small": None, "p_style": None})) \
+        == SceneDistribution()
+    mix = scene_distribution(OmegaConf.create({"p_two_objects": 1.0, "p_small": 1.0,
+                                               "p_style": {"snowy": 1.0}}))
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, mix) for _ in range(20)]
+    assert all(s.style == "snowy" and len(s.objects) == 2 for s in scenes)
+    assert all(o.side <= SIZES["small"][1] for s in scenes for o in s.objects)

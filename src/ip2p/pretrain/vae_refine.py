@@ -32,7 +32,7 @@ from ip2p.pretrain import vae as vae_stage
 from ip2p.pretrain.loop import LoopConfig, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.render import object_coverage, render
-from ip2p.world.scene import Scene, sample_scene, sample_scenes
+from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,19 @@ def loss_weights(scene: Scene, c: DictConfig) -> np.ndarray:
     return vae_stage.detail_weight(scene, c.detail_weight) + c.outline_weight * outline_band(scene, c.outline_px)
 
 
+def scene_distribution(mix) -> SceneDistribution:
+    """The training scenes' mix: each key that is not null overrides the world's own distribution."""
+    given = {k: v for k, v in dict(mix or {}).items() if v is not None}
+    if "p_style" in given:
+        given["p_style"] = {str(k): float(v) for k, v in dict(given["p_style"]).items()}
+    return SceneDistribution(**{k: v if k == "p_style" else float(v) for k, v in given.items()})
+
+
 def make_batch(seed: int, step: int, c: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `step`: whole 64 px renders [B, 3, 64, 64] in [-1, 1] and their loss weights [B, 1, 64, 64]."""
     rng = np.random.default_rng([seed, step])
-    scenes = [sample_scene(rng) for _ in range(c.batch_size)]
+    dist = scene_distribution(c.get("scenes"))
+    scenes = [sample_scene(rng, dist) for _ in range(c.batch_size)]
     images = np.stack([render(s) for s in scenes])
     weights = np.stack([loss_weights(s, c) for s in scenes])
     return to_tensor(images), torch.from_numpy(weights)[:, None]
