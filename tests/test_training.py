@@ -347,6 +347,12 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
     with open_dict(before_schedules):
         del before_schedules.train["lr_schedule"], before_schedules.train["min_lr"]
     assert run_fingerprint(before_schedules) == run_fingerprint(cfg)          # runs from before those keys continue
+    before_base_vae = compose_train(tmp_path, dataset, cache_dir)
+    with open_dict(before_base_vae):
+        del before_base_vae.model["base_vae"]
+    assert run_fingerprint(before_base_vae) == run_fingerprint(cfg)
+    swapped = compose_train(tmp_path, dataset, cache_dir, **{"model.base_vae": str(tmp_path / "vae-ft")})
+    assert run_fingerprint(swapped) != run_fingerprint(cfg)                   # another VAE: another run
     cosine = compose_train(tmp_path, dataset, cache_dir, **{"train.lr_schedule": "cosine"})
     assert run_fingerprint(cosine) != run_fingerprint(cfg)
     other_lr = compose_train(tmp_path, dataset, cache_dir, **{"train.lr": 3e-4})

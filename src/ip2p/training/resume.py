@@ -51,7 +51,10 @@ def run_fingerprint(cfg: DictConfig) -> str:
     data_dir = Path(str(cfg.train.data.dir)).expanduser()
     files = sorted((str(p.relative_to(data_dir)), p.stat().st_size) for p in data_dir.rglob("*")
                    if p.is_file() and not p.name.startswith(".")) if data_dir.is_dir() else []
-    parts = {"train": recipe, "seed": cfg.seed, "model": OmegaConf.to_container(cfg.model, resolve=True),
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("base_vae", "unset") is None:   # added after runs were made; null changes nothing
+        model.pop("base_vae")
+    parts = {"train": recipe, "seed": cfg.seed, "model": model,
              "trainer": OmegaConf.to_container(cfg.trainer, resolve=True), "data": files}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
