@@ -171,8 +171,10 @@ def load_vae(source: str, device: str | torch.device = "cpu", dtype: str | torch
         vae = AutoencoderKL.from_pretrained(str(folder) if _is_local(source) else source, subfolder=subfolder)
     except (OSError, ValueError) as err:
         raise Ip2pError(f"cannot load the VAE '{source}': {first_line(err)}") from err
-    vae = vae.eval().requires_grad_(False)
-    return vae.to(resolve_device(str(device)) if isinstance(device, str) else device, dtype=resolve_dtype(dtype))
+    vae = vae.eval().requires_grad_(False).to(resolve_device(str(device)) if isinstance(device, str) else device)
+    wanted = resolve_dtype(dtype)
+    # only a real cast: diffusers warns on any .to(dtype), even to the dtype the weights already have
+    return vae.to(dtype=wanted) if wanted is not None and wanted != vae.dtype else vae
 
 
 def load_diffusion(
