@@ -28,7 +28,7 @@ fi
 if [ ! -f data/captions.jsonl ] || [ ! -f data/human_edits.jsonl ]; then
   DVC_NO_ANALYTICS=1 dvc pull -q data.dvc
 fi
-# The miniature world's foundation models (docs/miniature-world.md), trained once by the pretrain_*
+# The miniature world's foundation models (docs/miniature-world.md), trained once by the pretrain_* and refine_vae
 # stages and stored on the same remote: pulled, not retrained (`dvc repro -f pretrain_vae` retrains).
 if [ ! -f artifacts/world/base/model_index.json ] || [ ! -f artifacts/world/llm/config.json ] ||
    [ ! -f artifacts/world/vae_refined/config.json ]; then
