@@ -365,6 +365,35 @@ def test_oracle_reads_fresh_renders():
     assert hpos_ok / n_obj >= 0.95, (hpos_ok, n_obj)
 
 
+def _read_as_truth(scene: Scene, image) -> bool:
+    """The oracle's reading of `image` names `scene`: background, style, object count, and each
+    object's shape, colour (None in black and white) and size, objects in reading order."""
+    r = read(image)
+    if (r.background, r.style, len(r.objects)) != (scene.background, scene.style, len(scene.objects)):
+        return False
+    truth = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    return all((q.shape, q.colour, q.size) == (o.shape, None if scene.style == "bw" else o.colour, o.size)
+               for o, q in zip(truth, r.objects))
+
+
+def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+    soft = np.stack([ndimage.gaussian_filter(image[..., c].astype(np.float64), sigma) for c in range(3)], -1)
+    return np.clip(np.round(soft), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("p_style, least", [({"snowy": 1.0}, 0.93), (None, 0.97)])
+def test_oracle_reads_renders_blurred_by_half_a_pixel(p_style, least):
+    """A VAE or a generator draws a little softer than the renderer: under a 0.6 px Gaussian blur the
+    oracle still reads the truth. Snow is the hard case: a blurred flake's rim is a blend of background
+    and white that must not read as an object, nor stretch the object it touches."""
+    from ip2p.world.scene import SceneDistribution
+    dist = SceneDistribution(p_style=p_style) if p_style else SceneDistribution()
+    scenes = sample_scenes(31337, 150, dist)
+    right = sum(_read_as_truth(s, _blurred(render(s), 0.6)) for s in scenes)
+    assert right / len(scenes) >= least, right
+
+
 def mini_render(shape: str, colour, background, cx: float, cy: float, r: float) -> np.ndarray:
     """An independent renderer: flat shape on a flat background, no anti-aliasing, pixel centres
     sampled. `r` is half the box side."""

@@ -6,8 +6,9 @@ It knows the world's rules (palette, backgrounds, styles, shapes) but not the sc
 1. background and style together: the (background, style) whose expected image is closest to the
    picture (per-pixel distance, capped so that objects and flakes count as a constant);
 2. snow: small near-grey specks brighter than their neighbourhood; they are painted over with the
-   neighbourhood's median before objects are read;
-3. objects: pixels far from the expected background, split into connected parts; each part's colour is
+   median of the unpainted pixels around them before objects are read, and in a snowy scene the
+   background is any blend of the background and snow (what a blurred flake's rim is);
+3. objects: pixels far from the background, split into connected parts; each part's colour is
    the nearest palette colour (under the style) of its core pixels, its shape the one whose coverage
    template, stretched to the part's box, is closest (L1) to the part's estimated per-pixel coverage;
    size and position from the box.
@@ -19,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 from ip2p.world.render import background_image, coverage
 from ip2p.world.scene import Placed, styled
-from ip2p.world.vocab import BACKGROUNDS, CANVAS, COLOURS, GRASS, GRASS_STRIPE, LUMA, NIGHT_SCALE, SHAPES
+from ip2p.world.vocab import (BACKGROUNDS, CANVAS, COLOURS, GRASS, GRASS_STRIPE, LUMA, NIGHT_SCALE, SHAPES,
+                             SNOW_RGB)
 
 DIST_CAP = 40.0        # per-pixel distance cap when matching backgrounds
 FOREGROUND = 20.0      # RGB distance from the expected background that marks an object pixel, or
@@ -37,6 +40,7 @@ SNOW_LIFT = 35.0       # and brighter than its 5x5 neighbourhood's median by thi
 SNOW_CHROMA = 60.0     # and close to grey (max - min channel; objects are saturated)
 SNOW_SPECK = 12        # pixels: flakes are specks; an object's rim is a bigger connected part
 SNOW_SHARE = 0.008     # share of speck pixels that makes a scene snowy (renders: ~3%)
+PAINT_WINDOW = 5       # pixels: flakes are painted over with the median of this square around them
 FLAKE_PART = 24        # pixels: a near-grey part this small, brighter than the background, is a flake
 PALETTE_TOL = 70.0     # an object's core colour lies this close to an object colour (x0.35 at night);
                        # a dark halo or a drifting patch of background does not
@@ -74,13 +78,22 @@ def _expected(background: str, style: str) -> np.ndarray:
     return _EXPECTED[key]
 
 
+def _to_snow(img: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per-pixel RGB distance to the nearest blend of `base` (the background) and snow: a blurred
+    flake, or its rim, is such a blend; an object is not (objects are saturated, snow is white)."""
+    span = np.asarray(SNOW_RGB, dtype=np.float64) - base
+    t = np.clip(((img - base) * span).sum(-1) / np.maximum((span ** 2).sum(-1), 1e-6), 0.0, 1.0)
+    return np.linalg.norm(img - (base + t[..., None] * span), axis=-1)
+
+
 def _background_distance(img: np.ndarray, bg: str, style: str) -> np.ndarray:
-    """Per-pixel RGB distance to the background. Grass counts either tone anywhere: a generated or
-    reconstructed lawn need not keep the stripes' exact phase."""
-    if bg == "grass":
-        return np.minimum(np.linalg.norm(img - styled(GRASS, style), axis=-1),
-                          np.linalg.norm(img - styled(GRASS_STRIPE, style), axis=-1))
-    return np.linalg.norm(img - _expected(bg, style), axis=-1)
+    """Per-pixel RGB distance to the background (under snow: to the background blended with snow).
+    Grass counts either tone anywhere: a generated or reconstructed lawn need not keep the stripes'
+    exact phase."""
+    bases = ([styled(GRASS, style), styled(GRASS_STRIPE, style)] if bg == "grass" else [_expected(bg, style)])
+    if style == "snowy":
+        return np.minimum.reduce([_to_snow(img, np.broadcast_to(b, img.shape)) for b in bases])
+    return np.minimum.reduce([np.linalg.norm(img - b, axis=-1) for b in bases])
 
 
 def _snow_specks(img: np.ndarray) -> np.ndarray:
@@ -94,6 +107,23 @@ def _snow_specks(img: np.ndarray) -> np.ndarray:
         return candidate
     sizes = ndimage.sum(candidate, labels, np.arange(1, n + 1))
     return np.isin(labels, 1 + np.flatnonzero(sizes <= SNOW_SPECK))
+
+
+def _paint_over(img: np.ndarray, mask: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """`img` with the pixels under `mask` replaced by the median of the unmasked pixels around them
+    (PAINT_WINDOW square; the expected background where all are masked). Leaving the masked pixels out
+    of the median keeps a flake next to an object from painting a blend of both."""
+    pad = PAINT_WINDOW // 2
+    holes = np.where(mask[..., None], np.nan, img)
+    padded = np.pad(holes, ((pad, pad), (pad, pad), (0, 0)), constant_values=np.nan)
+    windows = sliding_window_view(padded, (PAINT_WINDOW, PAINT_WINDOW), axis=(0, 1))  # [H, W, 3, k, k]
+    windows = windows[mask].reshape(int(mask.sum()), 3, -1)
+    seen = ~np.isnan(windows[:, 0, :]).all(-1)
+    fill = np.array(expected[mask], dtype=np.float64)
+    fill[seen] = np.nanmedian(windows[seen], axis=-1)
+    out = img.copy()
+    out[mask] = fill
+    return out
 
 
 def _background_and_style(img: np.ndarray) -> tuple[str, str, np.ndarray]:
@@ -166,9 +196,7 @@ def read(image) -> Reading:
         flakes = _snow_specks(img)
         if flakes.mean() >= SNOW_SHARE:
             style = "snowy"  # paint the flakes (and their blurred rims) over before reading objects
-            flakes = ndimage.binary_dilation(flakes)
-            smooth = np.stack([ndimage.median_filter(img[..., c], size=5) for c in range(3)], -1)
-            img = np.where(flakes[..., None], smooth, img)
+            img = _paint_over(img, ndimage.binary_dilation(flakes), expected)
             dist = _background_distance(img, bg, style)
 
     fg = dist > max(FOREGROUND, CAST_FACTOR * float(np.median(dist)))
