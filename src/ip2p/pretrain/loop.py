@@ -2,7 +2,9 @@
 atomic checkpoints every N steps and exact resume, a progress bar, metrics to MLflow.
 
 Batches are a pure function of (seed, step), so a resumed run draws exactly the batches an
-uninterrupted one would: no data-loader state needs saving.
+uninterrupted one would: no data-loader state needs saving. What a loss draws from torch's global
+generator (a VAE's posterior sample, dropout) is covered too: the generator's state is saved with each
+checkpoint and restored on resume.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: ExponentialMovingAv
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        if "rng" in state:  # checkpoints written before 2026-12-06 lack it: they resume, not bit for bit
+            torch.set_rng_state(state["rng"])
         return int(state["step"])
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
         raise Ip2pError(f"cannot resume from '{path}': {first_line(err)} (delete it to start over)") from err
@@ -72,7 +76,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: ExponentialMovingAv
 def save_checkpoint(path: Path, model, ema, opt, step: int) -> None:
     with atomic_file(path) as tmp:
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "step": step}, tmp)
+                    "step": step, "rng": torch.get_rng_state()}, tmp)
 
 
 def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, torch.Tensor]],
@@ -118,8 +122,6 @@ def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, 
             if log_metrics:
                 log_metrics(metrics, done)
             running, t0, counted = {}, time.perf_counter(), 0
-        if done % c.checkpoint_every == 0 and done < c.steps:
-            save_checkpoint(checkpoint, model, ema, opt, done)
         if evaluate and (done % c.eval_every == 0 or done == c.steps):
             ema.model.eval()
             result = evaluate(ema.model, done)
@@ -128,6 +130,9 @@ def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, 
                 log_metrics({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, done)
             bar.write(f"{name} step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
                                                           if isinstance(v, (int, float))))
+        if done % c.checkpoint_every == 0 and done < c.steps:
+            # after the evaluation: the generator state saved is the one the next step starts from
+            save_checkpoint(checkpoint, model, ema, opt, done)
     bar.close()
     save_checkpoint(checkpoint, model, ema, opt, c.steps)
     return ema
