@@ -443,6 +443,35 @@ def test_oracle_reads_two_objects_of_an_independent_renderer():
                                                                       ("square", "pink", "small")]
 
 
+def test_oracle_reads_two_touching_objects_of_different_colours_as_two():
+    """A VAE or generator blurs two close objects into one connected part: their colours still tell
+    them apart (a solid block of each)."""
+    img = mini_render("square", SPEC_COLOURS["blue"], SPEC_FLAT["sand"], 20.0, 32.0, 9.0)
+    heart_like = mini_render("circle", SPEC_COLOURS["yellow"], SPEC_FLAT["sand"], 39.5, 32.0, 9.0)
+    img = np.where(np.all(heart_like == SPEC_FLAT["sand"], -1)[..., None], img, heart_like)
+    soft = _blurred(img, 0.8)
+    from scipy import ndimage
+    far = np.linalg.norm(soft.astype(float) - SPEC_FLAT["sand"], axis=-1) > 20
+    assert ndimage.label(far, structure=np.ones((3, 3)))[1] == 1  # one connected part: the case at hand
+    reading = read(soft)
+    assert [(o.shape, o.colour, o.size) for o in reading.objects] == [("square", "blue", "large"),
+                                                                      ("circle", "yellow", "large")]
+    assert abs(reading.objects[0].x - 20.0) <= 1.0 and abs(reading.objects[1].x - 39.5) <= 1.0
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2])
+def test_grass_stripes_out_of_phase_do_not_stretch_an_object(shift):
+    """A darker stripe next to a dark object is background, whichever rows the stripes fall on (a
+    reconstructed lawn need not keep their phase): the object's box stays its own."""
+    img = mini_render("square", SPEC_COLOURS["brown"], (70, 140, 60), 30.0, 30.0, 12.0)
+    yy = np.arange(64)
+    lawn = np.all(img == (70, 140, 60), -1) & ((yy[:, None] + shift) % 4 == 3)
+    img[lawn] = (50, 110, 45)
+    o = read(img).objects
+    assert len(o) == 1 and (o[0].shape, o[0].colour) == ("square", "brown")
+    assert abs(o[0].side - 24.0) <= 1.5, o[0].side
+
+
 @pytest.mark.parametrize("shape", [(32, 32, 3), (64, 64), (64, 64, 4), (3, 64, 64), (1, 64, 64, 3)])
 def test_oracle_rejects_bad_input_shape(shape):
     with pytest.raises(ValueError):

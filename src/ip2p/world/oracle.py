@@ -44,6 +44,7 @@ PAINT_WINDOW = 5       # pixels: flakes are painted over with the median of this
 FLAKE_PART = 24        # pixels: a near-grey part this small, brighter than the background, is a flake
 PALETTE_TOL = 70.0     # an object's core colour lies this close to an object colour (x0.35 at night);
                        # a dark halo or a drifting patch of background does not
+SPLIT_TOL = 40.0       # RGB distance to a palette colour of the solid block each object of a split part shows
 BW_CHROMA = 40.0       # chroma (max-min channel) of every object's core below this: the scene is grey
 
 
@@ -78,6 +79,14 @@ def _expected(background: str, style: str) -> np.ndarray:
     return _EXPECTED[key]
 
 
+def _bases(bg: str, style: str) -> list[np.ndarray]:
+    """The background as one or more images that each count as background anywhere: grass is either
+    tone at every pixel (a generated or reconstructed lawn need not keep the stripes' exact phase)."""
+    if bg == "grass":
+        return [np.broadcast_to(styled(tone, style), (CANVAS, CANVAS, 3)) for tone in (GRASS, GRASS_STRIPE)]
+    return [_expected(bg, style)]
+
+
 def _to_snow(img: np.ndarray, base: np.ndarray) -> np.ndarray:
     """Per-pixel RGB distance to the nearest blend of `base` (the background) and snow: a blurred
     flake, or its rim, is such a blend; an object is not (objects are saturated, snow is white)."""
@@ -87,12 +96,11 @@ def _to_snow(img: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 def _background_distance(img: np.ndarray, bg: str, style: str) -> np.ndarray:
-    """Per-pixel RGB distance to the background (under snow: to the background blended with snow).
-    Grass counts either tone anywhere: a generated or reconstructed lawn need not keep the stripes'
-    exact phase."""
-    bases = ([styled(GRASS, style), styled(GRASS_STRIPE, style)] if bg == "grass" else [_expected(bg, style)])
+    """Per-pixel RGB distance to the nearest background image (under snow: to the background blended
+    with snow)."""
+    bases = _bases(bg, style)
     if style == "snowy":
-        return np.minimum.reduce([_to_snow(img, np.broadcast_to(b, img.shape)) for b in bases])
+        return np.minimum.reduce([_to_snow(img, b) for b in bases])
     return np.minimum.reduce([np.linalg.norm(img - b, axis=-1) for b in bases])
 
 
@@ -148,7 +156,10 @@ def _palette_distance(rgb: np.ndarray, style: str) -> float:
     return float(np.linalg.norm(palette - rgb, axis=-1).min())
 
 
-def _read_part(img: np.ndarray, expected: np.ndarray, dist: np.ndarray, part: np.ndarray, style: str) -> ReadObject:
+def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part: np.ndarray, style: str,
+               hidden: np.ndarray) -> ReadObject:
+    # `hidden`: pixels under painted-over flakes. What lies beneath them is a guess, so they neither
+    # stretch the box nor count in the shape's fit.
     # The object's flat colour: its pixels farthest from the background (edges are blends).
     core = part & (dist >= 0.7 * dist[part].max())
     colour_rgb = np.median(img[core], axis=0)
@@ -157,11 +168,15 @@ def _read_part(img: np.ndarray, expected: np.ndarray, dist: np.ndarray, part: np
         palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
         votes = np.linalg.norm(img[core][:, None, :] - palette[None], axis=-1).argmin(1)
         colour = list(COLOURS)[np.bincount(votes, minlength=len(COLOURS)).argmax()]
-    # Coverage of each pixel: where it lies between the background and the object's colour.
+    # Coverage of each pixel: where it lies between the background and the object's colour (the least
+    # over the background's images: a grass stripe is not a brown object's edge).
     region = ndimage.binary_dilation(part, iterations=2)
-    span = colour_rgb - expected
-    alpha = ((img - expected) * span).sum(-1) / np.maximum((span ** 2).sum(-1), 1e-6)
-    alpha = np.where(region, np.clip(alpha, 0, 1), 0.0)
+    alpha = np.minimum.reduce([((img - b) * (colour_rgb - b)).sum(-1) / np.maximum(((colour_rgb - b) ** 2).sum(-1), 1e-6)
+                               for b in bases])
+    seen = region & ~hidden
+    if not (alpha[seen] > 0.15).any():  # a speck of an object, all of it under flakes
+        seen = region
+    alpha = np.where(seen, np.clip(alpha, 0, 1), 0.0)
     ys, xs = np.nonzero(alpha > 0.15)
     x0, x1, y0, y1 = float(xs.min()), float(xs.max() + 1), float(ys.min()), float(ys.max() + 1)
     # Templates are compared on `region` only, so draw them in its box plus a pixel (coverage's window):
@@ -170,7 +185,7 @@ def _read_part(img: np.ndarray, expected: np.ndarray, dist: np.ndarray, part: np
     left, top = max(int(rxs.min()) - 1, 0), max(int(rys.min()) - 1, 0)
     right, bottom = min(int(rxs.max()) + 2, img.shape[1]), min(int(rys.max()) + 2, img.shape[0])
     window = (left, top, right - left, bottom - top)
-    alpha_w, region_w = alpha[top:bottom, left:right], region[top:bottom, left:right]
+    alpha_w, region_w = alpha[top:bottom, left:right], seen[top:bottom, left:right]
     best_shape, best_err = SHAPES[0], np.inf
     for shape in SHAPES:
         for sx in SHRINK:
@@ -184,6 +199,30 @@ def _read_part(img: np.ndarray, expected: np.ndarray, dist: np.ndarray, part: np
     return ReadObject(best_shape, colour, side, (x0 + x1) / 2, (y0 + y1) / 2, int(part.sum()), float(fit))
 
 
+def _split_by_colour(img: np.ndarray, part: np.ndarray, dist: np.ndarray, style: str) -> list[np.ndarray]:
+    """A part holding two objects of different colours (drawn close, their blurred edges touching) as
+    one part per object. Each object shows itself as a solid block of pixels near one palette colour
+    (SPLIT_TOL; edge blends between an object and the background are thin rings, not blocks); every
+    pixel of the part goes to the nearest block. One colour (or black and white): the part as it is."""
+    if style == "bw" or part.sum() < 2 * MIN_PART:
+        return [part]
+    palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
+    tol = SPLIT_TOL * (NIGHT_SCALE if style == "night" else 1)
+    d = np.linalg.norm(img[..., None, :] - palette, axis=-1)          # [H, W, colours]
+    nearest = d.argmin(-1)
+    strong = part & (d.min(-1) <= tol) & (dist >= MIN_PEAK)
+    seeds = np.zeros(part.shape, dtype=np.int64)                       # 0: no block; k + 1: colour k's
+    for k in np.unique(nearest[strong]):
+        block = ndimage.binary_erosion(strong & (nearest == k), structure=np.ones((3, 3)))
+        if block.any():
+            seeds[ndimage.binary_dilation(block, structure=np.ones((3, 3))) & strong & (nearest == k)] = k + 1
+    if len(np.unique(seeds[seeds > 0])) < 2:
+        return [part]
+    _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    owner = seeds[iy, ix]                                             # the colour of the nearest block
+    return [part & (owner == k) for k in np.unique(owner[part])]
+
+
 def read(image) -> Reading:
     """Attributes of a [64, 64, 3] uint8 (or float 0-255) RGB image of the world."""
     img = np.asarray(image, dtype=np.float64)
@@ -192,19 +231,21 @@ def read(image) -> Reading:
     bg, style, dist = _background_and_style(img)
     expected = _expected(bg, style)
 
+    hidden = np.zeros(img.shape[:2], dtype=bool)
     if style == "none":
         flakes = _snow_specks(img)
         if flakes.mean() >= SNOW_SHARE:
             style = "snowy"  # paint the flakes (and their blurred rims) over before reading objects
-            img = _paint_over(img, ndimage.binary_dilation(flakes), expected)
+            hidden = ndimage.binary_dilation(flakes)
+            img = _paint_over(img, hidden, expected)
             dist = _background_distance(img, bg, style)
 
     fg = dist > max(FOREGROUND, CAST_FACTOR * float(np.median(dist)))
     labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
     objects, object_chroma, flake_pixels = [], [], 0
     bg_level = float(np.median(expected.min(-1)))
-    for k in range(1, n + 1):
-        part = labels == k
+    parts = [piece for k in range(1, n + 1) for piece in _split_by_colour(img, labels == k, dist, style)]
+    for part in parts:
         if part.sum() < MIN_PART or dist[part].max() < MIN_PEAK:
             continue
         core = img[part & (dist >= 0.7 * dist[part].max())]
@@ -219,7 +260,7 @@ def read(image) -> Reading:
             near = min(near, _palette_distance(colour, "bw"))
         if near > PALETTE_TOL * (NIGHT_SCALE if style == "night" else 1):
             continue
-        objects.append(_read_part(img, expected, dist, part, style))
+        objects.append(_read_part(img, _bases(bg, style), dist, part, style, hidden))
         object_chroma.append(chroma)
     if style == "none" and flake_pixels / fg.size >= SNOW_SHARE:
         style = "snowy"
