@@ -212,6 +212,60 @@ def test_finished_run_does_not_train_again(tmp_path):
     assert torch.equal(ema2.model.weight, ema.model.weight)
 
 
+def test_a_checkpoint_of_another_recipe_starts_over(tmp_path):
+    """Changing a stage's recipe (its learning rate, its scene mix) and rerunning must not resume the
+    weights the old recipe made: DVC reruns the stage, and its checkpoint is still lying there."""
+    c = config(steps=8, checkpoint_every=3)
+    path = tmp_path / "r.pt"
+    model = new_model(2)
+    train("r", model, lambda s: batch_loss(model, s), c, path, recipe="lr=0.05")
+    steps = []
+
+    def counted(m):
+        def loss(step):
+            steps.append(step)
+            return batch_loss(m, step)
+        return loss
+
+    same = new_model(2)
+    train("r", same, counted(same), c, path, recipe="lr=0.05")
+    assert steps == []  # the same recipe, finished: nothing to do
+    other = new_model(2)
+    train("r", other, counted(other), c, path, recipe="lr=0.01")
+    assert steps == list(range(8))  # another recipe: from the start
+    assert torch.load(path, weights_only=True)["recipe"] == "lr=0.01"
+    # a checkpoint written before recipes were saved resumes as it always did
+    state = torch.load(path, weights_only=True)
+    del state["recipe"]
+    torch.save(state, path)
+    steps.clear()
+    again = new_model(2)
+    train("r", again, counted(again), c, path, recipe="lr=0.05")
+    assert steps == []
+
+
+def test_recipe_ignores_where_and_how_often_but_not_what():
+    from omegaconf import OmegaConf
+
+    from ip2p.pretrain.loop import recipe_of
+
+    base = OmegaConf.create({"seed": 1, "output": "a", "checkpoint": "a.pt", "decoder": {"checkpoint": "d.pt", "lr": 1},
+                             "loop": {"lr": 0.1, "steps": 10, "eval_every": 5, "checkpoint_every": 5, "log_every": 1}})
+
+    def changed(**dotted):
+        cfg = base.copy()
+        for key, value in dotted.items():
+            OmegaConf.update(cfg, key.replace("__", "."), value)
+        return recipe_of(cfg)
+
+    assert changed(output="b", checkpoint="b.pt", loop__eval_every=7, loop__log_every=3,
+                   decoder__checkpoint="e.pt") == recipe_of(base)
+    assert changed(loop__lr=0.2) != recipe_of(base)
+    assert changed(seed=2) != recipe_of(base)
+    assert changed(decoder__lr=2) != recipe_of(base)
+    assert recipe_of(OmegaConf.merge(base, {"decoder": {"lr": 2}}), ("decoder",)) == recipe_of(base, ("decoder",))
+
+
 # ------------------------------------------------------------------------------- corrupt checkpoint
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.models.tokenizer import write_clip_tokenizer
-from ip2p.pretrain.loop import LoopConfig, train
+from ip2p.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import caption, plain_caption, sample_edit, sample_form, world_triple
 from ip2p.world.render import render
@@ -174,7 +174,7 @@ def run(cfg: DictConfig) -> dict:
 
     with start_mlflow_run(cfg, "pretrain-clip", {"parameters": sum(p.numel() for p in model.parameters())}):
         # 2. train; 3. judge the EMA weights; 4. save model + processor (with CLIP's vocab/merges files)
-        ema = train("pretrain-clip", model, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate,
+        ema = train("pretrain-clip", model, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, recipe=recipe_of(c),
                     log_metrics=log_metrics)
         final = ema.model.eval()
         result = {**judge(Encoder(final, processor, c.max_tokens), c.eval_seed, c.eval_scenes),

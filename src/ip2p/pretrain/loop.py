@@ -4,11 +4,15 @@ atomic checkpoints every N steps and exact resume, a progress bar, metrics to ML
 Batches are a pure function of (seed, step), so a resumed run draws exactly the batches an
 uninterrupted one would: no data-loader state needs saving. What a loss draws from torch's global
 generator (a VAE's posterior sample, dropout) is covered too: the generator's state is saved with each
-checkpoint and restored on resume.
+checkpoint and restored on resume. Each checkpoint also names its recipe (`recipe_of`): a run whose
+recipe changed since (a new learning rate, another scene mix) starts over instead of resuming weights
+that another recipe made.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ip2p.config import first_line
@@ -25,6 +30,9 @@ from ip2p.io.atomic import atomic_file
 from ip2p.models.ema import ExponentialMovingAverage
 
 log = logging.getLogger(__name__)
+
+# Config keys that do not change a run's weights: where it writes, and how often the loop reports.
+NOT_RECIPE = ("output", "checkpoint", "checkpoint_every", "eval_every", "log_every")
 
 
 @dataclass
@@ -56,13 +64,30 @@ def learning_rate(step: int, c: LoopConfig) -> float:
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def recipe_of(cfg: Mapping, leave_out: tuple[str, ...] = ()) -> str:
+    """A short hash of what a run's weights depend on: its config without where things are written and
+    how often the loop reports (`NOT_RECIPE`, at any depth), nor the top-level keys in `leave_out`."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in NOT_RECIPE}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    plain = strip({k: v for k, v in plain.items() if k not in leave_out})
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, ema: ExponentialMovingAverage,
-                    opt: torch.optim.Optimizer) -> int:
-    """Restore a run; returns the number of steps already done (0 when there is no checkpoint)."""
+                    opt: torch.optim.Optimizer, recipe: str | None = None) -> int:
+    """Restore a run; returns the number of steps already done (0 when there is no checkpoint, or when
+    it is another recipe's: the run starts over and its first save replaces it)."""
     if not path.exists():
         return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if recipe and state.get("recipe", recipe) != recipe:  # checkpoints before 2026-12-06 name none
+            log.warning("%s was written by another recipe (%s, now %s): starting over", path, state["recipe"], recipe)
+            return 0
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -73,25 +98,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: ExponentialMovingAv
         raise Ip2pError(f"cannot resume from '{path}': {first_line(err)} (delete it to start over)") from err
 
 
-def save_checkpoint(path: Path, model, ema, opt, step: int) -> None:
+def save_checkpoint(path: Path, model, ema, opt, step: int, recipe: str | None = None) -> None:
     with atomic_file(path) as tmp:
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "rng": torch.get_rng_state()}, tmp)
+                    "step": step, "rng": torch.get_rng_state(), **({"recipe": recipe} if recipe else {})}, tmp)
 
 
 def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, torch.Tensor]],
           c: LoopConfig, checkpoint: Path, evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
-          log_metrics: Callable[[dict, int], None] | None = None) -> ExponentialMovingAverage:
+          log_metrics: Callable[[dict, int], None] | None = None, recipe: str | None = None) -> ExponentialMovingAverage:
     """Train `model` for `c.steps` steps; `loss_fn(step)` draws batch `step` and returns {"loss": ..., ...}.
 
-    `evaluate(ema_model, step)` runs every `c.eval_every` steps and at the end. Returns the EMA.
+    `evaluate(ema_model, step)` runs every `c.eval_every` steps and at the end. `recipe` (`recipe_of`
+    the stage's config) is saved with each checkpoint and resumes only the same recipe. Returns the EMA.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     ema = ExponentialMovingAverage(model, decay=c.ema_decay, warmup=True)
     for stale in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):  # left by a kill mid-save
         stale.unlink(missing_ok=True)
-    start = load_checkpoint(checkpoint, model, ema, opt)
+    start = load_checkpoint(checkpoint, model, ema, opt, recipe)
     if start:
         log.info("%s: resuming at step %d of %d from %s", name, start, c.steps, checkpoint)
     model.train()
@@ -132,7 +158,7 @@ def train(name: str, model: torch.nn.Module, loss_fn: Callable[[int], dict[str, 
                                                           if isinstance(v, (int, float))))
         if done % c.checkpoint_every == 0 and done < c.steps:
             # after the evaluation: the generator state saved is the one the next step starts from
-            save_checkpoint(checkpoint, model, ema, opt, done)
+            save_checkpoint(checkpoint, model, ema, opt, done, recipe)
     bar.close()
-    save_checkpoint(checkpoint, model, ema, opt, c.steps)
+    save_checkpoint(checkpoint, model, ema, opt, c.steps, recipe)
     return ema

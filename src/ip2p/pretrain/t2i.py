@@ -36,7 +36,7 @@ from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_file, atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor
 from ip2p.models.tiny import _scheduler_config
-from ip2p.pretrain.loop import LoopConfig, train
+from ip2p.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.sampling.text_to_image import encode_prompts, generate
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import caption, plain_caption
@@ -352,7 +352,8 @@ def train_base(cfg: DictConfig, c: DictConfig, name: str) -> dict:
 
     with start_mlflow_run(cfg, name, {"parameters": sum(p.numel() for p in unet.parameters())}):
         # 3. train; 4. judge the EMA UNet; 5. save the whole text-to-image pipeline
-        ema = train(name, unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics)
+        ema = train(name, unet, loss_fn, loop, Path(c.checkpoint), evaluate=evaluate, log_metrics=log_metrics,
+                    recipe=recipe_of(c))
         final = ema.model.eval()
         result = {**judge(final, vae, text_encoder, tokenizer, sched, c.eval, eval_scenes),
                   "parameters": sum(p.numel() for p in final.parameters()), "steps": loop.steps}

@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from ip2p.io.images import to_tensor, to_uint8
 from ip2p.io.atomic import atomic_folder, atomic_write_json
-from ip2p.pretrain.loop import LoopConfig, train
+from ip2p.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.oracle import read, same_scene
 from ip2p.world.render import object_coverage, render, snow_mask
@@ -136,7 +136,7 @@ def finetune_decoder(vae, c: DictConfig, eval_scenes: list[Scene], progress: boo
         return decoder_loss(vae, x, w, torch.Generator().manual_seed(int(d.seed) * 1_000_003 + step))
 
     loop = LoopConfig.from_cfg(d.loop, progress=progress)
-    ema = train("finetune-vae-decoder", vae, loss_fn, loop, Path(d.checkpoint),
+    ema = train("finetune-vae-decoder", vae, loss_fn, loop, Path(d.checkpoint), recipe=recipe_of(c),
                 evaluate=lambda m, step: judge(m, eval_scenes), log_metrics=log_metrics)
     return ema.model.eval()
 
@@ -159,7 +159,7 @@ def run(cfg: DictConfig) -> dict:
 
     with start_mlflow_run(cfg, "pretrain-vae", {"parameters": sum(p.numel() for p in vae.parameters())}):
         # 2. train encoder and decoder together (EMA weights are judged and kept)
-        ema = train("pretrain-vae", vae, loss_fn, loop, Path(c.checkpoint),
+        ema = train("pretrain-vae", vae, loss_fn, loop, Path(c.checkpoint), recipe=recipe_of(c, ("decoder",)),
                     evaluate=lambda m, step: judge(m, eval_scenes), log_metrics=log_metrics)
         final = ema.model.eval()
         before = judge(final, eval_scenes)

@@ -29,7 +29,7 @@ from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor
 from ip2p.models.loader import load_vae
 from ip2p.pretrain import vae as vae_stage
-from ip2p.pretrain.loop import LoopConfig, train
+from ip2p.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.render import object_coverage, render
 from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes
@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
     with start_mlflow_run(cfg, "refine-vae", {"train_encoder": bool(c.train_encoder)}):
         before = vae_stage.judge(source, eval_scenes)
         # 2. continue it (EMA weights are judged and kept; resumable from c.checkpoint)
-        ema = train("refine-vae", vae, loss_fn, loop, Path(c.checkpoint),
+        ema = train("refine-vae", vae, loss_fn, loop, Path(c.checkpoint), recipe=recipe_of(c),
                     evaluate=lambda m, step: vae_stage.judge(m, eval_scenes), log_metrics=log_metrics)
         final = ema.model.eval()
         # 3. how far the latents moved. The scaling factor stays the source's: the base's UNet speaks that
