@@ -38,10 +38,23 @@ def test_the_shipped_configurations_pass():
     ("train.min_lr=1.0", "train.min_lr"),             # above train.lr
     ("world.vae_refine.outline_px=0", "world.vae_refine.outline_px"),
     ("world.vae_refine.outline_weight=-1", "world.vae_refine.outline_weight"),
+    ("world.vae_refine.scenes.p_small=1.5", "world.vae_refine.scenes.p_small"),
+    ("world.vae_refine.scenes.p_style={none:0.5,snowy:0.4}", "world.vae_refine.scenes.p_style"),   # adds to 0.9
+    ("world.vae_refine.scenes.p_style={none:1.5,snowy:-0.5}", "world.vae_refine.scenes.p_style"),
 ])
 def test_each_bad_key_is_named(override, key):
     problems = config_problems(compose([override]))
     assert len(problems) == 1 and problems[0].startswith(key), problems
+
+
+def test_a_style_mix_names_only_the_worlds_styles_and_adds_up_to_one():
+    from ip2p.checks import style_mix
+
+    assert style_mix({"none": 0.45, "night": 0.15, "bw": 0.15, "snowy": 0.25}) is None
+    assert "rainy" in style_mix({"none": 0.5, "rainy": 0.5})
+    assert "add up to 1" in style_mix({"none": 0.5, "snowy": 0.4})
+    assert style_mix({"none": 1.5, "snowy": -0.5}) is not None
+    assert style_mix({}) is not None and style_mix([0.5, 0.5]) is not None
 
 
 def test_several_bad_keys_are_all_reported():

@@ -107,7 +107,24 @@ RULES: dict[str, Rule] = {
     "evaluate.clip_value_range": one_of("unit", "signed"),
     "world.vae_refine.batch_size": POSITIVE_INT, "world.vae_refine.outline_weight": at_least(0),
     "world.vae_refine.outline_px": POSITIVE_INT,
+    "world.vae_refine.scenes.p_two_objects": optional(within(0, 1)),
+    "world.vae_refine.scenes.p_small": optional(within(0, 1)),
+    "world.vae_refine.scenes.p_style": optional(lambda v: style_mix(v)),
 }
+
+
+def style_mix(v: Any) -> str | None:
+    """A scene mix's {style: probability}: the world's styles, probabilities >= 0 that add up to 1."""
+    from ip2p.world.vocab import STYLES
+
+    if not isinstance(v, dict) or not v:
+        return "must be a mapping {style: probability}"
+    unknown = sorted(set(map(str, v)) - set(STYLES))
+    if unknown:
+        return f"names styles the world lacks: {unknown} (styles: {', '.join(STYLES)})"
+    if not all(_number(p) and p >= 0 for p in v.values()):
+        return "must give each style a probability >= 0"
+    return None if abs(sum(v.values()) - 1.0) <= 1e-6 else f"probabilities must add up to 1 (got {sum(v.values()):g})"
 
 
 def _relations(get: Callable[[str], Any]) -> list[str]:

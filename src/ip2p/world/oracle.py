@@ -8,10 +8,11 @@ It knows the world's rules (palette, backgrounds, styles, shapes) but not the sc
 2. snow: small near-grey specks brighter than their neighbourhood; they are painted over with the
    median of the unpainted pixels around them before objects are read, and in a snowy scene the
    background is any blend of the background and snow (what a blurred flake's rim is);
-3. objects: pixels far from the background, split into connected parts; each part's colour is
-   the nearest palette colour (under the style) of its core pixels, its shape the one whose coverage
-   template, stretched to the part's box, is closest (L1) to the part's estimated per-pixel coverage;
-   size and position from the box.
+3. objects: pixels far from the background, split into connected parts (and a part showing solid
+   blocks of two palette colours into one part per colour: two objects blurred together); each part's
+   colour is the nearest palette colour (under the style) of its core pixels, its shape the one whose
+   coverage template, stretched to the part's box, is closest (L1) to the part's estimated per-pixel
+   coverage (pixels under painted flakes left out); size and position from the box.
 Under black and white the object colours collapse to grey levels, so colour reads as None.
 """
 
