@@ -34,6 +34,7 @@ FOREGROUND = 20.0      # RGB distance from the expected background that marks an
 CAST_FACTOR = 2.0      # this many times the median distance, if more (a generated image's colour cast)
 MIN_PEAK = 30.0        # a part's farthest pixel is at least this far from the background (objects are
                        # at least scene.MIN_CONTRAST away; a drifting background is not)
+COVERED = 0.15         # a pixel this much covered belongs to the object's box
 SHRINK = (0.0, 0.5, 1.0)  # the part's box is found from pixels a little covered; try these tighter boxes
 MIN_PART = 12          # pixels; smaller parts are noise
 SNOW_LEVEL = 110.0     # a flake's darkest channel is at least this bright (a blurred flake on black too)
@@ -149,12 +150,16 @@ def _background_and_style(img: np.ndarray) -> tuple[str, str, np.ndarray]:
     return bg, style, dist
 
 
+def _palette(style: str) -> np.ndarray:
+    """The object colours [8, 3] as they look under `style`."""
+    return styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
+
+
 def _palette_distance(rgb: np.ndarray, style: str) -> float:
     if style == "bw":  # grey levels: compare luminance
         lum = np.array(list(COLOURS.values()), dtype=np.float64) @ np.array(LUMA)
         return float(np.abs(lum - rgb.mean()).min() * np.sqrt(3))
-    palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
-    return float(np.linalg.norm(palette - rgb, axis=-1).min())
+    return float(np.linalg.norm(_palette(style) - rgb, axis=-1).min())
 
 
 def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part: np.ndarray, style: str,
@@ -166,8 +171,7 @@ def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part:
     colour_rgb = np.median(img[core], axis=0)
     colour = None
     if style != "bw":
-        palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
-        votes = np.linalg.norm(img[core][:, None, :] - palette[None], axis=-1).argmin(1)
+        votes = np.linalg.norm(img[core][:, None, :] - _palette(style)[None], axis=-1).argmin(1)
         colour = list(COLOURS)[np.bincount(votes, minlength=len(COLOURS)).argmax()]
     # Coverage of each pixel: where it lies between the background and the object's colour (the least
     # over the background's images: a grass stripe is not a brown object's edge).
@@ -175,10 +179,10 @@ def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part:
     alpha = np.minimum.reduce([((img - b) * (colour_rgb - b)).sum(-1) / np.maximum(((colour_rgb - b) ** 2).sum(-1), 1e-6)
                                for b in bases])
     seen = region & ~hidden
-    if not (alpha[seen] > 0.15).any():  # a speck of an object, all of it under flakes
+    if not (alpha[seen] > COVERED).any():  # a speck of an object, all of it under flakes
         seen = region
     alpha = np.where(seen, np.clip(alpha, 0, 1), 0.0)
-    ys, xs = np.nonzero(alpha > 0.15)
+    ys, xs = np.nonzero(alpha > COVERED)
     x0, x1, y0, y1 = float(xs.min()), float(xs.max() + 1), float(ys.min()), float(ys.max() + 1)
     # Templates are compared on `region` only, so draw them in its box plus a pixel (coverage's window):
     # the same errors, summed over the same pixels in the same order, at a fraction of the drawing.
@@ -200,18 +204,18 @@ def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part:
     return ReadObject(best_shape, colour, side, (x0 + x1) / 2, (y0 + y1) / 2, int(part.sum()), float(fit))
 
 
-def _split_by_colour(img: np.ndarray, part: np.ndarray, dist: np.ndarray, style: str) -> list[np.ndarray]:
+def _split_by_colour(part: np.ndarray, to_palette: np.ndarray | None, dist: np.ndarray,
+                     style: str) -> list[np.ndarray]:
     """A part holding two objects of different colours (drawn close, their blurred edges touching) as
     one part per object. Each object shows itself as a solid block of pixels near one palette colour
     (SPLIT_TOL; edge blends between an object and the background are thin rings, not blocks); every
-    pixel of the part goes to the nearest block. One colour (or black and white): the part as it is."""
-    if style == "bw" or part.sum() < 2 * MIN_PART:
+    pixel of the part goes to the nearest block. One colour (or black and white, `to_palette` None):
+    the part as it is. `to_palette`: [H, W, colours] RGB distance of each pixel to each object colour."""
+    if to_palette is None or part.sum() < 2 * MIN_PART:
         return [part]
-    palette = styled(np.array(list(COLOURS.values()), dtype=np.float64), style)
     tol = SPLIT_TOL * (NIGHT_SCALE if style == "night" else 1)
-    d = np.linalg.norm(img[..., None, :] - palette, axis=-1)          # [H, W, colours]
-    nearest = d.argmin(-1)
-    strong = part & (d.min(-1) <= tol) & (dist >= MIN_PEAK)
+    nearest = to_palette.argmin(-1)
+    strong = part & (to_palette.min(-1) <= tol) & (dist >= MIN_PEAK)
     seeds = np.zeros(part.shape, dtype=np.int64)                       # 0: no block; k + 1: colour k's
     for k in np.unique(nearest[strong]):
         block = ndimage.binary_erosion(strong & (nearest == k), structure=np.ones((3, 3)))
@@ -245,7 +249,9 @@ def read(image) -> Reading:
     labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
     objects, object_chroma, flake_pixels = [], [], 0
     bg_level = float(np.median(expected.min(-1)))
-    parts = [piece for k in range(1, n + 1) for piece in _split_by_colour(img, labels == k, dist, style)]
+    bases = _bases(bg, style)
+    to_palette = None if style == "bw" else np.linalg.norm(img[..., None, :] - _palette(style), axis=-1)
+    parts = [piece for k in range(1, n + 1) for piece in _split_by_colour(labels == k, to_palette, dist, style)]
     for part in parts:
         if part.sum() < MIN_PART or dist[part].max() < MIN_PEAK:
             continue
@@ -261,7 +267,7 @@ def read(image) -> Reading:
             near = min(near, _palette_distance(colour, "bw"))
         if near > PALETTE_TOL * (NIGHT_SCALE if style == "night" else 1):
             continue
-        objects.append(_read_part(img, _bases(bg, style), dist, part, style, hidden))
+        objects.append(_read_part(img, bases, dist, part, style, hidden))
         object_chroma.append(chroma)
     if style == "none" and flake_pixels / fg.size >= SNOW_SHARE:
         style = "snowy"
