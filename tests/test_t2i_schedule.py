@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ip2p.pretrain.t2i import min_snr_weight, scheduler_config
 
@@ -166,6 +167,35 @@ def test_world_f2_variant_trains_into_its_own_folder_with_the_shipped_clip():
     assert all(str(p).startswith(str(f2.root) + "/") for p in outputs) and f2.root != shipped.root
     assert f2.t2i.vae == f2.vae.output and f2.t2i.clip == shipped.clip.output
     assert len(f2.vae.channels) == 2 and len(f2.t2i.cross_attention) == len(f2.t2i.channels) == 4
+
+
+def test_world_fast_recipe_starts_from_scratch_beside_the_shipped_models():
+    """`world=fast` (the 90-minute recipe, scripts/world_fast.sh) trains every model anew: no path of
+    its world config may point into the shipped world's folder (reading a shipped VAE would not be
+    from scratch; writing there would overwrite what `dvc pull` got), and it is the shipped recipe
+    shortened, never lengthened."""
+    from ip2p.config import compose
+
+    shipped, fast = compose([]).world, compose(["world=fast"]).world
+
+    def strings(node):
+        if isinstance(node, dict):
+            return [s for v in node.values() for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    paths = strings(OmegaConf.to_container(fast, resolve=True))
+    shipped_paths = [p for p in paths if p == str(shipped.root) or p.startswith(str(shipped.root) + "/")]
+    assert not shipped_paths, f"world=fast reads or writes the shipped world: {shipped_paths}"
+    outputs = [fast.vae.output, fast.vae.checkpoint, fast.clip.output, fast.t2i.output, fast.t2i.vae, fast.t2i.clip,
+               fast.llm.finetune.output, fast.llm.finetune.data, fast.source.captions_output]
+    assert all(str(p).startswith(str(fast.root) + "/") for p in outputs)
+    assert fast.t2i.refine is None and fast.report.base_vae is None   # no refine runs, no refined VAE
+    for part in ("vae", "clip", "t2i"):
+        assert fast[part].loop.steps < shipped[part].loop.steps
+    assert fast.vae.decoder.loop.steps < shipped.vae.decoder.loop.steps
+    assert fast.llm.finetune.epochs < shipped.llm.finetune.epochs
 
 
 def test_curriculum_first_scenes_are_one_large_object_without_style():

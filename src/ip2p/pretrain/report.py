@@ -141,9 +141,10 @@ def run(cfg: DictConfig) -> dict:
     clip = load_clip(w.clip.output, cfg.model, cfg.paths.cache, "cpu")
     # 2. judge each against the world's truth on held-out scenes
     vae_scenes = sample_scenes(c.seed, c.vae_scenes)
-    vae_result = vae_stage.judge(parts.vae, vae_scenes)
     originals = np.stack([render(s) for s in vae_scenes])
-    vae_result["agreement"] = attribute_agreement(originals, vae_stage.reconstruct(parts.vae, originals))
+    reconstructions = vae_stage.reconstruct(parts.vae, originals)
+    vae_result = {**vae_stage.scores(originals, reconstructions),
+                  "agreement": attribute_agreement(originals, reconstructions)}
     t2i_scenes = sample_scenes(c.seed + 1, c.t2i_scenes)
     e = c.t2i  # the same generations as t2i.judge makes, scored per main object and as whole scenes
     t2i_images = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),

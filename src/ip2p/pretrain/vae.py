@@ -27,6 +27,7 @@ from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.oracle import read, same_scene
 from ip2p.world.render import object_coverage, render, snow_mask
 from ip2p.world.scene import Scene, sample_scene, sample_scenes
+from ip2p.world.vocab import CANVAS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def build_vae(c: DictConfig):
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=channels, layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
-        norm_num_groups=c.norm_groups, sample_size=64, mid_block_add_attention=c.mid_attention,
+        norm_num_groups=c.norm_groups, sample_size=CANVAS, mid_block_add_attention=c.mid_attention,
         scaling_factor=1.0,
     )
 
@@ -49,7 +50,7 @@ def detail_weight(scene: Scene, boost: float) -> np.ndarray:
     """1 on the background, 1 + boost on objects, a 1-pixel rim around them (their edges) and snow
     flakes: small things a plain pixel loss lets the model blur away (a 1-pixel flake at 3% of the
     pixels costs an L1 model less to drop than to place)."""
-    cover = np.zeros((64, 64), dtype=np.float32)
+    cover = np.zeros((CANVAS, CANVAS), dtype=np.float32)
     for o in scene.objects:
         cover = np.maximum(cover, object_coverage(o))
     detail = np.maximum(cover, ndimage.binary_dilation(cover > 0, iterations=1).astype(np.float32))
@@ -59,14 +60,14 @@ def detail_weight(scene: Scene, boost: float) -> np.ndarray:
 
 
 def crop_origin(rng: np.random.Generator, scene: Scene, crop: int, p_object: float) -> tuple[int, int]:
-    if crop >= 64:
+    if crop >= CANVAS:
         return 0, 0
     if rng.random() < p_object:
         o = scene.objects[rng.integers(len(scene.objects))]
         cx, cy = o.x + rng.uniform(-crop / 4, crop / 4), o.y + rng.uniform(-crop / 4, crop / 4)
     else:
-        cx, cy = rng.uniform(0, 64), rng.uniform(0, 64)
-    clip = lambda v: int(np.clip(round(v - crop / 2), 0, 64 - crop))  # noqa: E731
+        cx, cy = rng.uniform(0, CANVAS), rng.uniform(0, CANVAS)
+    clip = lambda v: int(np.clip(round(v - crop / 2), 0, CANVAS - crop))  # noqa: E731
     return clip(cx), clip(cy)
 
 
@@ -91,14 +92,18 @@ def reconstruct(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def judge(vae, scenes: list[Scene]) -> dict:
-    """PSNR and the oracle's agreement between originals and reconstructions (posterior mode)."""
-    originals = np.stack([render(s) for s in scenes])
-    recon = reconstruct(vae, originals)
-    mse = ((originals.astype(np.float64) - recon) ** 2).reshape(len(scenes), -1).mean(1)
+def scores(originals: np.ndarray, recon: np.ndarray) -> dict:
+    """PSNR and the oracle's agreement (same scene read from both) of uint8 images [N, H, W, 3]."""
+    mse = ((originals.astype(np.float64) - recon) ** 2).reshape(len(originals), -1).mean(1)
     agree = [same_scene(read(a), read(b)) for a, b in zip(originals, recon)]
     return {"psnr": float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))),
             "oracle_agreement": float(np.mean(agree))}
+
+
+def judge(vae, scenes: list[Scene]) -> dict:
+    """`scores` of the renders of `scenes` and their reconstructions (posterior mode)."""
+    originals = np.stack([render(s) for s in scenes])
+    return scores(originals, reconstruct(vae, originals))
 
 
 @torch.no_grad()

@@ -33,14 +33,15 @@ from ip2p.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.render import object_coverage, render
 from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes
+from ip2p.world.vocab import CANVAS
 
 log = logging.getLogger(__name__)
 
 
 def outline_band(scene: Scene, px: int) -> np.ndarray:
-    """[64, 64] 1 within `px` pixels of any object's outline (its coverage > 1/2, dilated minus eroded),
+    """[CANVAS, CANVAS] 1 within `px` pixels of any object's outline (its coverage > 1/2, dilated minus eroded),
     object by object: where two objects touch, both outlines, so the seam between them, are on it."""
-    band = np.zeros((64, 64), dtype=bool)
+    band = np.zeros((CANVAS, CANVAS), dtype=bool)
     for o in scene.objects:
         inside = object_coverage(o) > 0.5
         band |= ndimage.binary_dilation(inside, iterations=px) & ~ndimage.binary_erosion(inside, iterations=px)
