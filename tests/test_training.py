@@ -798,3 +798,55 @@ def test_ema_tracks_the_live_unet_through_a_fit_and_its_resume(dataset, cache_di
         assert int(state["ema.num_updates"]) == steps
         unet = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
         assert unet and all(torch.equal(v, state["ema.model." + k]) for k, v in unet.items())
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_runs_never_move_a_finished_runs_checkpoints(tmp_path, dataset, cache_dir):
+    """Bad data or a bad recipe fails before the resume decision and the run record: the finished run's
+    checkpoints stay, byte for byte, however many runs fail; a run of another recipe that dies before
+    its first checkpoint leaves them in superseded/, and the plain rerun moves them back and resumes."""
+    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.errors import Ip2pError
+    from ip2p.training.run import run
+
+    done = {"train.max_steps": 2, "train.export.enabled": "false"}
+    run(compose_train(tmp_path, dataset, cache_dir, **done))
+    ckpt = tmp_path / "artifacts" / "checkpoints"
+    finished = _snapshot(ckpt)
+    assert {"last.ckpt", "step-00000002.ckpt", "run.json"} <= set(finished)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    (broken / "train" / "part-00000.parquet").write_bytes(b"not parquet")
+    # only the first row decodes: the checks pass, training fails at its first batch
+    later_rows = tmp_path / "later-rows"
+    write_parquet_split(later_rows, "val", 2, seed=2)
+    good = write_parquet_split(tmp_path / "one", "train", 1, seed=1)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(good[0]).to_pylist()
+    rows += [{**rows[0], "id": f"train{i:03d}-7", "pair_id": f"train{i:03d}",
+              "input_image": image_struct(b"\x89PNG cut")} for i in range(1, 8)]
+    write_split(rows, later_rows, "train", shard_size=8)
+
+    failures = [({"train.data.dir": tmp_path / "typo"}, "no dataset at"),
+                ({"train.data.dir": broken}, "unreadable Parquet file"),
+                ({"train.data.resolution": 65, "train.data.resize_min": 65, "train.data.resize_max": 65},
+                 r"train.data.resolution must be a multiple of 8"),
+                ({"train.data.dir": tmp_path / "typo"}, "no dataset at")]
+    for overrides, message in failures:
+        with pytest.raises(Ip2pError, match=message):
+            run(compose_train(tmp_path, dataset, cache_dir, **done, **overrides))
+        assert _snapshot(ckpt) == finished, overrides
+    # another recipe that fails after it started, twice: the finished run waits in superseded/
+    for _ in range(2):
+        with pytest.raises(Ip2pError, match="cannot decode input_image"):
+            run(compose_train(tmp_path, dataset, cache_dir, **done, **{"train.data.dir": later_rows}))
+        assert {name: data for name, data in _snapshot(ckpt / "superseded").items()} == finished
+    # the plain rerun, extended by one step, continues the finished run
+    report = run(compose_train(tmp_path, dataset, cache_dir, **{**done, "train.max_steps": 3}))
+    assert report["resumed_from_step"] == 2 and report["steps"] == 3
+    assert not (ckpt / "superseded").exists()

@@ -353,6 +353,29 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def open_source(data_cfg: Mapping[str, Any], split: str, progress: bool = False):
+    """The split's rows (ParquetSource or ReleasedSource) as `train.data` describes them."""
+    if data_cfg.get("format", "parquet") == "released":
+        return ReleasedSource(Path(data_cfg["dir"]), split, tuple(float(f) for f in data_cfg["released_splits"]))
+    return ParquetSource(load_parquet_split(data_cfg["dir"], split, data_cfg.get("cache_dir"), progress),
+                         str(data_cfg.get("sampling", "pair")))
+
+
+def check_data(data_cfg: Mapping[str, Any], progress: bool = False) -> None:
+    """Open both splits and read the first pair of each: a missing, empty or unreadable dataset fails in
+    one line here, before `ip2p train` decides where to resume (which may move checkpoints aside)."""
+    fmt = data_cfg.get("format", "parquet")
+    if fmt not in ("parquet", "released"):
+        raise Ip2pError(f"train.data.format must be parquet or released (got '{fmt}')")
+    for split in ("train", "val"):
+        source = open_source(data_cfg, split, progress)
+        if split == "train" and len(source) == 0:
+            raise Ip2pError(f"no training pairs in '{data_cfg['dir']}' (run the filter stage first, "
+                            "or set train.data.dir)")
+        if len(source):
+            source.load(0, torch.Generator().manual_seed(0))  # its own generator: the data order is untouched
+
+
 # ---------------------------------------------------------------------------------------------------
 # LightningDataModule
 # ---------------------------------------------------------------------------------------------------
@@ -405,11 +428,7 @@ class EditDataModule(pl.LightningDataModule):
                 load_parquet_split(self.cfg["dir"], split, self.cfg.get("cache_dir"), self.progress)
 
     def _source(self, split: str):
-        if self.cfg.get("format", "parquet") == "released":
-            root = Path(self.cfg["dir"])
-            return ReleasedSource(root, split, tuple(float(f) for f in self.cfg["released_splits"]))
-        return ParquetSource(load_parquet_split(self.cfg["dir"], split, self.cfg.get("cache_dir"), self.progress),
-                             str(self.cfg.get("sampling", "pair")))
+        return open_source(self.cfg, split, self.progress)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -59,20 +59,46 @@ def run_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def first_process() -> bool:
+    """False in the other processes of a multi-process launch (ranks 1..N-1): only the first one checks the
+    data and touches the checkpoint folder."""
+    return not any(int(os.environ.get(k, "0") or 0) for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
+
+
 def supersede(checkpoint_dir: Path) -> None:
     """Move another run's checkpoints to <checkpoint_dir>/superseded/ (replacing older ones there), so
-    that this run's ModelCheckpoint never mixes with them and `last` never means theirs."""
-    if any(int(os.environ.get(k, "0") or 0) for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK")):
-        return  # only the first process of a multi-process launch touches the folder
-    old = [p for p in checkpoint_dir.glob("*.ckpt")] + [p for p in (checkpoint_dir / "run.json",) if p.exists()]
-    if not old:
+    that this run's ModelCheckpoint never mixes with them and `last` never means theirs.
+
+    A folder without checkpoints (a run that failed before its first one left only run.json) supersedes
+    nothing: superseded/ keeps the last run that has checkpoints, however many runs fail after it."""
+    if not first_process():
+        return
+    checkpoints = list(checkpoint_dir.glob("*.ckpt"))
+    record = checkpoint_dir / "run.json"
+    if not checkpoints:
+        record.unlink(missing_ok=True)  # this run writes its own
         return
     target = checkpoint_dir / "superseded"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    for path in old:
+    for path in checkpoints + ([record] if record.exists() else []):
         os.replace(path, target / path.name)
     log.info("checkpoints of another run (other recipe or data) moved to %s", target)
+
+
+def restore_superseded(checkpoint_dir: Path, fingerprint: str) -> bool:
+    """resume=auto when <checkpoint_dir> holds no checkpoints: if superseded/ holds this recipe's run (one
+    that another run pushed aside, and that run failed before its first checkpoint), move it back so the
+    rerun continues it. True when restored."""
+    old = checkpoint_dir / "superseded"
+    if not first_process() or list(checkpoint_dir.glob("*.ckpt")) or not (old / "last.ckpt").exists() \
+            or not fingerprint_matches(old / "run.json", fingerprint):
+        return False
+    for path in [*old.glob("*.ckpt"), old / "run.json"]:
+        os.replace(path, checkpoint_dir / path.name)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("this recipe's checkpoints were in %s: moved back to resume them", old)
+    return True
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
@@ -88,7 +114,9 @@ def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         supersede(checkpoint_dir)
         return None
     if str(value) == "auto":
-        if fingerprint_matches(checkpoint_dir / "run.json", run_fingerprint(cfg)) and last.exists():
+        fingerprint = run_fingerprint(cfg)
+        restore_superseded(checkpoint_dir, fingerprint)
+        if fingerprint_matches(checkpoint_dir / "run.json", fingerprint) and last.exists():
             check_checkpoint(last)
             log.info("resuming this run from %s", last)
             return str(last)

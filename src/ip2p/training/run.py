@@ -23,7 +23,7 @@ from ip2p.models.loader import DiffusionComponents, load_diffusion, widen_conv_i
 from ip2p.training.launch import (LAUNCHER_ENV, STAGE, _check_launch, _hydra, _reset_launcher_env, build_trainer,
                                   prepare_ddp_relaunch)
 from ip2p.training.module import InstructPix2PixModule, TrainSettings, ema_unet_from_state
-from ip2p.training.resume import record_run, resolve_resume
+from ip2p.training.resume import first_process, record_run, resolve_resume
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,18 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
                          gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid)
 
 
+def check_resolution(cfg: DictConfig, components: DiffusionComponents) -> None:
+    """train.data.resolution against the model: a multiple of the VAE's downsampling factor (else the
+    VAE silently drops the remainder and the run trains and exports at a size it never saw), and large
+    enough for one latent pixel at the UNet's deepest level."""
+    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    smallest = factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    res = int(cfg.train.data.resolution)
+    if res % factor or res < smallest:
+        raise Ip2pError(f"train.data.resolution must be a multiple of {factor} (the VAE's factor) and at least "
+                        f"{smallest} for this model (got {res})")
+
+
 def _check_recipe(cfg: DictConfig) -> None:
     t = cfg.train
     for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
@@ -126,15 +138,20 @@ def run(cfg: DictConfig) -> dict:
     from ip2p.tracking.loggers import close_loggers, log_file, make_loggers
     from ip2p.training.callbacks import (EMAUpdate, FinalCheckpoint, LossHistory, RunMetadata, SampleGrid,
                                          Throughput, checkpoint_callback)
-    from ip2p.training.datamodule import EditDataModule
+    from ip2p.training.datamodule import EditDataModule, check_data
 
-    # 1. the recipe checked, the run's folders, and where it resumes from
+    # 1. the recipe and the data checked, and the run's folders. Where the run resumes from (which may
+    # move another run's checkpoints aside) and its run record come last, after every check, so that a
+    # run that fails on a typo or bad data leaves a finished run's checkpoints where they are.
     _check_recipe(cfg)
+    settings = settings_from_config(cfg)
     _quiet_lightning()
     t = cfg.train
     env_before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
     paths = resolve_paths(cfg)
-    resume = resolve_resume(cfg, paths.checkpoint_dir)
+    data_cfg = OmegaConf.to_container(t.data, resolve=True)
+    if first_process():
+        check_data(data_cfg, bool(cfg.progress))
     # The folder holds this run's run.json, and a resumed run's own checkpoints: not a mistake to warn about
     # (another run's checkpoints were moved to superseded/ by resolve_resume).
     import warnings
@@ -146,8 +163,8 @@ def run(cfg: DictConfig) -> dict:
 
     # 2. the model (input convolution widened to 8 channels) and the data
     components = load_components(cfg)
-    module = InstructPix2PixModule(components, settings_from_config(cfg))
-    data_cfg = OmegaConf.to_container(t.data, resolve=True)
+    check_resolution(cfg, components)
+    module = InstructPix2PixModule(components, settings)
     datamodule = EditDataModule(data_cfg, components.tokenizer, int(t.batch_size), int(t.validation.batch_size),
                                 int(t.accumulate_grad_batches), int(cfg.seed), bool(cfg.progress), components)
 
@@ -162,6 +179,7 @@ def run(cfg: DictConfig) -> dict:
                                      t.checkpoint.save_last)]
     trainer = build_trainer(cfg, paths, loggers, callbacks)
     _check_launch(trainer)
+    resume = resolve_resume(cfg, paths.checkpoint_dir)
     prepare_ddp_relaunch({**paths.pinned_overrides(), "train.resume": resume})
     if trainer.is_global_zero:
         record_run(cfg, paths.checkpoint_dir)
