@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ip2p.editing.service import EditorPool, Limits, Request, model_source, read_upload, request_problem, run_edit
 from ip2p.errors import Ip2pError
 
 LIMITS = Limits(max_input_pixels=10_000, max_instruction_chars=20, steps=(1, 50), text_guidance=(0.0, 20.0),
-                image_guidance=(0.0, 5.0), num_images=(1, 4), seed=(0, 1000))
+                image_guidance=(0.0, 5.0), num_images=(1, 4), seed=(0, 1000), max_edit_area=2.0)
 GOOD = Request("x.png", "make it snowy", 10, 7.5, 1.5, 2, 3)
 
 
@@ -83,7 +84,7 @@ def test_app_edit_is_the_cli_edit(cfg, tmp_path, noise_image):
     noise_image.save(path)
     pool = EditorPool(cfg.model, cfg.paths.cache, "cpu", "float32")
     request = Request(str(path), "make it snowy", 3, 6.0, 1.3, 2, 11)
-    limits = Limits(10**8, 300, (1, 50), (0, 20), (0, 5), (1, 4), (0, 2**31 - 1))
+    limits = Limits(10**8, 300, (1, 50), (0, 20), (0, 5), (1, 4), (0, 2**31 - 1), 2.0)
     _, app_images = run_edit(pool.get("tiny"), request, limits, "euler_ancestral", 128, progress=False)
     c = cfg.copy()
     with open_dict(c):
@@ -95,6 +96,54 @@ def test_app_edit_is_the_cli_edit(cfg, tmp_path, noise_image):
     for img, p in zip(app_images, cli_paths):
         assert np.array_equal(np.asarray(img), np.asarray(Image.open(p)))
     assert not np.array_equal(np.asarray(app_images[0]), np.asarray(app_images[1]))  # two variants
+
+
+def test_elongated_inputs_are_refused_alike_by_the_cli_the_app_and_the_served_model(cfg, tmp_path, capsys,
+                                                                                   tiny_editor):
+    """The original size rule keeps 64 px on the short side: a 2000 x 8 strip would edit at 16000 x 64 at
+    resolution 256. edit.max_edit_area (conf) refuses it in one line, before any model work, in `ip2p edit`,
+    the app and the served model; a 200 x 100 photo at the same resolution still edits."""
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from ip2p.cli import main
+    from ip2p.editing.service import Limits
+    from ip2p.io.images import edit_size
+    from ip2p.models.export import export_pipeline
+    from ip2p.models.instruct_pix2pix import InstructPix2Pix
+    from ip2p.tracking.pyfunc_model import InstructPix2PixModel
+
+    assert edit_size(2000, 8, 256) == (16000, 64) and float(cfg.edit.max_edit_area) == 2
+    strip, photo = tmp_path / "strip.png", tmp_path / "photo.png"
+    Image.new("RGB", (2000, 8), "red").save(strip)
+    Image.new("RGB", (200, 100), "red").save(photo)
+    refused = "a 2000x8 image would be edited at 16000x64 px, more than 2 x 256x256"
+    # the CLI: exit 1, one line naming the setting, nothing written
+    out = tmp_path / "out.png"
+    argv = ["edit", str(strip), "make it snowy", "-o", str(out), "--resolution", "256", "--steps", "1",
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert refused in err and "(edit.max_edit_area)" in err and len(err.splitlines()) == 1 and not out.exists()
+    # the app, with the limits of conf/app (which take edit.max_edit_area)
+    limits = Limits.from_config(cfg.app.limits)
+    editor = InstructPix2Pix(tiny_editor)
+    with pytest.raises(Ip2pError, match=refused):
+        run_edit(editor, _with(image_path=str(strip), num_images=1, steps=1), limits, "euler_ancestral", 256,
+                 progress=False)
+    # the served model, registered with register.serve (which takes edit.max_edit_area): a per-row error
+    context = mlflow.pyfunc.PythonModelContext(
+        artifacts={"pipeline": str(export_pipeline(tiny_editor, tmp_path / "model"))},
+        model_config={**OmegaConf.to_container(cfg.register.serve, resolve=True), "resolution": 256, "steps": 1})
+    model = InstructPix2PixModel()
+    model.load_context(context)
+    rows = [base64.b64encode(p.read_bytes()).decode() for p in (strip, photo)]
+    answer = model.predict(context, pd.DataFrame({"image": rows, "instruction": ["make it snowy"] * 2}))
+    assert answer["error"][0].startswith(f"row 0: {refused}") and answer["image"][0] is None
+    assert answer["error"][1] is None and Image.open(io.BytesIO(base64.b64decode(answer["image"][1]))).size == \
+        edit_size(200, 100, 256)
 
 
 # ---------------------------------------------------------------------------- the page in a browser

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ip2p.io.images import (
+    check_edit_area,
     edit_size,
     load_image,
     pil_to_tensor,
@@ -273,3 +274,16 @@ def test_uint8_batches_round_trip_through_vae_tensors():
     assert np.allclose(x.permute(0, 2, 3, 1).numpy(), images / 127.5 - 1.0, atol=1e-6)   # the hand formula
     assert (to_uint8(x) == images).all()
     assert (to_uint8(torch.full((1, 3, 1, 1), 4.0)) == 255).all() and (to_uint8(-x.abs() - 2) == 0).all()
+
+
+@pytest.mark.parametrize("args,expected", EDIT_SIZES)
+def test_the_edit_area_bound_keeps_every_size_of_the_table(args, expected):
+    # edit.max_edit_area=2 refuses only elongated inputs; every size above edits as before
+    assert check_edit_area(*args, max_area=2) == expected
+
+
+def test_the_edit_area_bound_refuses_an_elongated_strip():
+    with pytest.raises(Ip2pError, match=r"a 2000x8 image would be edited at 16000x64 px, more than 2 x 256x256 "
+                                        r"\(edit.max_edit_area\)"):
+        check_edit_area(2000, 8, 256, 2, "edit.max_edit_area")
+    assert check_edit_area(2000, 8, 8192, 2) == (16000, 64)  # 1.5% of the pixels asked for at 8192: allowed

@@ -43,7 +43,8 @@ def run(cfg: DictConfig) -> list[Path]:
     if not cfg.edit.input:
         raise Ip2pError("no input image given")
     settings = settings_from_config(cfg)
-    image = resize_for_editing(load_image(cfg.edit.input, int(cfg.edit.max_input_pixels)), int(cfg.edit.resolution))
+    image = resize_for_editing(load_image(cfg.edit.input, int(cfg.edit.max_input_pixels)), int(cfg.edit.resolution),
+                               float(cfg.edit.max_edit_area), "edit.max_edit_area")
     instruction = str(cfg.edit.instruction or "")
     if instruction.strip():
         components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,

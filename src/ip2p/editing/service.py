@@ -36,11 +36,13 @@ class Limits:
     image_guidance: tuple[float, float]
     num_images: tuple[int, int]
     seed: tuple[int, int]
+    max_edit_area: float  # the edit's pixels at most this x resolution^2 (edit.max_edit_area)
 
     @classmethod
     def from_config(cls, c: Mapping[str, Any]) -> "Limits":
         return cls(int(c["max_input_pixels"]), int(c["max_instruction_chars"]),
-                   *(tuple(c[k]) for k in ("steps", "text_guidance", "image_guidance", "num_images", "seed")))
+                   *(tuple(c[k]) for k in ("steps", "text_guidance", "image_guidance", "num_images", "seed")),
+                   float(c["max_edit_area"]))
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def run_edit(editor: InstructPix2Pix, request: Request, limits: Limits, schedule
     if problem:
         raise Ip2pError(problem)
     image = resize_for_editing(read_upload(request.image_path, limits.max_input_pixels),
-                               int(resolution or native_resolution(editor)))
+                               int(resolution or native_resolution(editor)), limits.max_edit_area)
     settings = EditSettings(steps=int(request.steps), text_guidance=float(request.text_guidance),
                             image_guidance=float(request.image_guidance), scheduler=scheduler,
                             num_images=int(request.num_images), seed=int(request.seed), progress=progress)

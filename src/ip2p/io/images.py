@@ -88,9 +88,25 @@ def edit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return new_w, new_h
 
 
-def resize_for_editing(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize and centre-crop (ImageOps.fit, LANCZOS) to `edit_size`."""
-    size = edit_size(img.width, img.height, resolution)
+def check_edit_area(width: int, height: int, resolution: int, max_area: float, setting: str = "") -> tuple[int, int]:
+    """`edit_size`, refused in one line when it holds more than max_area x resolution^2 pixels: the rule
+    keeps 64 px on the short side, so an elongated input grows without bound (a 2000 x 8 strip edits at
+    16000 x 64 at resolution 256, 31x the pixels asked for: minutes a step, or out of memory)."""
+    size = edit_size(width, height, resolution)
+    if size[0] * size[1] > max_area * resolution * resolution:
+        named = f" ({setting})" if setting else ""
+        raise Ip2pError(f"a {width}x{height} image would be edited at {size[0]}x{size[1]} px, more than "
+                        f"{max_area:g} x {resolution}x{resolution}{named}: too elongated for resolution {resolution} "
+                        "(crop it to a squarer shape)")
+    return size
+
+
+def resize_for_editing(img: Image.Image, resolution: int, max_area: float | None = None,
+                       setting: str = "") -> Image.Image:
+    """Resize and centre-crop (ImageOps.fit, LANCZOS) to `edit_size`; with `max_area`, an edit of more
+    than max_area x resolution^2 pixels is refused (`check_edit_area`; `setting` names the bound)."""
+    size = edit_size(img.width, img.height, resolution) if max_area is None else \
+        check_edit_area(img.width, img.height, resolution, max_area, setting)
     if img.size == size:
         return img
     return ImageOps.fit(img, size, method=Image.Resampling.LANCZOS)

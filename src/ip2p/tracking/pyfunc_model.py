@@ -53,9 +53,29 @@ def signature():
                                                          ColSpec("string", "error", required=False)]))
 
 
+def serve_settings(model_config: dict | None) -> dict:
+    """The model's serving settings (register.serve, stored with the model when it was registered), with
+    any key it lacks (a model registered before the key existed) taken from conf/register: every bound
+    applies to every registered model."""
+    settings = dict(model_config or {})
+    missing = [k for k in SERVE_BOUNDS if k not in settings]
+    if missing:
+        from omegaconf import OmegaConf
+
+        from ip2p.config import compose
+
+        serve = OmegaConf.to_container(compose([]).register.serve, resolve=True)
+        settings.update({k: serve[k] for k in missing})
+    return settings
+
+
+# register.serve keys that bound a request (conf/register/default.yaml)
+SERVE_BOUNDS = ("max_edit_area",)
+
+
 class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        self.defaults = dict(context.model_config or {})
+        self.defaults = serve_settings(context.model_config)
         components = load_diffusion(context.artifacts["pipeline"], "editor", {"name": "registered"},
                                     "~/.cache/ip2p", "auto", "float32")
         self.editor = InstructPix2Pix(components)
@@ -73,7 +93,8 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
         instruction = row.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise Ip2pError("`instruction` is empty")
-        image = resize_for_editing(b64_to_image(row["image"]), int(d.get("resolution", 512)))
+        image = resize_for_editing(b64_to_image(row["image"]), int(d.get("resolution", 512)),
+                                   float(d["max_edit_area"]), "max_edit_area")
         return image, instruction, settings
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
