@@ -137,6 +137,64 @@ def test_pyfunc_answers_a_bad_row_with_one_line_and_edits_the_others(tiny_editor
     assert np.array_equal(np.asarray(edited.convert("RGB")), np.asarray(expected))
 
 
+def _served_model(tiny_editor, tmp_path, **serve):
+    import mlflow.pyfunc
+
+    from ip2p.tracking.pyfunc_model import InstructPix2PixModel
+
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"pipeline": str(export_pipeline(tiny_editor, tmp_path / "m"))},
+                                               model_config={"resolution": 64, **serve})
+    model = InstructPix2PixModel()
+    model.load_context(context)
+    return model, context
+
+
+def test_served_requests_are_bounded_by_the_limits_of_conf(tiny_editor, tmp_path, cfg):
+    """register.serve.limits (the app's limits): steps, scales, seed, instruction length, image pixels
+    and rows per request; a request of too many rows edits none. A model registered without limits
+    takes conf's."""
+    import pandas as pd
+
+    from ip2p.tracking.pyfunc_model import image_to_b64
+
+    model, context = _served_model(tiny_editor, tmp_path, steps=1)  # no limits stored: conf's apply
+    assert model.limits.steps == tuple(cfg.app.limits.steps) == (1, 200) and model.limits.num_images[1] == 8
+    good = image_to_b64(Image.new("RGB", (64, 64), (10, 200, 30)))
+    big = image_to_b64(Image.new("RGB", (8000, 6000)))  # 48 M pixels, over 40 M
+    rows = pd.DataFrame({"image": [good, good, good, good, big, good],
+                         "instruction": ["x", "x", "x", "y" * 301, "x", "x"],
+                         "steps": [100000, 1, 1, 1, 1, 1], "text_guidance": [7.5, 21.0, 7.5, 7.5, 7.5, 7.5],
+                         "seed": [0, 0, -1, 0, 0, 0]})
+    errors = model.predict(context, rows)["error"].tolist()
+    assert errors == ["row 0: steps must be between 1 and 200 (got 100000)",
+                      "row 1: text_guidance must be between 0 and 20 (got 21.0)",
+                      "row 2: seed must be between 0 and 2147483647 (got -1)",
+                      "row 3: `instruction` is 301 characters long; the limit is 300",
+                      "row 4: `image` is 8000x6000 = 48000000 pixels; the limit is 40000000", None]
+    nine = model.predict(context, pd.DataFrame({"image": [good] * 9, "instruction": ["x"] * 9}))
+    assert nine["image"].isna().all() and set(nine["error"]) == {"the request has 9 rows; the limit is 8 "
+                                                                 "(limits.num_images)"}
+
+
+def test_served_edits_stop_at_the_request_timeout(tiny_editor, tmp_path, monkeypatch):
+    """Past the server's request timeout its client has a 504: the edits stop between two steps instead
+    of computing for nobody (3 rows x 200 steps take ~6 s here)."""
+    import time
+
+    import pandas as pd
+
+    from ip2p.tracking.pyfunc_model import image_to_b64
+
+    model, context = _served_model(tiny_editor, tmp_path)
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
+    good = image_to_b64(Image.new("RGB", (64, 64), (10, 200, 30)))
+    start = time.monotonic()
+    out = model.predict(context, pd.DataFrame({"image": [good] * 3, "instruction": ["x"] * 3, "steps": [200] * 3}))
+    assert time.monotonic() - start < 3
+    assert out["error"].tolist() == [f"row {i}: stopped: the request ran past the server's timeout of 1 s"
+                                     for i in range(3)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,6 +237,59 @@ def test_serve_round_trip(registry, noise_image, tiny_editor):
         diff = np.abs(np.asarray(served.convert("RGB")).astype(int) - np.asarray(expected).astype(int))
         # the same edit; another process may sum in another order, which can flip a uint8 rounding
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_server_stops_at_sigterm_during_a_long_request(registry):
+    """`mlflow models serve` (uvicorn) waits for running requests before it exits: a SIGTERM during a
+    long request stops the edits between two steps, the request is answered with the reason, and the
+    server is gone in seconds (the request's 8 rows x 200 steps would take ~18 s more)."""
+    import signal
+    import threading
+
+    import psutil
+
+    from ip2p.tracking.pyfunc_model import image_to_b64
+
+    name = registry["cfg"].register.name
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "OMP_NUM_THREADS": "1"}
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", f"models:/{name}/2", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "-t", "300"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        workers = psutil.Process(server.pid).children(recursive=True)
+        assert workers, "no uvicorn process under `mlflow models serve`"
+        good = image_to_b64(Image.new("RGB", (64, 64), (10, 200, 30)))
+        payload = {"dataframe_split": {"columns": ["image", "instruction", "steps"],
+                                       "data": [[good, "make it snowy", 200]] * 8}}
+        answer = {}
+
+        def ask():
+            answer["response"] = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
+
+        client = threading.Thread(target=ask)
+        client.start()
+        time.sleep(3)  # the edits are running
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"the server still runs {time.monotonic() - start:.0f} s after SIGTERM"
+        client.join(timeout=30)
+        errors = [row["error"] for row in answer["response"].json()["predictions"]]
+        assert "stopped: the server is shutting down" in errors[-1]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -21,28 +21,9 @@ from ip2p.errors import Ip2pError
 from ip2p.io.images import load_image, resize_for_editing
 from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.models.loader import load_diffusion
+from ip2p.models.request_limits import Limits, out_of_range
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (conf/app: limits)."""
-
-    max_input_pixels: int
-    max_instruction_chars: int
-    steps: tuple[int, int]
-    text_guidance: tuple[float, float]
-    image_guidance: tuple[float, float]
-    num_images: tuple[int, int]
-    seed: tuple[int, int]
-    max_edit_area: float  # the edit's pixels at most this x resolution^2 (edit.max_edit_area)
-
-    @classmethod
-    def from_config(cls, c: Mapping[str, Any]) -> "Limits":
-        return cls(int(c["max_input_pixels"]), int(c["max_instruction_chars"]),
-                   *(tuple(c[k]) for k in ("steps", "text_guidance", "image_guidance", "num_images", "seed")),
-                   float(c["max_edit_area"]))
 
 
 @dataclass(frozen=True)
@@ -54,13 +35,6 @@ class Request:
     image_guidance: float
     num_images: int
     seed: int
-
-
-def _in_range(name: str, value: float, bounds: tuple[float, float]) -> str | None:
-    low, high = bounds
-    if value is None or not np.isfinite(value) or not low <= value <= high:
-        return f"{name} must be between {low:g} and {high:g} (got {value})"
-    return None
 
 
 def request_problem(r: Request, limits: Limits) -> str | None:
@@ -75,7 +49,7 @@ def request_problem(r: Request, limits: Limits) -> str | None:
               ("Image guidance", r.image_guidance, limits.image_guidance),
               ("Number of images", r.num_images, limits.num_images), ("Seed", r.seed, limits.seed)]
     for name, value, bounds in checks:
-        problem = _in_range(name, value, bounds)
+        problem = out_of_range(name, value, bounds)
         if problem:
             return problem
     for name, value in (("Steps", r.steps), ("Number of images", r.num_images), ("Seed", r.seed)):

@@ -8,12 +8,14 @@ checkpoint was trained that way (docs/method.md section 3) and diffusers' pipeli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from ip2p.errors import Ip2pError
 from ip2p.io.images import pil_to_tensor, tensor_to_pil
 from ip2p.models.loader import DiffusionComponents, weights_device, weights_dtype
 from ip2p.sampling.guidance import dual_guidance
@@ -29,6 +31,13 @@ class EditSettings:
     num_images: int = 1
     seed: int = 0
     progress: bool = True
+    # Asked before every denoising step; a reason (str) stops the edit with EditStopped. A server uses
+    # it so that work nobody waits for any more (a shutdown, a client past its timeout) ends at once.
+    should_stop: Callable[[], str | None] | None = field(default=None, compare=False)
+
+
+class EditStopped(Ip2pError):
+    """An edit abandoned between two denoising steps (EditSettings.should_stop gave the reason)."""
 
 
 class InstructPix2Pix:
@@ -77,6 +86,7 @@ class InstructPix2Pix:
         scheduler: str,
         generator: torch.Generator | list[torch.Generator],
         progress: bool = True,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> torch.Tensor:
         """Denoise a batch: condition [B, 4, h, w], text_embeds [B, L, D], empty_text_embeds [1, L, D].
         Scales may be per-sample tensors [B]. `generator` may be a list of B generators: each sample's
@@ -92,6 +102,9 @@ class InstructPix2Pix:
         branch_image = torch.cat([condition, condition, torch.zeros_like(condition)])
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, _: int) -> torch.Tensor:
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                raise EditStopped(reason)
             x = torch.cat([model_input] * 3)
             eps = unet_prediction(self.c.unet, self.c.autocast, torch.cat([x, branch_image], dim=1), t, branch_text)
             eps_text_image, eps_image, eps_uncond = eps.chunk(3)
@@ -109,7 +122,7 @@ class InstructPix2Pix:
         text = self.encode_text([instruction]).expand(k, -1, -1)
         latents = self.sample(condition, text, self.encode_text([""]), settings.text_guidance,
                               settings.image_guidance, settings.steps, settings.scheduler, generator,
-                              settings.progress)
+                              settings.progress, settings.should_stop)
         return self.decode(latents)
 
     def edit(self, image: Image.Image, instruction: str, settings: EditSettings) -> list[Image.Image]:
