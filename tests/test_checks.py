@@ -41,6 +41,16 @@ def test_the_shipped_configurations_pass():
     ("world.vae_refine.scenes.p_small=1.5", "world.vae_refine.scenes.p_small"),
     ("world.vae_refine.scenes.p_style={none:0.5,snowy:0.4}", "world.vae_refine.scenes.p_style"),   # adds to 0.9
     ("world.vae_refine.scenes.p_style={none:1.5,snowy:-0.5}", "world.vae_refine.scenes.p_style"),
+    # bounded by edit.limits (and the app's and the served model's limits, which take it)
+    ("edit.text_guidance=-3", "edit.text_guidance"),
+    ("edit.image_guidance=-1", "edit.image_guidance"),
+    ("edit.steps=100000", "edit.steps"),
+    ("edit.num_images=1000", "edit.num_images"),
+    ("edit.resolution=100000", "edit.resolution"),
+    ("app.steps=100000", "app.steps"),
+    ("app.resolution=100000", "app.resolution"),
+    ("register.serve.steps=100000", "register.serve.steps"),
+    ("register.serve.resolution=100000", "register.serve.resolution"),
 ])
 def test_each_bad_key_is_named(override, key):
     problems = config_problems(compose([override]))

@@ -135,12 +135,23 @@ def error_cases(tmp_path, photo):
         "missing checkpoint folder": ["edit", str(photo), "make it snowy", "-o", out, "--model", str(tmp_path / "nodir")],
         "unknown scheduler": ["edit", str(photo), "make it snowy", "-o", out, "--scheduler", "nope"],
         "steps 0": ["edit", str(photo), "make it snowy", "-o", out, "--steps", "0"],
+        # the app refused these; the CLI made an image (edit.limits bound all three alike)
+        "negative text guidance": ["edit", str(photo), "make it snowy", "-o", out, "--text-guidance", "-3"],
+        "negative image guidance": ["edit", str(photo), "make it snowy", "-o", out, "--image-guidance", "-1"],
+        "steps 100000": ["edit", str(photo), "make it snowy", "-o", out, "--steps", "100000"],
+        "num images 1000": ["edit", str(photo), "make it snowy", "-o", out, "--num-images", "1000"],
+        "resolution 100000": ["edit", str(photo), "make it snowy", "-o", out, "--resolution", "100000"],
+        "long instruction": ["edit", str(photo), "x" * 301, "-o", out],
     }
 
 
 # what each message must name so that the user knows what to fix
 NAMED = {"missing input": "missing.png", "unreadable input": "notes.png", "missing checkpoint": "no.ckpt",
-         "missing checkpoint folder": "nodir", "unknown scheduler": "'nope'", "steps 0": "--steps"}
+         "missing checkpoint folder": "nodir", "unknown scheduler": "'nope'", "steps 0": "--steps",
+         "negative text guidance": "--text-guidance", "negative image guidance": "--image-guidance",
+         "steps 100000": "--steps must be between 1 and 200 (edit.limits.steps)",
+         "num images 1000": "--num-images must be between 1 and 8", "resolution 100000": "--resolution",
+         "long instruction": "edit.limits.max_instruction_chars"}
 
 
 def test_errors_in_process(photo, tmp_path, capsys, cache_dir):

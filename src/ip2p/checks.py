@@ -73,6 +73,7 @@ COUNT = at_least(0, integer=True)
 RULES: dict[str, Rule] = {
     "sampling.scheduler": sampler, "sampling.text_guidance": at_least(0), "sampling.image_guidance": at_least(0),
     "edit.steps": POSITIVE_INT, "edit.num_images": POSITIVE_INT, "edit.scheduler": sampler,
+    "edit.text_guidance": at_least(0), "edit.image_guidance": at_least(0), "edit.resolution": POSITIVE_INT,
     "edit.speed.compile": compile_backend,
     "edit.speed.compile_mode": optional(one_of("default", "reduce-overhead", "max-autotune",
                                                "max-autotune-no-cudagraphs")),
@@ -110,6 +111,17 @@ RULES: dict[str, Rule] = {
     "world.vae_refine.scenes.p_two_objects": optional(within(0, 1)),
     "world.vae_refine.scenes.p_small": optional(within(0, 1)),
     "world.vae_refine.scenes.p_style": optional(lambda v: style_mix(v)),
+}
+
+
+# Settings bounded by others (conf/edit: limits, and what reads it): key -> the [low, high] key. A value
+# that breaks its own rule above is named once, by that rule.
+BOUNDED: dict[str, str] = {
+    **{f"edit.{k}": f"edit.limits.{k}" for k in ("steps", "text_guidance", "image_guidance", "num_images",
+                                                 "resolution")},
+    "app.steps": "app.limits.steps", "app.resolution": "edit.limits.resolution",
+    **{f"register.serve.{k}": f"register.serve.limits.{k}" for k in ("steps", "text_guidance", "image_guidance")},
+    "register.serve.resolution": "edit.limits.resolution",
 }
 
 
@@ -172,7 +184,7 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) ->
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return OmegaConf.is_config(node) and OmegaConf.is_interpolation(node, leaf)
 
-    problems = []
+    problems, named = [], set()
     for key, rule in RULES.items():
         if OmegaConf.select(cfg, key, default=missing) is missing or interpolated(key):
             continue
@@ -180,7 +192,20 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) ->
         why = rule(value)
         if why is not None:
             name = (aliases or {}).get(key, key)
+            named.add(key)
             problems.append(f"{name} {why} (got {value!r})" if "got" not in why else f"{name}: {why}")
+    for key, bounds_key in BOUNDED.items():
+        value, bounds = get(key), get(bounds_key)
+        if key in named or not _number(value) or interpolated(key) or not bounds:
+            continue
+        low, high = bounds
+        if not low <= value <= high:
+            name = (aliases or {}).get(key, key)
+            problems.append(f"{name} must be between {low:g} and {high:g} ({bounds_key}) (got {value!r})")
+    instruction, most = get("edit.instruction"), get("edit.limits.max_instruction_chars")
+    if isinstance(instruction, str) and _number(most) and len(instruction) > most:
+        problems.append(f"the instruction is {len(instruction)} characters long; the limit is {most} "
+                        "(edit.limits.max_instruction_chars)")
     return problems + _relations(get)
 
 
