@@ -194,3 +194,17 @@ def test_no_samples_to_evaluate_is_one_line_error(heldout_dataset, tmp_path, cac
                    f"evaluate.out_dir={tmp_path}", "logger=none"])
     with pytest.raises(Ip2pError, match="test split .* has no rows"):
         run(cfg)
+
+
+def test_a_resolution_the_model_cannot_work_at_is_one_line_error(heldout_dataset, tmp_path, cache_dir):
+    """65 px: the tiny VAE (factor 8) encodes 8 latent pixels and decodes 64 px, which used to end in a
+    shape traceback inside the grid; now one line naming the setting, and no report written."""
+    from ip2p.errors import Ip2pError
+
+    root, _ = heldout_dataset
+    cfg = compose(["device=cpu", f"paths.cache={cache_dir}", "evaluate.model=tiny", f"evaluate.dataset_dir={root}",
+                   f"evaluate.out_dir={tmp_path}", "evaluate.resolution=65", "logger=none", "progress=false"])
+    with pytest.raises(Ip2pError, match=r"evaluate.resolution must be a multiple of 8 \(the VAE's factor\) and at "
+                                        r"least 16 for this model \(got 65\)"):
+        run(cfg)
+    assert not list(tmp_path.iterdir())

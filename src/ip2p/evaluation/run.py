@@ -26,7 +26,7 @@ from ip2p.io.atomic import atomic_write_json, atomic_write_text
 from ip2p.io.images import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
 from ip2p.models.clip_embed import embed_images, embed_texts
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
-from ip2p.models.loader import load_clip, load_diffusion
+from ip2p.models.loader import check_square_resolution, load_clip, load_diffusion
 from ip2p.scoring.edits import cosine, edit_metrics, ground_truth_metrics
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ def evaluate(cfg: DictConfig) -> dict:
     gts = [_decode(r.get("edited_image"), int(e.resolution)) for r in pairs]
     has_gt = all(g is not None for g in gts)
 
-    editor = InstructPix2Pix(load_diffusion(e.model, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype,
-                                                cfg.get("autocast")))
+    components = load_diffusion(e.model, "editor", cfg.model, cfg.paths.cache, cfg.device, cfg.dtype, cfg.get("autocast"))
+    check_square_resolution(components, int(e.resolution), "evaluate.resolution")
+    editor = InstructPix2Pix(components)
     clip = load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device)
     default = Cell(float(e.default_text_guidance), float(e.default_image_guidance))
     cells = guidance_cells(e.text_guidances, e.image_guidances, extra=default)

@@ -53,6 +53,17 @@ class DiffusionComponents:
         return self
 
 
+def check_square_resolution(components: DiffusionComponents, resolution: int, setting: str) -> None:
+    """A square side the model can work at: a multiple of the VAE's downsampling factor (else the VAE drops
+    the remainder, and decoded images no longer match the inputs' size), large enough for one latent
+    pixel at the UNet's deepest level. One line naming `setting` otherwise."""
+    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    smallest = factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    if resolution % factor or resolution < smallest:
+        raise Ip2pError(f"{setting} must be a multiple of {factor} (the VAE's factor) and at least {smallest} "
+                        f"for this model (got {resolution})")
+
+
 def weights_device(module) -> torch.device:
     """Where a module's weights are, read from its first parameter in microseconds. diffusers'
     ModelMixin `.device` / `.dtype` walk every submodule for offloading hooks (about a millisecond on

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
-from ip2p.models.loader import DiffusionComponents, load_diffusion, widen_conv_in
+from ip2p.models.loader import DiffusionComponents, check_square_resolution, load_diffusion, widen_conv_in
 from ip2p.training.launch import (LAUNCHER_ENV, STAGE, _check_launch, _hydra, _reset_launcher_env, build_trainer,
                                   prepare_ddp_relaunch)
 from ip2p.training.module import InstructPix2PixModule, TrainSettings, ema_unet_from_state
@@ -95,18 +95,6 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
                          gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid)
 
 
-def check_resolution(cfg: DictConfig, components: DiffusionComponents) -> None:
-    """train.data.resolution against the model: a multiple of the VAE's downsampling factor (else the
-    VAE silently drops the remainder and the run trains and exports at a size it never saw), and large
-    enough for one latent pixel at the UNet's deepest level."""
-    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    smallest = factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
-    res = int(cfg.train.data.resolution)
-    if res % factor or res < smallest:
-        raise Ip2pError(f"train.data.resolution must be a multiple of {factor} (the VAE's factor) and at least "
-                        f"{smallest} for this model (got {res})")
-
-
 def _check_recipe(cfg: DictConfig) -> None:
     t = cfg.train
     for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
@@ -163,7 +151,7 @@ def run(cfg: DictConfig) -> dict:
 
     # 2. the model (input convolution widened to 8 channels) and the data
     components = load_components(cfg)
-    check_resolution(cfg, components)
+    check_square_resolution(components, int(t.data.resolution), "train.data.resolution")
     module = InstructPix2PixModule(components, settings)
     datamodule = EditDataModule(data_cfg, components.tokenizer, int(t.batch_size), int(t.validation.batch_size),
                                 int(t.accumulate_grad_batches), int(cfg.seed), bool(cfg.progress), components)
