@@ -243,3 +243,21 @@ def test_parquet_pushdown_selects_and_counts_as_the_row_by_row_reader(tmp_path, 
     assert s_parquet["rejected"]["missing_aesthetic"] == expected_missing
     assert s_parquet["rejected"]["below_aesthetic"] == expected_below
     assert s_parquet["records_in"] == len(rows) and len(from_parquet) > 0
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 8, "a red fox in the snow\n".encode("utf-16")],
+                         ids=["empty", "random bytes", "utf-16"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_source_without_a_usable_caption_stops_the_chain(tmp_path, cache_dir, content, suffix):
+    """It used to exit 0 with an empty captions file, and every later stage passed the emptiness on."""
+    source = tmp_path / f"source{suffix}"
+    source.write_bytes(content)
+    cfg = stage_cfg(tmp_path, cache_dir, source)
+    with pytest.raises(Ip2pError) as raised:
+        captions.run(cfg)
+    message = str(raised.value)
+    assert "\n" not in message
+    # a CSV without a caption column may be named as such; anything else: nothing kept, and why
+    assert message.startswith(f"captions: no captions kept from '{source}' (") or \
+        (suffix == ".csv" and message.startswith("no row of the source has the caption column 'caption'")), message
+    assert not any((tmp_path / "artifacts").glob("captions*")) and not (tmp_path / "reports").exists()

@@ -232,9 +232,12 @@ def test_filter_stage_end_to_end(tmp_path, cache_dir):
     again = run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.top_k=2", "filter.shard_size=3", out="again")
     assert again["scores_cached"] == 18 and again["scores_computed"] == 0
     assert parquet_bytes(tmp_path / "again") == first  # deterministic: byte-identical
-    strict = run_filter(tmp_path, cache_dir, "filter.thresholds.sim_image=2.0", out="strict")
-    assert strict["records_out"] == 0 and strict["rejected"] == {"below_sim_image": 18}
-    assert strict["scores_computed"] == 0
+    # nothing kept stops the chain in one line (it used to write an empty dataset and exit 0), and the
+    # dataset already there stays
+    with pytest.raises(Ip2pError, match=r"^filter: no candidate kept from '.*candidates' \(18 records in; "
+                                        r"rejected: below_sim_image 18\)$"):
+        run_filter(tmp_path, cache_dir, "filter.thresholds.sim_image=2.0", out="again")
+    assert parquet_bytes(tmp_path / "again") == first
 
 
 def test_no_input_caption_straddles_two_splits(tmp_path, cache_dir):

@@ -644,3 +644,18 @@ def test_the_progress_bar_total_is_the_shards_share_of_the_input_lines(tmp_path)
     assert expected_pairs(cfg) == round(10 / 4)
     cfg.synthesis.input = str(tmp_path / "missing.jsonl")
     assert expected_pairs(cfg) is None
+
+
+def test_no_caption_pair_to_synthesize_stops_the_chain(tmp_path, cache_dir):
+    """An empty or unusable instructions file used to exit 0 with an empty candidates folder."""
+    from ip2p.errors import Ip2pError
+
+    empty = tmp_path / "instructions.jsonl"
+    empty.write_text("")
+    with pytest.raises(Ip2pError, match=r"^synthesize: no caption pairs to synthesize from '.*instructions.jsonl' "
+                                        r"\(0 records in\)$"):
+        run_stage(stage_overrides(tmp_path, empty), cache_dir)
+    bad = write_instructions(tmp_path / "bad.jsonl", [pair("e", "  ", "x"), "{not json"])
+    with pytest.raises(Ip2pError, match=r"no caption pairs to synthesize from .* \(2 records in; rejected: "):
+        run_stage(stage_overrides(tmp_path, bad), cache_dir)
+    assert not list((tmp_path / "candidates").iterdir()) and not (tmp_path / "reports-candidates").exists()

@@ -387,6 +387,12 @@ def _check_shard(cfg: DictConfig) -> tuple[int, int]:
     return index, count
 
 
+def _drop_if_empty(writer: ResumableJsonl) -> None:
+    writer.close()
+    if writer.partial.exists() and writer.partial.stat().st_size == 0:
+        writer.partial.unlink()
+
+
 def run(cfg: DictConfig) -> Path:
     index, count = _check_shard(cfg)
     out_path = output_path(cfg)
@@ -426,6 +432,9 @@ def run(cfg: DictConfig) -> Path:
                 writer.write(pending)
                 pending = []
         writer.write(pending)
+    except Ip2pError:
+        _drop_if_empty(writer)  # a source it cannot read: no trace of a run that wrote nothing
+        raise
     finally:
         writer.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -437,6 +446,11 @@ def run(cfg: DictConfig) -> Path:
     summary.records_in = summary.records_out + sum(summary.rejected.values())
     summary.extra.update(source=str(c.source), max_tokens=rules.max_tokens, sample=rules.sample,
                          min_aesthetic=rules.min_aesthetic, blocklist_terms=len(blocklist))
+    try:
+        summary.require_output("captions kept", c.source)
+    except Ip2pError:
+        _drop_if_empty(writer)
+        raise
     summary.write(cfg.paths.reports)
     writer.finish()
     log.info("captions: -> %s", out_path)

@@ -159,6 +159,11 @@ def run(cfg: DictConfig) -> Path:
 
     input_rejected: Counter = Counter()
     work = load_work(icfg.input, int(icfg.edits_per_caption), index, count, input_rejected)
+    if not work:  # before the LM loads
+        summary.records_in = sum(input_rejected.values())
+        for reason, n in input_rejected.items():
+            summary.reject(reason, n)
+        summary.require_output("captions to instruct", icfg.input)
     validator = make_validator(cfg)
     backend = make_backend(cfg)
 
@@ -209,6 +214,8 @@ def run(cfg: DictConfig) -> Path:
     if summary.records_out + sum(reasons.values()) != len(work):
         raise Ip2pError(f"instructions: {out_path.name}.partial and its side file do not cover the work list "
                         f"(were they written by a different configuration? delete them to start over)")
+    # nothing accepted: both files stay .partial (a rerun resumes them and stops here again)
+    summary.require_output("instruction accepted", icfg.input, hint=f"the rejected completions: {rejected_out.partial}")
     rejected_out.finish()
     summary.write(cfg.paths.reports)
     accepted_out.finish()

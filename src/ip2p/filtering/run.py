@@ -136,7 +136,8 @@ class Scoring:
         yield from buffer
 
 
-def _source(cfg: DictConfig, clip_model: str) -> tuple[Source, ScoreCache]:
+def source_dir_of(cfg: DictConfig) -> Path:
+    """filter.source_dir, or the synthesis stage's output for source=candidates."""
     f = cfg.filter
     source = str(f.source)
     if source not in SOURCES:
@@ -147,7 +148,13 @@ def _source(cfg: DictConfig, clip_model: str) -> tuple[Source, ScoreCache]:
             raise Ip2pError(f"filter.source={source} needs filter.source_dir=PATH")
         synthesis = cfg.get("synthesis")
         source_dir = synthesis.out_dir if synthesis is not None else Path(cfg.paths.artifacts) / "candidates"
-    source_dir = Path(str(source_dir))
+    return Path(str(source_dir))
+
+
+def _source(cfg: DictConfig, clip_model: str) -> tuple[Source, ScoreCache]:
+    f = cfg.filter
+    source = str(f.source)
+    source_dir = source_dir_of(cfg)
     if not source_dir.exists():
         raise Ip2pError(f"filter source '{source_dir}' does not exist"
                         + (" (run `ip2p synthesize` first)" if source == "candidates" else ""))
@@ -287,6 +294,8 @@ def run(cfg: DictConfig) -> Path:
                 write_split(_rows(kept, source.load, summary, written, name), staging, name, int(f.shard_size))
                 pairs_by_split[name] = len(pairs)
                 release_arrow_memory()
+            # nothing kept: stop here, and the dataset already in out_dir stays (the staging folder is dropped)
+            summary.require_output("candidate kept", source_dir_of(cfg), kept=sum(written.values()))
         scored, pairs_in, pairs_out = (spool.count(w, top_k) for w in ("scored", "pairs_in", "pairs_out"))
     summary.records_out = sum(written.values())
 

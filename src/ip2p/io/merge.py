@@ -116,6 +116,9 @@ def run(cfg: DictConfig) -> Path:
         final = Path(str(cfg.paths.artifacts)) / f"{stage}.jsonl"
     families = find_shards(final, None if m.num_shards is None else int(m.num_shards))
     num_shards = len(families[""])
+    if not any(path.stat().st_size for path in families[""].values()):  # each shard may be empty, not all
+        raise Ip2pError(f"merge: the {num_shards} shards of {final.name} hold no record: nothing to pass on "
+                        f"(see reports/{stage}.shard-*.json for why)")
     for tag, shards in families.items():
         target = final.with_name(f"{final.stem}{tag}{final.suffix}")
         concatenate([shards[i] for i in range(num_shards)], target)

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ class StageSummary:
             "seconds": round(time.perf_counter() - self._start, 3),
             **self.extra,
         }
+
+    def require_output(self, what: str, source: str | Path, kept: int | None = None, hint: str = "") -> None:
+        """Stop the chain in one line when an unsharded run kept nothing (`kept`, default records_out):
+        every later stage would pass the emptiness on and exit 0, ending in an empty dataset. A shard may
+        be empty (few records over many shards); `ip2p merge` checks the whole."""
+        if self.num_shards > 1 or (self.records_out if kept is None else kept) > 0:
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in self.rejected.most_common(3))
+        raise Ip2pError(f"{self.stage}: no {what} from '{source}' ({self.records_in} records in"
+                        + (f"; rejected: {reasons}" if reasons else "") + ")" + (f"; {hint}" if hint else ""))
 
     def write(self, reports_dir: str | Path) -> Path:
         name = f"{self.stage}{shard_suffix(self.shard_index, self.num_shards)}.json"

@@ -319,6 +319,7 @@ def run(cfg: DictConfig) -> Path:
             flush()
     if group:
         flush()
+    summary.require_output("caption pairs to synthesize", cfg.synthesis.input)
     # 3. the report
     summary.extra.update({
         "pairs_done_before": done_before,
