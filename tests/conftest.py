@@ -3,7 +3,10 @@ W&B disabled, MLflow pointed at a temp sqlite store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,18 @@ def noise_image():
     y, x = np.mgrid[0:80, 0:96]
     base = np.stack([x * 2.5, y * 3.0, (x + y) * 1.4], axis=-1)
     return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int):
+    """A real write failure, as a full disk gives one: in this block the kernel refuses to grow any file of
+    this process past `max_bytes` (EFBIG, "file too large"; SIGXFSZ ignored so that the write fails
+    instead of killing the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

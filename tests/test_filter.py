@@ -495,3 +495,40 @@ def test_refiltering_our_own_dataset_reuses_its_scores(tmp_path, cache_dir):
     again = load_split(tmp_path / "again", "train")
     assert sorted(again["id"]) == sorted(i for i, d in zip(first["id"], first["clip_sim_dir"]) if d >= bar)
     assert report["rejected"] == {"below_sim_dir": 18 - len(again)}
+
+
+def test_a_full_disk_names_the_file_the_filter_was_writing(tmp_path):
+    """The dataset's Parquet files, the score cache and the spool: a write the disk refuses is one line
+    naming that file (they used to name none), and no partial file is left."""
+    from conftest import file_size_limit
+
+    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.errors import one_line
+    from ip2p.filtering.importers import Candidate, ScoreCache
+    from ip2p.filtering.spool import Spool
+
+    rows = [{"id": f"p{i}-1", "pair_id": f"p{i}", "input_image": image_struct(noise_png(i)),
+             "edited_image": image_struct(noise_png(i + 100)), "edit_prompt": "x", "input_caption": "a",
+             "output_caption": "b", "seed": 1, "p": 0.5, "cfg": 7.5, "clip_sim_0": 0.3, "clip_sim_1": 0.3,
+             "clip_sim_dir": 0.2, "clip_sim_image": 0.8} for i in range(8)]
+    with file_size_limit(4000), pytest.raises(OSError) as raised:
+        write_split(rows, tmp_path / "dataset", "train", shard_size=8)
+    assert one_line(raised.value) == f"file too large while writing '{tmp_path / 'dataset' / 'train' / 'part-00000.parquet'}'"
+    assert not list((tmp_path / "dataset" / "train").iterdir())
+
+    # SQLite's own limit gives the error of a full disk ("database or disk is full")
+    cache = ScoreCache(tmp_path / "scores.sqlite", "tiny")
+    cache.db.execute("PRAGMA max_page_count = 3")
+    many = [Candidate(id=f"c{i}" * 50, pair_id="p", seed=i, p=0.5, cfg=7.5, input_caption="a", edit_prompt="x",
+                      output_caption="b", fingerprint="f" * 200,
+                      scores={"clip_sim_0": 0.1, "clip_sim_1": 0.1, "clip_sim_dir": 0.1, "clip_sim_image": 0.1})
+            for i in range(500)]
+    with pytest.raises(OSError) as raised:
+        cache.put(many)
+    assert one_line(raised.value) == f"no space left on device while writing '{tmp_path / 'scores.sqlite'}'"
+    with pytest.raises(OSError) as raised:
+        with Spool(tmp_path / "dataset", 0) as spool:
+            spool.db.execute("PRAGMA max_page_count = 8")
+            for c in many:
+                spool.add(c.id, c.pair_id, c.seed, "g", None, c.scores, {"id": c.id, "note": "y" * 500})
+    assert one_line(raised.value).startswith(f"no space left on device while writing '{tmp_path}/.dataset.spool-")

@@ -659,3 +659,17 @@ def test_no_caption_pair_to_synthesize_stops_the_chain(tmp_path, cache_dir):
     with pytest.raises(Ip2pError, match=r"no caption pairs to synthesize from .* \(2 records in; rejected: "):
         run_stage(stage_overrides(tmp_path, bad), cache_dir)
     assert not list((tmp_path / "candidates").iterdir()) and not (tmp_path / "reports-candidates").exists()
+
+
+def test_a_full_disk_names_the_image_being_written(tmp_path, cache_dir, tiny_base):  # the preset built before
+    """Synthesis named no file when the disk refused a write; now the one line names the image."""
+    from conftest import file_size_limit
+
+    from ip2p.errors import one_line
+
+    instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
+    with file_size_limit(500), pytest.raises(OSError) as raised:
+        run_stage(stage_overrides(tmp_path, instructions), cache_dir)
+    line = one_line(raised.value)
+    assert line.startswith(f"file too large while writing '{tmp_path / 'candidates'}/") and line.endswith("_0.png'")
+    assert not [p for p in (tmp_path / "candidates").rglob("*") if p.is_file()]  # no torn file

@@ -739,11 +739,14 @@ def test_validation_shards_are_equal_sized_and_cover_every_item():
     assert [i for i, _ in ShardSampler(5, 0, 1)] == [0, 1, 2, 3, 4]
 
 
-def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch, cfg):
-    """A save that fails half-way (a full disk) leaves the previous checkpoint and no partial file;
-    the trainer writes through this plugin."""
-    import errno
+def test_checkpoints_are_renamed_into_place(tmp_path, cfg):
+    """A save that fails half-way (the filesystem refuses the file's growth, as a full disk does) leaves
+    the previous checkpoint and no partial file, and the one-line error names the checkpoint (Lightning's
+    own writer went through a temp file in the system temp folder and named that); the trainer writes
+    through this plugin."""
+    from conftest import file_size_limit
 
+    from ip2p.errors import one_line
     from ip2p.io.checkpoints import atomic_checkpoint_io
     from ip2p.training.launch import build_trainer
     from ip2p.training.run import resolve_paths
@@ -754,18 +757,10 @@ def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch, cfg):
     before = target.read_bytes()
     assert torch.load(target, weights_only=True)["global_step"] == 1
 
-    def full_disk(checkpoint, path):  # Lightning's writer, on a disk that fills up half-way
-        with open(path, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    from lightning_fabric.plugins.io import torch_io
-
-    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
-    with pytest.raises(OSError):
-        io_plugin.save_checkpoint({"global_step": 2}, target)
+    with file_size_limit(len(before) + 1000), pytest.raises(OSError) as raised:
+        io_plugin.save_checkpoint({"global_step": 2, "weights": torch.zeros(100_000)}, target)
+    assert one_line(raised.value) == f"file too large while writing '{target}'"
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-    monkeypatch.undo()
 
     trainer = build_trainer(cfg, resolve_paths(cfg), [], [])
     assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ip2p.data.dataset import list_pair_folders, read_pair_folder
-from ip2p.errors import Ip2pError
+from ip2p.errors import Ip2pError, sqlite_full
 from ip2p.scoring.clip import METRICS
 
 
@@ -123,8 +123,15 @@ class ScoreCache:
         rows = [(c.id, self.clip_model, c.fingerprint, *(c.scores.get(m) for m in METRICS),
                  json.dumps([m for m in METRICS if c.scores.get(m) is not None and math.isnan(c.scores[m])]))
                 for c in candidates]
-        with self.db:  # one transaction
-            self.db.executemany(f"INSERT OR REPLACE INTO scores VALUES ({', '.join('?' * (len(METRICS) + 4))})", rows)
+        try:
+            with self.db:  # one transaction
+                self.db.executemany(f"INSERT OR REPLACE INTO scores VALUES ({', '.join('?' * (len(METRICS) + 4))})",
+                                    rows)
+        except sqlite3.OperationalError as err:
+            full = sqlite_full(err, self.path)  # a full disk: one line naming the cache
+            if full is err:
+                raise
+            raise full from err
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ip2p.errors import sqlite_full
 from ip2p.filtering.select import split_counts
 from ip2p.io.stage import stable_seed
 
@@ -58,9 +59,12 @@ class Spool:
     def __enter__(self) -> "Spool":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.db.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+        full = sqlite_full(exc, self.folder / "spool.sqlite") if exc is not None else None
+        if full is not None and full is not exc:
+            raise full from exc  # one line naming where the disk filled up
 
     def add(self, cid: str, pair_id: str, seed: int, group: str | None, failure: str | None,
             scores: Mapping[str, Any] | None, record: Mapping[str, Any]) -> bool:

@@ -38,6 +38,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except OSError as err:
+        # A failed write names no file (or the temp one, deleted below): name the file being written.
+        if err.errno is not None and err.filename in (None, str(tmp)):
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

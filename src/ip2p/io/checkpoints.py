@@ -4,7 +4,6 @@ continued only by the run that wrote them (a fingerprint record beside them)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 
@@ -23,15 +22,22 @@ def atomic_checkpoint_io():
     nothing), never a truncated file that a resume would then choke on."""
     from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+    import io
+
+    import torch
+    from lightning_fabric.utilities.cloud_io import get_filesystem
+
+    from ip2p.io.atomic import atomic_write_bytes
+
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):
-            path = Path(path)
-            tmp = path.with_name(f".{path.name}.partial")
-            try:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            if storage_options is not None or get_filesystem(path).protocol not in ("file", ("file", "local")):
+                return super().save_checkpoint(checkpoint, path, storage_options)  # remote: Lightning's way
+            # Local: serialized in memory as Lightning does, then written beside the target ourselves.
+            # Lightning's fsspec transaction writes through a temp file in the system temp folder, so a
+            # full disk named that deleted file, not the checkpoint (and the bytes crossed disks).
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
 
     return AtomicCheckpointIO()
