@@ -67,3 +67,17 @@ def test_signed_range_needs_the_original_path():
     assert any("clip_value_range=signed" in p for p in config_problems(compose(["evaluate.clip_value_range=signed"])))
     assert config_problems(compose(["evaluate.clip_value_range=signed", "evaluate.clip_preprocess=original"])) == []
     assert any(p.startswith("filter.clip_preprocess") for p in config_problems(compose(["filter.clip_preprocess=x"])))
+
+
+def test_the_paper_preset_scores_as_the_original_code():
+    """experiment=paper: its thresholds (0.75 / 0.2 / 0.2 / 0.2) were set on the original code's scores,
+    so the filter, synthesis' early drop and the evaluation resize for CLIP as it did; the other
+    presets keep CLIP's own processor."""
+    from ip2p.config import compose
+
+    paper = compose(["experiment=paper"])
+    assert paper.filter.clip_preprocess == paper.synthesis.early_drop.clip_preprocess == "original"
+    assert paper.evaluate.clip_preprocess == "original" and paper.evaluate.clip_value_range == "unit"
+    for preset in ("tiny", "small", "mini"):
+        other = compose([f"experiment={preset}"])
+        assert other.filter.clip_preprocess == other.evaluate.clip_preprocess == "hf", preset
