@@ -170,6 +170,28 @@ def test_load_test_pairs_reads_all_or_a_seeded_subset(heldout_dataset):
     assert [r["id"] for r in load_test_pairs(root, "test", 2, 0)] == [r["id"] for r in two]
 
 
+def test_the_original_draws_caption_pairs_then_one_kept_candidate(tmp_path):
+    """evaluate.sampling=pair (experiment=paper): a pair with 9 kept candidates is as likely to be tested
+    as a pair with one, and is tested once; sampling=row (the default) draws rows, as before."""
+    from ip2p.config import compose
+    from ip2p.evaluation.run import load_test_pairs
+
+    (tmp_path / "test").mkdir()
+    rows = [{"id": f"big-{k}", "pair_id": "big"} for k in range(9)] + [{"id": f"p{i}-0", "pair_id": f"p{i}"}
+                                                                       for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test" / "part-00000.parquet")
+    everything = load_test_pairs(tmp_path, "test", None, 0, "pair")
+    assert sorted(r["pair_id"] for r in everything) == ["big", "p0", "p1", "p2", "p3"]
+    draws = {unit: [load_test_pairs(tmp_path, "test", 2, seed, unit) for seed in range(200)] for unit in ("pair", "row")}
+    with_big = {unit: sum(any(r["pair_id"] == "big" for r in d) for d in draws[unit]) / 200 for unit in draws}
+    assert 0.3 < with_big["pair"] < 0.5 and with_big["row"] > 0.85   # 2 of 5 pairs; 1 - C(4,2)/C(13,2) = 0.92
+    assert all(len({r["pair_id"] for r in d}) == 2 for d in draws["pair"])
+    picked = {r["id"] for d in draws["pair"] for r in d if r["pair_id"] == "big"}
+    assert len(picked) >= 5  # the kept candidate is drawn too, not always the first
+    assert load_test_pairs(tmp_path, "test", 2, 7, "pair") == load_test_pairs(tmp_path, "test", 2, 7, "pair")
+    assert compose(["experiment=paper"]).evaluate.sampling == "pair" and compose([]).evaluate.sampling == "row"
+
+
 def test_missing_split_is_one_line_error(tmp_path, cache_dir):
     from ip2p.errors import Ip2pError
 

@@ -105,7 +105,7 @@ RULES: dict[str, Rule] = {
     "llm_finetune.warmup_steps": COUNT, "llm_finetune.accumulate_grad_batches": POSITIVE_INT,
     "shard.count": POSITIVE_INT, "shard.index": COUNT,
     "filter.clip_preprocess": one_of("hf", "original"), "evaluate.clip_preprocess": one_of("hf", "original"),
-    "evaluate.clip_value_range": one_of("unit", "signed"),
+    "evaluate.clip_value_range": one_of("unit", "signed"), "evaluate.sampling": one_of("row", "pair"),
     "world.vae_refine.batch_size": POSITIVE_INT, "world.vae_refine.outline_weight": at_least(0),
     "world.vae_refine.outline_px": POSITIVE_INT,
     "world.vae_refine.scenes.p_two_objects": optional(within(0, 1)),

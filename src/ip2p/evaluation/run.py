@@ -24,6 +24,7 @@ from ip2p.evaluation.grid import Cell, edit_grid, guidance_cells
 from ip2p.evaluation.plots import picture_grid, tradeoff_plot
 from ip2p.io.atomic import atomic_write_json, atomic_write_text
 from ip2p.io.images import pil_to_tensor, tensor_to_pil, tensor_to_unit, to_rgb
+from ip2p.io.stage import stable_seed
 from ip2p.models.clip_embed import embed_images, embed_texts
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import check_square_resolution, load_clip, load_diffusion
@@ -34,18 +35,39 @@ log = logging.getLogger(__name__)
 METRICS = ["clip_sim_image", "clip_sim_dir", "clip_sim_1", "clip_sim_0", "l1", "l2", "clip_i_gt"]
 
 
-def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int) -> list[dict]:
-    """Rows of the held-out split (sorted by id, then a seeded sample of `num_samples`)."""
+SAMPLING_UNITS = ("row", "pair")
+
+
+def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int,
+                    unit: str = "row") -> list[dict]:
+    """Rows of the held-out split, sorted by id. unit=row: a seeded sample of `num_samples` rows (a caption
+    pair with 4 kept candidates is 4x as likely to be tested); unit=pair (the original): a seeded sample of
+    `num_samples` caption pairs, then one of each pair's kept candidates (seeded by the pair)."""
     if num_samples is not None and num_samples < 1:
         raise Ip2pError(f"evaluate.num_samples must be at least 1, or null for the whole split (got {num_samples})")
+    if unit not in SAMPLING_UNITS:
+        raise Ip2pError(f"evaluate.sampling must be one of {', '.join(SAMPLING_UNITS)} (got '{unit}')")
     files = sorted(glob.glob(str(Path(dataset_dir) / split / "*.parquet")))
     if not files:
         raise Ip2pError(f"no {split} split in '{dataset_dir}' (expected {split}/*.parquet from `ip2p filter`)")
     # Ids first, images only for the chosen rows: a real test split holds gigabytes of images.
-    ids = sorted(str(i) for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
-    if not ids:
+    columns = ["id"] if unit == "row" else ["id", "pair_id"]
+    keys = [row for f in files for row in pq.read_table(f, columns=columns).to_pylist()]
+    if not keys:
         raise Ip2pError(f"the {split} split in '{dataset_dir}' has no rows")
-    chosen = set(ids if num_samples is None or num_samples >= len(ids) else random.Random(seed).sample(ids, num_samples))
+    if unit == "row":
+        ids = sorted(str(k["id"]) for k in keys)
+        chosen = set(ids if num_samples is None or num_samples >= len(ids)
+                     else random.Random(seed).sample(ids, num_samples))
+    else:
+        rows_of: dict[str, list[str]] = {}
+        for k in keys:
+            rows_of.setdefault(str(k["pair_id"]), []).append(str(k["id"]))
+        pairs = sorted(rows_of)
+        if num_samples is not None and num_samples < len(pairs):
+            pairs = random.Random(seed).sample(pairs, num_samples)
+        chosen = {sorted(rows_of[p])[random.Random(stable_seed(seed, "eval-candidate", p)).randrange(len(rows_of[p]))]
+                  for p in pairs}
     rows = [r for f in files for r in pq.read_table(f, filters=[("id", "in", sorted(chosen))]).to_pylist()]
     return sorted(rows, key=lambda r: str(r["id"]))
 
@@ -98,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluate
     out_dir = Path(e.out_dir)
-    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed))
+    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed), str(e.get("sampling", "row")))
     inputs = [_decode(r["input_image"], int(e.resolution)) for r in pairs]
     gts = [_decode(r.get("edited_image"), int(e.resolution)) for r in pairs]
     has_gt = all(g is not None for g in gts)
