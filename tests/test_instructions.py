@@ -559,8 +559,10 @@ def test_openai_dropped_connection_is_retried_and_a_bad_url_is_one_line(tmp_path
     assert "localhost:8000/v1" in str(err.value) and "\n" not in str(err.value) and SECRET not in str(err.value)
 
 
-def test_no_captions_or_no_accepted_instruction_stops_the_chain(tmp_path, cache_dir):
-    """Empty input or nothing accepted used to exit 0 with an empty instructions file."""
+def test_no_captions_to_instruct_stops_the_chain(tmp_path, cache_dir):
+    """An empty or unusable captions file used to exit 0 with an empty instructions file. (Captions whose
+    every completion is rejected still give the two files and the report; synthesis then stops, with
+    reports/instructions.json saying why.)"""
     from ip2p.errors import Ip2pError
 
     empty = tmp_path / "empty.jsonl"
@@ -571,13 +573,6 @@ def test_no_captions_or_no_accepted_instruction_stops_the_chain(tmp_path, cache_
     junk.write_bytes(b"\xff\xfe\x00garbage\n{not json\n")
     with pytest.raises(Ip2pError, match=r"no captions to instruct from .* \(2 records in; rejected: input_"):
         instructions.run(stage_cfg(tmp_path, cache_dir, junk))
-    assert not list((tmp_path / "artifacts").glob("instructions*.jsonl"))
-    # every edit over a 0-word limit: rejected; the rejected completions stay (.partial) and are named
-    source = write_captions(tmp_path / "captions.jsonl", 3)
-    cfg = stage_cfg(tmp_path, cache_dir, source, "instructions.validate.max_edit_words=0", "instructions.retries=0")
-    with pytest.raises(Ip2pError, match=r"no instruction accepted from .*captions.jsonl' \(3 records in; rejected: "
-                                        r"overlong_instruction 3\); the rejected completions: .*\.partial"):
-        instructions.run(cfg)
     assert not list((tmp_path / "artifacts").glob("instructions*.jsonl"))
     assert not (tmp_path / "reports" / "instructions.json").exists()
 

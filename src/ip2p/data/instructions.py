@@ -214,8 +214,6 @@ def run(cfg: DictConfig) -> Path:
     if summary.records_out + sum(reasons.values()) != len(work):
         raise Ip2pError(f"instructions: {out_path.name}.partial and its side file do not cover the work list "
                         f"(were they written by a different configuration? delete them to start over)")
-    # nothing accepted: both files stay .partial (a rerun resumes them and stops here again)
-    summary.require_output("instruction accepted", icfg.input, hint=f"the rejected completions: {rejected_out.partial}")
     rejected_out.finish()
     summary.write(cfg.paths.reports)
     accepted_out.finish()
