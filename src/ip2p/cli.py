@@ -149,6 +149,11 @@ def cmd_edit(argv: list[str]) -> int:
     flags = {"steps": args.steps, "text_guidance": args.text_guidance, "image_guidance": args.image_guidance,
              "seed": args.seed, "resolution": args.resolution, "scheduler": args.scheduler,
              "num_images": args.num_images}
+    # A trained editor's card names the settings it was tuned at: they replace the config's defaults, and
+    # a flag given here replaces them
+    from ip2p.models.model_card import sampling_defaults
+
+    tuned = sampling_defaults(cfg.model.editor) if cfg.model.get("editor") else {}
     with open_dict(cfg):
         cfg.edit.input = args.input
         cfg.edit.instruction = args.instruction
@@ -156,6 +161,8 @@ def cmd_edit(argv: list[str]) -> int:
         for key, value in flags.items():
             if value is not None:
                 cfg.edit[key] = value
+            elif key in tuned:
+                cfg.edit[key] = tuned[key]
         if args.device:
             cfg.device = args.device
         if args.dtype:
@@ -176,13 +183,17 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--model", default=None, help="preset name or checkpoint, as for `ip2p edit` (default: tiny)")
     p.add_argument("--model-config", default=None, help="for a .ckpt/.safetensors --model: as for `ip2p edit`")
     p.add_argument("--scheduler", default="euler_ancestral", help="scheduler class stored in the folder")
+    p.add_argument("--metrics", nargs="*", default=[],
+                   help="JSON reports (e.g. reports/world_eval.json) whose numbers the model card lists as measured")
     args = p.parse_args(argv)
     from ip2p.models.export import export_pipeline
     from ip2p.models.loader import load_diffusion
+    from ip2p.models.model_card import card_for_export
 
     cfg = _compose_for(args.model, [], args.model_config)
+    card = card_for_export(cfg.model.editor, args.metrics)  # the source's card (if any) with these numbers
     components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
-    print(export_pipeline(components, args.outdir, scheduler=args.scheduler))
+    print(export_pipeline(components, args.outdir, scheduler=args.scheduler, card=card))
     return 0
 
 

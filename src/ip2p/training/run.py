@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import DiffusionComponents, check_square_resolution, load_diffusion, widen_conv_in
+from ip2p.training.card import editor_card
 from ip2p.training.launch import (LAUNCHER_ENV, STAGE, _check_launch, _hydra, _reset_launcher_env, build_trainer,
                                   prepare_ddp_relaunch)
 from ip2p.training.module import InstructPix2PixModule, TrainSettings, ema_unet_from_state
@@ -184,7 +185,9 @@ def run(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             if t.export.enabled:
                 ema_unet = ema_unet_from_state(state, module.unet.config)
-                export_pipeline(components, paths.export_dir, scheduler=str(t.export.scheduler), unet=ema_unet)
+                card = editor_card(cfg, int(trainer.global_step)) if t.export.get("card", True) else None
+                export_pipeline(components, paths.export_dir, scheduler=str(t.export.scheduler), unet=ema_unet,
+                                card=card)
                 log.info("exported the EMA editor to %s", paths.export_dir)
             report = write_report(cfg, trainer, datamodule, history, clock, paths)
             for file in (paths.reports_dir / "train.json", history.csv_path):
