@@ -115,3 +115,17 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
     assert cli.main(["params"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["ip2p params: error: no space left on device while writing '/data/out/part-00001.parquet'"]
+
+
+def test_the_trainer_presets_say_the_paper_trained_in_float32():
+    """The original's configs/train.yaml sets no precision (Lightning's default, 32): no preset may say
+    the paper trained in mixed precision; the GPU presets keep bf16-mixed and say how to get float32."""
+    from ip2p.config import config_dir
+
+    texts = {p.name: p.read_text() for p in (config_dir() / "trainer").glob("*.yaml")}
+    texts["paper.yaml"] = (config_dir() / "experiment" / "paper.yaml").read_text()
+    assert not [name for name, text in texts.items() if "paper trained in mixed precision" in text]
+    assert "The paper trained in float32" in texts["gpu.yaml"] and "trainer.precision=32-true" in texts["gpu.yaml"]
+    paper = compose(["experiment=paper"])
+    assert paper.trainer.precision == "bf16-mixed" and "float32" in texts["paper.yaml"]
+    assert config_problems(compose(["experiment=paper", "trainer.precision=32-true"])) == []
