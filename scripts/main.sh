@@ -15,7 +15,10 @@ unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 WANDB_MODE=${WANDB_MODE:-offline}
-ip2p params experiment=mini    # params.yaml composes the mini experiment (`git checkout params.yaml`: tiny again)
+# params.yaml composes the mini experiment until this script ends; then params.yaml and dvc.lock are the
+# shipped ones again (the run's lock is kept in .dvc/tmp/experiments/mini for the next run)
+. scripts/experiment_params.sh
+use_experiment mini
 phase "dvc repro: captions ... register, world_judge, world_eval (the world's models were pulled)"
 dvc repro
 python - <<'TIMES'

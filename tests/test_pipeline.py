@@ -132,6 +132,11 @@ def _project_copy(dest: Path) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    # params.yaml as conf/ composes it by default, whatever this checkout's file holds (an older main job
+    # left experiment=mini's there, and the chain then ran the mini experiment)
+    env = {k: v for k, v in os.environ.items() if k not in ("IP2P_CACHE", "MLFLOW_TRACKING_URI")}
+    subprocess.run([str(Path(sys.executable).with_name("ip2p")), "params", "-o", str(dest / "params.yaml")], cwd=dest,
+                   env=env, check=True, capture_output=True)
     git = ["git", "-c", "user.name=ip2p-test", "-c", "user.email=test@ip2p.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
@@ -192,3 +197,43 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
     assert yaml.safe_load((project / "params.yaml").read_text())["filter"]["top_k"] == 1
     metrics = json.loads(_dvc(project, env, "metrics", "show", "--json"))
     assert "reports/eval.json" in json.dumps(metrics)
+
+
+def test_the_main_job_leaves_the_shipped_params_and_lock(tmp_path):
+    """scripts/main.sh runs on experiment=mini's params.yaml, and `dvc repro` (core.autostage) stages its
+    dvc.lock: the README's `bash scripts/test.sh` after it found both changed (3 tests failed, the
+    end-to-end one ran the mini chain and timed out). Its helper restores both files and their index
+    entries at exit, success or failure, and gives the next run its own lock back. Checked here on a
+    throw-away repository, with the lock write and `git add` standing in for `dvc repro`."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".dvc").mkdir()
+    for name in ("scripts/experiment_params.sh", "params.yaml", "dvc.lock", ".dvc/.gitignore"):
+        shutil.copy2(REPO / name, repo / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@ip2p.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "shipped"], cwd=repo, check=True)
+    shipped = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    (repo / "job.sh").write_text("""set -euo pipefail
+. scripts/experiment_params.sh
+use_experiment mini
+grep -q "^  name: mini$" params.yaml                      # the experiment's parameters while it runs
+if [ "${SECOND:-0}" = 1 ]; then grep -q "^  train:$" dvc.lock; fi   # the last run's stages are back
+python -c "
+import yaml
+lock = yaml.safe_load(open('dvc.lock'))
+lock['stages']['train'] = {'cmd': 'ip2p train --params params.yaml'}
+yaml.safe_dump(lock, open('dvc.lock', 'w'))"
+git add dvc.lock                                          # what DVC's autostage does
+exit "${FAIL:-0}"
+""")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for extra, code in (({"FAIL": "3"}, 3), ({"SECOND": "1"}, 0)):
+        done = subprocess.run(["bash", "job.sh"], cwd=repo, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == code, done.stderr
+        assert {name: (repo / name).read_bytes() for name in shipped} == shipped
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+        assert status.splitlines() == ["?? job.sh"], status
+        assert "train:" in (repo / ".dvc" / "tmp" / "experiments" / "mini" / "dvc.lock").read_text()
