@@ -51,6 +51,9 @@ def test_the_shipped_configurations_pass():
     ("app.resolution=100000", "app.resolution"),
     ("register.serve.steps=100000", "register.serve.steps"),
     ("register.serve.resolution=100000", "register.serve.resolution"),
+    ("evaluate.resolution=100000", "evaluate.resolution"),
+    ("synthesis.steps=100000", "synthesis.steps"),
+    ("train.data.resize_max=100000", "train.data.resize_max"),
 ])
 def test_each_bad_key_is_named(override, key):
     problems = config_problems(compose([override]))

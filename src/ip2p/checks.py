@@ -122,6 +122,11 @@ BOUNDED: dict[str, str] = {
     "app.steps": "app.limits.steps", "app.resolution": "edit.limits.resolution",
     **{f"register.serve.{k}": f"register.serve.limits.{k}" for k in ("steps", "text_guidance", "image_guidance")},
     "register.serve.resolution": "edit.limits.resolution",
+    # the stages' own edits and images: the same bounds, so no setting makes an unbounded one
+    "evaluate.steps": "edit.limits.steps", "evaluate.resolution": "edit.limits.resolution",
+    "synthesis.steps": "edit.limits.steps", "synthesis.resolution": "edit.limits.resolution",
+    "train.validation.grid.steps": "edit.limits.steps", "train.data.resolution": "edit.limits.resolution",
+    "train.data.resize_max": "edit.limits.resolution",
 }
 
 
