@@ -32,42 +32,51 @@ def run(cfg: DictConfig) -> dict:
     kinds = tuple(c.kinds)
     cases = heldout_cases(int(c.seed), int(c.scenes), kinds)
     grid = [[cases[k * int(c.scenes) + row] for k in range(len(kinds))] for row in range(int(c.scenes))]
-    # 2. edit each with the editor
-    editor = InstructPix2Pix(load_diffusion(c.model, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32",
-                                            cfg.get("autocast")))
+    # 2. edit each with the editor, and with the editor to compare it with (world.demo.compare) when given
+    editors = [(str(c.model), c.model)] + ([(str(c.compare), c.compare)] if c.get("compare") else [])
+    loaded = [InstructPix2Pix(load_diffusion(source, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32",
+                                             cfg.get("autocast"))) for _, source in editors]
     settings = EditSettings(steps=int(c.steps), text_guidance=float(c.text_guidance),
                             image_guidance=float(c.image_guidance), scheduler=str(c.scheduler), num_images=1,
                             seed=int(c.seed), progress=False)
-    good = 0
+    good = [0] * len(editors)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2 * len(grid), len(kinds), figsize=(1.9 * len(kinds), 4.3 * len(grid)), squeeze=False)
+    per_scene = 1 + len(editors)   # the input, then one edit per editor
+    fig, axes = plt.subplots(per_scene * len(grid), len(kinds), figsize=(1.9 * len(kinds), 2.15 * per_scene * len(grid)),
+                             squeeze=False)
     for row, cases_of_row in enumerate(grid):
         for col, case in enumerate(cases_of_row):
             before = render(case.scene)
-            after = np.asarray(editor.edit(Image.fromarray(before), case.instruction, settings)[0].convert("RGB"))
-            v = judge_edit(read(before), read_any(after), case.instruction)
-            good += bool(v and v.both)
-            top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
+            top = axes[per_scene * row, col]
             top.imshow(before, interpolation="nearest")
-            bottom.imshow(after, interpolation="nearest")
             top.set_title("\n".join(textwrap.wrap(f'"{case.instruction}"', 20)), fontsize=7)
-            verdict = "not judged" if v is None else ("done" if v.both else
-                                                     f"{'ok' if v.success else 'missed'}, {'kept' if v.preserved else 'changed rest'}")
-            bottom.set_title(verdict, fontsize=7, color="green" if v and v.both else "red")
-            for ax in (top, bottom):
+            for e, editor in enumerate(loaded):
+                after = np.asarray(editor.edit(Image.fromarray(before), case.instruction, settings)[0].convert("RGB"))
+                v = judge_edit(read(before), read_any(after), case.instruction)
+                good[e] += bool(v and v.both)
+                ax = axes[per_scene * row + 1 + e, col]
+                ax.imshow(after, interpolation="nearest")
+                verdict = "not judged" if v is None else ("done" if v.both else
+                                                         f"{'ok' if v.success else 'missed'}, {'kept' if v.preserved else 'changed rest'}")
+                label = f"{chr(65 + e)}: " if len(loaded) > 1 else ""
+                ax.set_title(label + verdict, fontsize=7, color="green" if v and v.both else "red")
+            for ax in axes[per_scene * row:per_scene * (row + 1), col]:
                 ax.set_xticks([])
                 ax.set_yticks([])
-    fig.suptitle(f"The editor ({c.model}) on held-out world scenes: input above, edit below", fontsize=9)
+    names = "; ".join(f"{chr(65 + e)}: {name}" for e, (name, _) in enumerate(editors)) if len(editors) > 1 else editors[0][0]
+    fig.suptitle(f"Held-out world scenes, input above its edits ({names})", fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, c.picture, dpi=110)
     scene_png = Path(c.scene_png)
     scene_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(scene_png) as tmp:
         Image.fromarray(render(grid[0][0].scene)).save(tmp, format="PNG")
-    result = {"edits": len(cases), "done": good, "picture": str(out), "scene": str(scene_png)}
-    log.info("world-demo: %d of %d edits done as instructed -> %s", good, len(cases), out)
+    result = {"edits": len(cases), "done": good[0], "picture": str(out), "scene": str(scene_png)}
+    if len(editors) > 1:
+        result["compare"] = {"model": str(editors[1][0]), "done": good[1]}
+    log.info("world-demo: %s of %d edits done as instructed -> %s", " / ".join(map(str, good)), len(cases), out)
     return result

@@ -158,12 +158,16 @@ def evaluate(cfg: DictConfig) -> dict:
                          guidance=float(c.regenerate.guidance), seed=int(c.seed), scheduler=str(c.regenerate.scheduler),
                          resolution=int(renders.shape[1]), autocast=base.autocast)
         methods["regenerate"] = pd.DataFrame(verdict_rows(cases, befores, drawn, "regenerate", None))
-    if c.baselines.unfiltered_model:
-        other = InstructPix2Pix(load_diffusion(c.baselines.unfiltered_model, "editor", cfg.model, cfg.paths.cache,
-                                               cfg.device, "float32", autocast))
+    # other editors at the same cell and seeds: one trained on unfiltered pairs, the reference run's editor
+    others = {"unfiltered": c.baselines.unfiltered_model, "reference": c.baselines.get("reference_model")}
+    for name, source in others.items():
+        if not source:
+            continue
+        other = InstructPix2Pix(load_diffusion(source, "editor", cfg.model, cfg.paths.cache, cfg.device, "float32",
+                                               autocast))
         alt = edit_grid(other, inputs, instructions, ids, [default], int(c.steps), str(c.scheduler), int(c.seed),
                         int(c.batch_size), bool(cfg.progress))
-        methods["unfiltered"] = pd.DataFrame(verdict_rows(cases, befores, to_uint8(alt[:, 0]), "unfiltered", default))
+        methods[name] = pd.DataFrame(verdict_rows(cases, befores, to_uint8(alt[:, 0]), name, default))
 
     # 5. the report: the default cell, baselines, the best cell, targets; plots
     headline = list(c.headline_kinds)
