@@ -18,7 +18,8 @@ from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_diffusion, resolve_autocast
 from ip2p.sampling.loop import unet_autocast
 from ip2p.sampling.text_to_image import generate
-from ip2p.synthesis.pipeline import PairSampler, SampleSpec, SynthesisSettings
+from ip2p.synthesis.pipeline import PairSampler, SampleSpec
+from test_synthesis import synthesis_settings
 
 BF16 = torch.bfloat16
 
@@ -78,9 +79,9 @@ def test_pair_sampler_under_autocast_keeps_the_attention_control(tiny_base):
     control still holds exactly (p = 1 and the same caption in both branches: identical images)."""
     cat, dog = "a photo of a cat", "a photo of a dog"
     specs = [SampleSpec(61, 0.5, 7.5), SampleSpec(62, 0.9, 9.0)]
-    exact = PairSampler(tiny_base, SynthesisSettings(steps=6)).sample_latents(cat, dog, specs, 64, 64)
+    exact = PairSampler(tiny_base, synthesis_settings(steps=6)).sample_latents(cat, dog, specs, 64, 64)
     fast_parts = dataclasses.replace(tiny_base, autocast=BF16)
-    fast = PairSampler(fast_parts, SynthesisSettings(steps=6))
+    fast = PairSampler(fast_parts, synthesis_settings(steps=6))
     approx = fast.sample_latents(cat, dog, specs, 64, 64)
     for a, b in zip(exact, approx):
         assert b.dtype == torch.float32

@@ -7,11 +7,15 @@ the two must agree before 8-bit quantisation (float32 on CPU).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ip2p.config import compose
+from ip2p.editing.run import settings_from_config
 from ip2p.io.images import pil_to_tensor, tensor_to_unit
 from ip2p.models.export import export_pipeline
 from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
@@ -101,7 +105,8 @@ def test_same_seed_same_result_other_seed_differs(tiny_editor):
 
     def run(seed: int) -> torch.Tensor:
         return editor.edit_tensor(image, "turn it into a painting",
-                                  EditSettings(steps=8, scheduler="euler_ancestral", seed=seed, progress=False))
+                                  replace(settings_from_config(compose(["progress=false"])), steps=8,
+                                          scheduler="euler_ancestral", seed=seed))
 
     first, again, other = run(4), run(4), run(5)
     assert torch.equal(first, again)

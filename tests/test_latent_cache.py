@@ -53,12 +53,16 @@ class Calls:
 
 def test_cached_latents_give_the_loss_of_encoding_every_batch(square_dataset, tmp_path, tiny_editor):
     from ip2p.training.datamodule import collate
-    from ip2p.training.module import InstructPix2PixModule, TrainSettings
+    from dataclasses import replace
+
+    from ip2p.config import compose
+    from ip2p.training.module import InstructPix2PixModule
+    from ip2p.training.run import settings_from_config
 
     images = _datamodule(_data_cfg(square_dataset, tmp_path, "false"), tiny_editor)
     cached = _datamodule(_data_cfg(square_dataset, tmp_path, "true"), tiny_editor)
     assert not images.cached and cached.cached
-    module = InstructPix2PixModule(tiny_editor, TrainSettings(conditioning_dropout=0.3))
+    module = InstructPix2PixModule(tiny_editor, replace(settings_from_config(compose([])), conditioning_dropout=0.3))
     module.empty_text()  # the "" embedding: computed once per run, not per step
     keys = [(i % 7, p) for i, p in zip(range(3, 15), range(40, 52))]
     mirrored = 0

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,12 +19,16 @@ import requests
 from PIL import Image
 
 from ip2p.config import compose
+from ip2p.editing.run import settings_from_config
 from ip2p.errors import Ip2pError
 from ip2p.io.images import resize_for_editing
 from ip2p.models.export import export_pipeline
-from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_diffusion
 from ip2p.tracking.registry import promote, run_register
+
+# The configured edit (conf/sampling, conf/edit) without a progress bar; each test changes what it needs
+DEFAULTS = settings_from_config(compose(["progress=false"]))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,7 @@ def test_promote_moves_alias_and_edit_by_alias(registry, cfg, noise_image, tiny_
     registered = load_diffusion(f"models:/{name}@champion", "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
     for key, value in tiny_editor.unet.state_dict().items():
         assert registered.unet.state_dict()[key].equal(value), key
-    settings = EditSettings(steps=2, progress=False, seed=3)
+    settings = replace(DEFAULTS, steps=2, seed=3)
     image = resize_for_editing(noise_image, 64)
     a = InstructPix2Pix(registered).edit(image, "make it snowy", settings)[0]
     b = InstructPix2Pix(tiny_editor).edit(image, "make it snowy", settings)[0]
@@ -133,7 +138,7 @@ def test_pyfunc_answers_a_bad_row_with_one_line_and_edits_the_others(tiny_editor
     assert out["image"].tolist()[1:] == [None] * 4
     edited = Image.open(io.BytesIO(base64.b64decode(out["image"][0])))
     expected = InstructPix2Pix(tiny_editor).edit(Image.new("RGB", (64, 64), (10, 200, 30)), "x",
-                                                 EditSettings(steps=1, seed=0, progress=False))[0]
+                                                 replace(DEFAULTS, steps=1, seed=0))[0]
     assert np.array_equal(np.asarray(edited.convert("RGB")), np.asarray(expected))
 
 
@@ -232,7 +237,7 @@ def test_serve_round_trip(registry, noise_image, tiny_editor):
         assert answer[0]["error"] is None
         served = Image.open(io.BytesIO(base64.b64decode(answer[0]["image"])))
         expected = InstructPix2Pix(tiny_editor).edit(resize_for_editing(noise_image, 64), "make it snowy",
-                                                    EditSettings(steps=2, seed=5, progress=False))[0]
+                                                    replace(DEFAULTS, steps=2, seed=5))[0]
         assert served.size == expected.size
         diff = np.abs(np.asarray(served.convert("RGB")).astype(int) - np.asarray(expected).astype(int))
         # the same edit; another process may sum in another order, which can flip a uint8 rounding

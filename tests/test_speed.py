@@ -3,20 +3,24 @@ eager path's output within floating-point tolerance; a bad backend is one line b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ip2p.config import compose
+from ip2p.editing.run import settings_from_config
 from ip2p.errors import Ip2pError
-from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
+from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_diffusion
 from ip2p.models.speed import accelerate
 
 
 def _edit(parts) -> torch.Tensor:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    return InstructPix2Pix(parts).edit_tensor(image, "make it snowy", EditSettings(steps=3, progress=False, seed=1))
+    return InstructPix2Pix(parts).edit_tensor(image, "make it snowy", replace(settings_from_config(compose(["progress=false"])), steps=3, seed=1))
 
 
 @pytest.mark.parametrize("channels_last, backend", [(True, None), (True, "aot_eager")])

@@ -4,6 +4,7 @@ shared noise, p = 0 against diffusers' own pipeline, per-sample p, LocalBlend, a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -20,6 +21,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
+from ip2p.config import compose
 from ip2p.errors import Ip2pError
 
 from ip2p.synthesis.attention import (
@@ -35,7 +37,8 @@ from ip2p.synthesis.attention import (
     official_step_controlled,
 )
 from ip2p.synthesis.p2p_alignment import TokenMap
-from ip2p.synthesis.pipeline import PairedNoiseScheduler, PairSampler, SampleSpec, SynthesisSettings, draw_samples
+from ip2p.synthesis.pipeline import PairedNoiseScheduler, PairSampler, SampleSpec, draw_samples
+from ip2p.synthesis.run import settings_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 CAT, DOG = "a photo of a cat", "a photo of a dog"
@@ -43,6 +46,13 @@ SIZE, STEPS = 64, 6
 # A sample computed in batches of other sizes: convolution kernels sum in another order per batch size
 # and CPU, and guidance up to 14 amplifies that over the steps (1.1e-4 seen on one machine, 0 on another).
 # Real mix-ups (another caption, seed or p on a row) differ by > 1e-2, which the tests also check.
+
+
+def synthesis_settings(**changes):
+    """conf/synthesis's settings (their one home) with `changes`."""
+    return dataclasses.replace(settings_from_config(compose([])), **changes)
+
+
 BATCH_TOL = {"atol": 5e-4, "rtol": 1e-3}
 
 
@@ -222,7 +232,7 @@ def test_paired_noise_scheduler_gives_both_branches_the_noise_of_a_plain_run(tin
 
 @pytest.fixture(scope="module")
 def sampler(tiny_base):
-    return PairSampler(tiny_base, SynthesisSettings(steps=STEPS))
+    return PairSampler(tiny_base, synthesis_settings(steps=STEPS))
 
 
 def test_p1_identical_captions_give_identical_images(sampler):
@@ -260,7 +270,7 @@ def test_p0_equals_independent_diffusers_generation(sampler, tiny_base):
 
 @pytest.mark.parametrize("mode", ["official", "google"])
 def test_per_sample_p_in_one_batch_equals_separate_runs(tiny_base, mode):
-    settings = SynthesisSettings(steps=STEPS, mode=mode, google=GoogleSettings(local_blend=True))
+    settings = synthesis_settings(steps=STEPS, mode=mode, google=GoogleSettings(local_blend=True))
     sampler = PairSampler(tiny_base, settings)
     specs = [SampleSpec(21, 0.2, 8.0), SampleSpec(22, 0.6, 11.0), SampleSpec(23, 0.95, 14.0)]
     together = sampler.sample_latents(CAT, "a photo of a big dog", specs, SIZE, SIZE)
@@ -274,7 +284,7 @@ def test_per_sample_p_in_one_batch_equals_separate_runs(tiny_base, mode):
 def test_samples_of_several_caption_pairs_in_one_batch_equal_per_pair_runs(tiny_base):
     """Several caption pairs share one UNet call (synthesis.pairs_per_batch): each sample must be what
     a batch of its own pair makes (its own captions, seed, p and guidance)."""
-    sampler = PairSampler(tiny_base, SynthesisSettings(steps=STEPS))
+    sampler = PairSampler(tiny_base, synthesis_settings(steps=STEPS))
     pairs = [(CAT, DOG), ("a red car", "a blue car"), (CAT, DOG), ("a red car", "a red car at night")]
     specs = [SampleSpec(41, 0.3, 8.0), SampleSpec(42, 0.8, 12.0), SampleSpec(43, 0.5, 10.0), SampleSpec(44, 0.9, 9.0)]
     together = sampler.sample_rows(pairs, specs, SIZE, SIZE)
@@ -283,7 +293,7 @@ def test_samples_of_several_caption_pairs_in_one_batch_equal_per_pair_runs(tiny_
         for branch in range(2):
             torch.testing.assert_close(together[branch][k:k + 1], alone[branch], **BATCH_TOL)
     assert (together[1][0] - together[1][1]).abs().max() > 1e-2
-    google = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, mode="google"))
+    google = PairSampler(tiny_base, synthesis_settings(steps=STEPS, mode="google"))
     with pytest.raises(ValueError, match="one pair per batch"):
         google.sample_rows(pairs, specs, SIZE, SIZE)
 
@@ -292,7 +302,7 @@ def test_observer_sees_the_clean_latents_each_step_implies(tiny_base):
     """`observe` gets every step's x0 estimate for both branches. With the deterministic Euler sampler the
     last step lands on sigma = 0, where the latents are exactly the clean estimate of that step; and
     looking must not change what is made."""
-    sampler = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, scheduler="euler"))
+    sampler = PairSampler(tiny_base, synthesis_settings(steps=STEPS, scheduler="euler"))
     specs = [SampleSpec(51, 0.5, 7.5), SampleSpec(52, 0.2, 11.0)]
     seen = []
     lat_in, lat_out = sampler.sample_rows([(CAT, DOG)] * 2, specs, SIZE, SIZE,
@@ -309,7 +319,7 @@ def test_observer_sees_the_clean_latents_each_step_implies(tiny_base):
 def test_early_look_drops_samples_mid_way_and_keeps_the_rest_unchanged(tiny_base, scheduler):
     """A sample kept by the early look ends as it would without the look (its noise, p, guidance and a
     multistep solver's stored rows go on with it); dropped samples cost only the steps up to the look."""
-    sampler = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, scheduler=scheduler))
+    sampler = PairSampler(tiny_base, synthesis_settings(steps=STEPS, scheduler=scheduler))
     pairs = [(CAT, DOG), ("a red car", "a blue car"), (CAT, DOG), ("a red car", "a red car at night")]
     specs = [SampleSpec(61, 0.3, 8.0), SampleSpec(62, 0.8, 12.0), SampleSpec(63, 0.5, 10.0), SampleSpec(64, 0.9, 9.0)]
     seen = []
@@ -359,7 +369,7 @@ def test_controlled_step_count_follows_p(tiny_base, monkeypatch):
         counts.append(self.self_controlled.tolist())
 
     monkeypatch.setattr(AttentionControl, "begin_step", spy)
-    PairSampler(tiny_base, SynthesisSettings(steps=5)).sample_latents(
+    PairSampler(tiny_base, synthesis_settings(steps=5)).sample_latents(
         CAT, DOG, [SampleSpec(1, 0.3, 8.0), SampleSpec(2, 1.0, 8.0)], SIZE, SIZE)
     per_sample = [sum(step[k] for step in counts) for k in range(2)]
     assert per_sample == [2, 4]  # p=0.3: i/4 < 0.3 -> i in {0, 1};  p=1: i in {0, 1, 2, 3}
@@ -368,8 +378,8 @@ def test_controlled_step_count_follows_p(tiny_base, monkeypatch):
 def test_google_mode_input_branch_is_untouched_and_local_blend_extremes(tiny_base):
     specs = [SampleSpec(31, 0.5, 9.0)]
     caption_out = "a photo of a black dog"  # refine: different token counts
-    official = PairSampler(tiny_base, SynthesisSettings(steps=STEPS)).sample_latents(CAT, caption_out, specs, SIZE, SIZE)
-    google = PairSampler(tiny_base, SynthesisSettings(steps=STEPS, mode="google"))
+    official = PairSampler(tiny_base, synthesis_settings(steps=STEPS)).sample_latents(CAT, caption_out, specs, SIZE, SIZE)
+    google = PairSampler(tiny_base, synthesis_settings(steps=STEPS, mode="google"))
     plain = google.sample_latents(CAT, caption_out, specs, SIZE, SIZE)
     torch.testing.assert_close(plain[0], official[0], atol=1e-4, rtol=1e-4)
     assert (plain[1] - official[1]).abs().max() > 1e-2
@@ -616,7 +626,7 @@ def test_pairs_can_be_decoded_by_another_vae(tmp_path, cache_dir, tiny_base):
 
     # the same latents by hand, decoded with the other VAE
     spec = SampleSpec(meta["seed"], meta["p"], meta["cfg"])
-    sampler = PairSampler(tiny_base, SynthesisSettings(steps=3))
+    sampler = PairSampler(tiny_base, synthesis_settings(steps=3))
     lat_in, lat_out = sampler.sample_latents(CAT, DOG, [spec], SIZE, SIZE)
     import dataclasses
 

@@ -665,11 +665,16 @@ def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
 def test_learning_rate_schedule_against_torch_schedulers(tiny_editor, schedule):
     """Warmup then constant (the paper) or half a cosine to min_lr at max_steps: the optimizer's rate per step,
     checked against a linear ramp and torch's own CosineAnnealingLR started where the warmup ends."""
-    from ip2p.training.module import InstructPix2PixModule, TrainSettings
+    from dataclasses import replace
+
+    from ip2p.config import compose
+    from ip2p.training.module import InstructPix2PixModule
+    from ip2p.training.run import settings_from_config
 
     lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 5, 25
-    module = InstructPix2PixModule(tiny_editor, TrainSettings(lr=lr, min_lr=min_lr, warmup_steps=warmup,
-                                                              lr_schedule=schedule, max_steps=max_steps))
+    module = InstructPix2PixModule(tiny_editor, replace(settings_from_config(compose([])), lr=lr, min_lr=min_lr,
+                                                             warmup_steps=warmup, lr_schedule=schedule,
+                                                             max_steps=max_steps))
     opt = module.configure_optimizers()
     optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     ours = []
@@ -699,16 +704,15 @@ def test_default_ema_follows_the_original_warmup_rule():
     (98% after the tiny preset's 200): the exported editor would barely show the training."""
     from ip2p.config import compose
     from ip2p.models.ema import ExponentialMovingAverage
-    from ip2p.training.module import TrainSettings
     from ip2p.training.run import settings_from_config
 
-    for settings in (settings_from_config(compose([])), TrainSettings()):
-        model = torch.nn.Linear(2, 2)
-        ema = ExponentialMovingAverage(model, settings.ema_decay, settings.ema_warmup)
-        decays = [ema.update(model) for _ in range(3)]
-        assert decays == pytest.approx([min(0.9999, (1 + n) / (10 + n)) for n in (1, 2, 3)])
-        retained = math.prod(min(0.9999, (1 + n) / (10 + n)) for n in range(1, 10_001))
-        assert retained < 1e-3  # the start's share of the average after 10k steps
+    settings = settings_from_config(compose([]))  # conf/train is the one home of the defaults
+    model = torch.nn.Linear(2, 2)
+    ema = ExponentialMovingAverage(model, settings.ema_decay, settings.ema_warmup)
+    decays = [ema.update(model) for _ in range(3)]
+    assert decays == pytest.approx([min(0.9999, (1 + n) / (10 + n)) for n in (1, 2, 3)])
+    retained = math.prod(min(0.9999, (1 + n) / (10 + n)) for n in range(1, 10_001))
+    assert retained < 1e-3  # the start's share of the average after 10k steps
 
 
 def test_unreadable_checkpoint_to_resume_is_a_one_line_error(tmp_path, cache_dir):

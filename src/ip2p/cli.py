@@ -77,7 +77,17 @@ def _model_overrides(model: str | None) -> tuple[list[str], str | None]:
     return [], model
 
 
+def _configured():
+    """The composed default configuration: the help texts name its values, so that each default is
+    written once, in conf/."""
+    from ip2p.config import compose
+
+    return compose([])
+
+
 def _edit_parser() -> argparse.ArgumentParser:
+    d = _configured()
+    e = d.edit
     p = argparse.ArgumentParser(
         prog="ip2p edit",
         description="Edit an image with a written instruction (InstructPix2Pix).",
@@ -85,28 +95,29 @@ def _edit_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="input image (any format Pillow reads; EXIF orientation is applied)")
     p.add_argument("instruction", help="the edit, e.g. \"make it a watercolor\"; empty returns the resized input")
-    p.add_argument("-o", "--output", default="edited.png",
-                   help="output image; with --num-images K>1, OUT_0.png ... OUT_{K-1}.png (default: edited.png)")
+    p.add_argument("-o", "--output", default=None,
+                   help=f"output image; with --num-images K>1, OUT_0.png ... OUT_{{K-1}}.png (default: {e.output})")
     p.add_argument("--model", default=None,
                    help="preset name (tiny, ip2p, sd15) or a checkpoint: diffusers folder, .ckpt/.safetensors "
-                        "file, hub id, or models:/NAME@ALIAS (default: tiny)")
+                        f"file, hub id, or models:/NAME@ALIAS (default: {d.model.name})")
     p.add_argument("--model-config", default=None,
                    help="for a .ckpt/.safetensors --model: diffusers folder or hub id with its component configs "
                         "(default: the ip2p preset's, timbrooks/instruct-pix2pix; `tiny` for the tiny preset's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 100)")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {e.steps})")
     p.add_argument("--text-guidance", type=float, default=None,
-                   help="text guidance scale s_T: how strongly to follow the instruction (default 7.5)")
+                   help=f"text guidance scale s_T: how strongly to follow the instruction (default {e.text_guidance})")
     p.add_argument("--image-guidance", type=float, default=None,
-                   help="image guidance scale s_I: how closely to stay with the input image (default 1.5)")
-    p.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same image (default 0)")
+                   help=f"image guidance scale s_I: how closely to stay with the input image (default {e.image_guidance})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"random seed; the same seed gives the same image (default {e.seed})")
     p.add_argument("--resolution", type=int, default=None,
-                   help="long side in pixels; both sides are rounded to multiples of 64 (default 512)")
+                   help=f"long side in pixels; both sides are rounded to multiples of 64 (default {e.resolution})")
     p.add_argument("--scheduler", default=None,
-                   help="sampler: euler_ancestral (default), euler, ddim, dpmpp_2m, heun, lms, pndm, unipc, ... "
-                        "or any diffusers scheduler class name")
-    p.add_argument("--num-images", type=int, default=None, help="variants to make in one batch (default 1)")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16")
+                   help=f"sampler (default {e.scheduler}): euler_ancestral, euler, ddim, dpmpp_2m, heun, lms, pndm, "
+                        "unipc, ... or any diffusers scheduler class name")
+    p.add_argument("--num-images", type=int, default=None, help=f"variants to make in one batch (default {e.num_images})")
+    p.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N (default {d.device})")
+    p.add_argument("--dtype", default=None, help=f"float32, float16, bfloat16 (default {d.dtype})")
     p.add_argument("--autocast", default=None,
                    help="bfloat16 or float16: the UNet under torch.autocast, weights stay in --dtype "
                         "(bfloat16 is faster on CPUs with AMX); none: off (default)")
@@ -157,7 +168,8 @@ def cmd_edit(argv: list[str]) -> int:
     with open_dict(cfg):
         cfg.edit.input = args.input
         cfg.edit.instruction = args.instruction
-        cfg.edit.output = args.output
+        if args.output:
+            cfg.edit.output = args.output
         for key, value in flags.items():
             if value is not None:
                 cfg.edit[key] = value
@@ -177,12 +189,15 @@ def cmd_edit(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
+    d = _configured()
     p = argparse.ArgumentParser(prog="ip2p export",
                                 description="Write the editor as a diffusers StableDiffusionInstructPix2PixPipeline folder.")
     p.add_argument("outdir", help="folder to write (replaced if it exists)")
-    p.add_argument("--model", default=None, help="preset name or checkpoint, as for `ip2p edit` (default: tiny)")
+    p.add_argument("--model", default=None,
+                   help=f"preset name or checkpoint, as for `ip2p edit` (default: {d.model.name})")
     p.add_argument("--model-config", default=None, help="for a .ckpt/.safetensors --model: as for `ip2p edit`")
-    p.add_argument("--scheduler", default="euler_ancestral", help="scheduler class stored in the folder")
+    p.add_argument("--scheduler", default=d.train.export.scheduler,
+                   help="scheduler class stored in the folder (default: %(default)s, as train.export.scheduler)")
     p.add_argument("--metrics", nargs="*", default=[],
                    help="JSON reports (e.g. reports/world_eval.json) whose numbers the model card lists as measured")
     args = p.parse_args(argv)
@@ -294,8 +309,9 @@ def cmd_app(argv: list[str]) -> int:
                    help="the editor shown first: preset (tiny, mini, ip2p), diffusers folder, checkpoint file, "
                         "hub id or models:/NAME@ALIAS (default: the composed model preset)")
     p.add_argument("--model-config", default=None, help="for a .ckpt/.safetensors --model: as for `ip2p edit`")
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=None, help="port (default 7860)")
+    d = _configured().app
+    p.add_argument("--host", default=None, help=f"address to bind (default {d.host}; 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help=f"port (default {d.port})")
     args = p.parse_args(argv)
     from omegaconf import open_dict
 

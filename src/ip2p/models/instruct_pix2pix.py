@@ -24,13 +24,16 @@ from ip2p.sampling.loop import denoise, make_scheduler, unet_prediction
 
 @dataclass
 class EditSettings:
-    steps: int = 100
-    text_guidance: float = 7.5
-    image_guidance: float = 1.5
-    scheduler: str = "euler_ancestral"
-    num_images: int = 1
-    seed: int = 0
-    progress: bool = True
+    """How one edit samples. No defaults of its own: they live in conf/ (sampling.*, edit.*, and the
+    served model's register.serve.*), and each caller builds this from the config it reads."""
+
+    steps: int
+    text_guidance: float
+    image_guidance: float
+    scheduler: str
+    num_images: int
+    seed: int
+    progress: bool
     # Asked before every denoising step; a reason (str) stops the edit with EditStopped. A server uses
     # it so that work nobody waits for any more (a shutdown, a client past its timeout) ends at once.
     should_stop: Callable[[], str | None] | None = field(default=None, compare=False)

@@ -37,6 +37,9 @@ NOT_RECIPE = ("output", "checkpoint", "checkpoint_every", "eval_every", "log_eve
 
 @dataclass
 class LoopConfig:
+    """One pretraining run's loop. No defaults of its own: each stage's `loop` in conf/world/ is their one
+    home (a refine run's loop is merged over its stage's)."""
+
     steps: int
     lr: float
     min_lr: float
@@ -46,14 +49,14 @@ class LoopConfig:
     grad_clip: float
     checkpoint_every: int
     eval_every: int
-    log_every: int = 50
-    progress: bool = True
+    log_every: int
+    progress: bool
 
     @staticmethod
-    def from_cfg(cfg: Mapping, progress: bool = True) -> "LoopConfig":
+    def from_cfg(cfg: Mapping, progress: bool) -> "LoopConfig":
         keys = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "ema_decay", "grad_clip",
                 "checkpoint_every", "eval_every", "log_every")
-        return LoopConfig(**{k: cfg[k] for k in keys if k in cfg}, progress=progress)
+        return LoopConfig(**{k: cfg[k] for k in keys}, progress=progress)
 
 
 def learning_rate(step: int, c: LoopConfig) -> float:

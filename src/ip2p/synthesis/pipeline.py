@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -100,12 +100,15 @@ class PairedNoiseScheduler:
 
 @dataclass
 class SynthesisSettings:
-    steps: int = 100
-    scheduler: str = "euler_ancestral"
-    mode: str = "official"  # official | google (see ip2p.synthesis.attention)
-    google: GoogleSettings = field(default_factory=GoogleSettings)
-    align: AlignScores = field(default_factory=AlignScores)
-    progress: bool = False
+    """How pairs are sampled. No defaults of its own: conf/synthesis/default.yaml is their one home, and
+    ip2p.synthesis.run.settings_from_config builds this from the composed config."""
+
+    steps: int
+    scheduler: str
+    mode: str               # official | google (see ip2p.synthesis.attention)
+    google: GoogleSettings
+    align: AlignScores
+    progress: bool
 
 
 @dataclass

@@ -71,16 +71,13 @@ def signature():
                                                          ColSpec("string", "error", required=False)]))
 
 
-# register.serve keys a model registered before they existed takes from conf/register/default.yaml
-SERVE_BOUNDS = ("limits",)
-
-
 def serve_settings(model_config: dict | None) -> dict:
     """The model's serving settings (register.serve, stored with the model when it was registered), with
-    any bound it lacks (a model registered before the bound existed) taken from conf/register: every
-    bound applies to every registered model."""
+    any key it lacks (a model registered before the key existed) taken from conf/register, the one home
+    of their defaults: every bound applies to every registered model."""
     settings = dict(model_config or {})
-    missing = [k for k in SERVE_BOUNDS if k not in settings]
+    missing = [k for k in ("steps", "text_guidance", "image_guidance", "seed", "resolution", "scheduler", "limits")
+               if k not in settings]
     if missing:
         from omegaconf import OmegaConf
 
@@ -150,8 +147,7 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
     def read_row(self, row: pd.Series) -> tuple[Image.Image, str, dict]:
         """(input image, instruction, sampling settings) of one request row; Ip2pError says what is wrong."""
         d, lim = self.defaults, self.limits
-        settings = dict(steps=d.get("steps", 20), text_guidance=d.get("text_guidance", 7.5),
-                        image_guidance=d.get("image_guidance", 1.5), seed=d.get("seed", 0))
+        settings = {key: d[key] for key in ("steps", "text_guidance", "image_guidance", "seed")}
         for key, cast in OPTIONAL_COLUMNS.items():
             if key in row and pd.notna(row[key]):
                 settings[key] = cast(row[key])
@@ -167,12 +163,12 @@ class InstructPix2PixModel(mlflow.pyfunc.PythonModel):
         if len(instruction) > lim.max_instruction_chars:
             raise Ip2pError(f"`instruction` is {len(instruction)} characters long; the limit is "
                             f"{lim.max_instruction_chars}")
-        image = resize_for_editing(b64_to_image(row["image"], lim), int(d.get("resolution", 512)),
+        image = resize_for_editing(b64_to_image(row["image"], lim), int(d["resolution"]),
                                    lim.max_edit_area, "max_edit_area")
         return image, instruction, settings
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        scheduler = self.defaults.get("scheduler", "euler_ancestral")
+        scheduler = self.defaults["scheduler"]
         most = int(self.limits.num_images[1])
         if len(model_input) > most:  # every row answered, none edited: the request as a whole is too big
             error = f"the request has {len(model_input)} rows; the limit is {most} (limits.num_images)"

@@ -19,7 +19,7 @@ stream position, never from global RNG state, so a resumed run repeats an uninte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
@@ -33,24 +33,24 @@ from ip2p.models.loader import DiffusionComponents, weights_device
 
 @dataclass
 class TrainSettings:
-    """The recipe knobs the module needs (conf/train/default.yaml; defaults mirror it)."""
+    """The recipe knobs the module needs. No defaults of its own: conf/train/default.yaml is their one
+    home, and ip2p.training.run.settings_from_config builds this from the composed config."""
 
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    min_lr: float = 0.0
-    max_steps: int = 0
-    conditioning_dropout: float = 0.05
-    timestep_power: float = 1.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    grid: dict = field(default_factory=lambda: {"steps": 20, "text_guidance": 7.5, "image_guidance": 1.5,
-                                                "scheduler": "euler_ancestral"})
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    eps: float
+    warmup_steps: int
+    lr_schedule: str
+    min_lr: float
+    max_steps: int
+    conditioning_dropout: float
+    timestep_power: float
+    ema_decay: float
+    ema_warmup: bool
+    gradient_checkpointing: bool
+    seed: int
+    grid: dict      # train.validation.grid: steps, text_guidance, image_guidance, scheduler, num_images
 
 
 # ---------------------------------------------------------------------------------------------------
