@@ -2,8 +2,10 @@
 
 `ip2p <stage>` calls `check_config` on the whole composed configuration before the stage loads a
 model or reads data, so `train.lr=-1` or `filter.batch_size=0` fails in a second with one line
-instead of a traceback (or, worse, minutes in). Stages keep their own checks of what only they can
-know (files, data); these are the settings' ranges. Keys a configuration does not have are skipped.
+instead of a traceback (or, worse, minutes in). This table is the one home of the settings' ranges:
+a stage run without the CLI (a test, a notebook) asks `check_config(cfg, groups=(...))` for its own
+groups instead of checking again itself. Stages keep their own checks of what only they can know
+(files, data, a loaded model). Keys a configuration does not have are skipped.
 """
 
 from __future__ import annotations
@@ -171,9 +173,17 @@ def _relations(get: Callable[[str], Any]) -> list[str]:
     return problems
 
 
-def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) -> list[str]:
+def _in(key: str, groups: tuple[str, ...] | None) -> bool:
+    return groups is None or any(key == g or key.startswith(g + ".") for g in groups)
+
+
+def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None,
+                    groups: tuple[str, ...] | None = None) -> list[str]:
     """One line per bad key of the composed configuration; empty when all is well. `aliases` names a
-    key the way the user set it (a command-line flag such as --steps for edit.steps)."""
+    key the way the user set it (a command-line flag such as --steps for edit.steps); `groups` (e.g.
+    ("train",), a stage checking its own settings) keeps the rules of keys under those groups only, and
+    leaves out the edit.limits bounds (BOUNDED, the instruction's length): those bound what a user may ask
+    for at the command line, not what a direct call may use (tests train at 32 px)."""
     from omegaconf import OmegaConf
 
     missing = object()
@@ -191,7 +201,7 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) ->
 
     problems, named = [], set()
     for key, rule in RULES.items():
-        if OmegaConf.select(cfg, key, default=missing) is missing or interpolated(key):
+        if not _in(key, groups) or OmegaConf.select(cfg, key, default=missing) is missing or interpolated(key):
             continue
         value = get(key)
         why = rule(value)
@@ -201,21 +211,23 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None) ->
             problems.append(f"{name} {why} (got {value!r})" if "got" not in why else f"{name}: {why}")
     for key, bounds_key in BOUNDED.items():
         value, bounds = get(key), get(bounds_key)
-        if key in named or not _number(value) or interpolated(key) or not bounds:
+        if key in named or groups is not None or not _number(value) or interpolated(key) or not bounds:
             continue
         low, high = bounds
         if not low <= value <= high:
             name = (aliases or {}).get(key, key)
             problems.append(f"{name} must be between {low:g} and {high:g} ({bounds_key}) (got {value!r})")
     instruction, most = get("edit.instruction"), get("edit.limits.max_instruction_chars")
-    if isinstance(instruction, str) and _number(most) and len(instruction) > most:
+    if groups is None and isinstance(instruction, str) and _number(most) and len(instruction) > most:
         problems.append(f"the instruction is {len(instruction)} characters long; the limit is {most} "
                         "(edit.limits.max_instruction_chars)")
-    return problems + _relations(get)
+    # each relation's line starts with the key it is about
+    return problems + [p for p in _relations(get) if _in(p.split(" ", 1)[0].split("=", 1)[0].rstrip(":"), groups)]
 
 
-def check_config(cfg: "DictConfig", aliases: dict[str, str] | None = None) -> None:
+def check_config(cfg: "DictConfig", aliases: dict[str, str] | None = None,
+                 groups: tuple[str, ...] | None = None) -> None:
     """Raise one Ip2pError naming every bad key (joined on one line)."""
-    problems = config_problems(cfg, aliases)
+    problems = config_problems(cfg, aliases, groups)
     if problems:
         raise Ip2pError(f"{len(problems)} bad setting{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))

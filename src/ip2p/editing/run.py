@@ -7,12 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ip2p.checks import check_config
 from ip2p.errors import Ip2pError
 from ip2p.io.images import load_image, resize_for_editing, save_image_atomic
 from ip2p.models.instruct_pix2pix import EditSettings, InstructPix2Pix
 from ip2p.models.loader import load_diffusion
 from ip2p.models.speed import accelerate
-from ip2p.sampling.loop import scheduler_class
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,8 @@ def output_paths(output: str | Path, num_images: int) -> list[Path]:
 
 
 def settings_from_config(cfg: DictConfig) -> EditSettings:
+    """The edit's settings from conf/edit; their ranges are ip2p.checks' (run checks them first)."""
     e = cfg.edit
-    if e.steps < 1:
-        raise Ip2pError(f"--steps must be at least 1 (got {e.steps})")
-    if e.num_images < 1:
-        raise Ip2pError(f"--num-images must be at least 1 (got {e.num_images})")
-    if e.resolution < 64:
-        raise Ip2pError(f"--resolution must be at least 64 (got {e.resolution})")
-    scheduler_class(str(e.scheduler))  # an unknown name fails here, before the model loads
     return EditSettings(steps=int(e.steps), text_guidance=float(e.text_guidance),
                         image_guidance=float(e.image_guidance), scheduler=str(e.scheduler),
                         num_images=int(e.num_images), seed=int(e.seed), progress=bool(cfg.progress))
@@ -42,6 +36,7 @@ def settings_from_config(cfg: DictConfig) -> EditSettings:
 def run(cfg: DictConfig) -> list[Path]:
     if not cfg.edit.input:
         raise Ip2pError("no input image given")
+    check_config(cfg, groups=("edit",))  # before the model loads; the CLI has checked, a direct call has not
     settings = settings_from_config(cfg)
     image = resize_for_editing(load_image(cfg.edit.input, int(cfg.edit.max_input_pixels)), int(cfg.edit.resolution),
                                float(cfg.edit.max_edit_area), "edit.max_edit_area")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ip2p.checks import check_config
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import DiffusionComponents, check_square_resolution, load_diffusion, widen_conv_in
@@ -81,12 +82,9 @@ def load_components(cfg: DictConfig) -> DiffusionComponents:
 
 
 def settings_from_config(cfg: DictConfig) -> TrainSettings:
+    """The module's recipe; the ranges are ip2p.checks' (run checks them first)."""
     t = cfg.train
     p = float(t.conditioning_dropout)
-    if not 0.0 <= 3 * p <= 1.0:
-        raise Ip2pError(f"train.conditioning_dropout must be in [0, 1/3] (got {p})")
-    if not float(t.timestep_power) > 0:
-        raise Ip2pError(f"train.timestep_power must be positive (got {t.timestep_power})")
     grid = OmegaConf.to_container(t.validation.grid, resolve=True)
     return TrainSettings(lr=float(t.lr), betas=tuple(float(b) for b in t.betas), weight_decay=float(t.weight_decay),
                          eps=float(t.eps), warmup_steps=int(t.warmup_steps), lr_schedule=str(t.lr_schedule),
@@ -94,16 +92,6 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
                          timestep_power=float(t.timestep_power),
                          ema_decay=float(t.ema.decay), ema_warmup=bool(t.ema.warmup),
                          gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid)
-
-
-def _check_recipe(cfg: DictConfig) -> None:
-    t = cfg.train
-    for key in ("max_steps", "batch_size", "accumulate_grad_batches"):
-        if int(t[key]) < 1:
-            raise Ip2pError(f"train.{key} must be at least 1 (got {t[key]})")
-    for key in ("validation.every_n_steps", "checkpoint.every_n_steps"):
-        if int(OmegaConf.select(t, key)) < 1:
-            raise Ip2pError(f"train.{key} must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
     # 1. the recipe and the data checked, and the run's folders. Where the run resumes from (which may
     # move another run's checkpoints aside) and its run record come last, after every check, so that a
     # run that fails on a typo or bad data leaves a finished run's checkpoints where they are.
-    _check_recipe(cfg)
+    check_config(cfg, groups=("train",))  # the ranges' one home; the CLI has checked them, a direct call has not
     settings = settings_from_config(cfg)
     _quiet_lightning()
     t = cfg.train
