@@ -655,10 +655,10 @@ def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
         module(format="released", dir=str(tmp_path)).setup("fit")
     with pytest.raises(Ip2pError, match="resolution <= resize_min"):
         module(resize_min=16)
-    from ip2p.training.datamodule import _decode
+    from ip2p.io.images import decode_dataset_image
 
     with pytest.raises(Ip2pError, match="row 'x-1': cannot decode input_image"):
-        _decode({"bytes": b"\x89PNG broken", "path": None}, "input_image", "x-1")
+        decode_dataset_image({"bytes": b"\x89PNG broken", "path": None}, "input_image", "x-1")
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -110,6 +111,33 @@ def resize_for_editing(img: Image.Image, resolution: int, max_area: float | None
     if img.size == size:
         return img
     return ImageOps.fit(img, size, method=Image.Resampling.LANCZOS)
+
+
+def resize_short_side(img: Image.Image, short: int, size_of: Image.Image | None = None) -> Image.Image:
+    """Scale so the short side of `size_of` (default `img`) is `short` px; LANCZOS as the original."""
+    ref = size_of or img
+    scale = short / min(ref.width, ref.height)
+    size = (max(short, round(ref.width * scale)), max(short, round(ref.height * scale)))
+    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+
+def decode_dataset_image(value: Any, what: str, row_id: str) -> Image.Image:
+    """A `datasets` Image value ({"bytes", "path"} or an already decoded PIL image) -> RGB."""
+    try:
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
+        if isinstance(value, Mapping):
+            if value.get("bytes"):
+                with Image.open(io.BytesIO(value["bytes"])) as img:
+                    img.load()
+                    return to_rgb(img)
+            if value.get("path"):
+                with Image.open(value["path"]) as img:
+                    img.load()
+                    return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise Ip2pError(f"dataset row '{row_id}': cannot decode {what} ({type(err).__name__})") from err
+    raise Ip2pError(f"dataset row '{row_id}': {what} holds no image")
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -11,7 +11,6 @@ stream at s x accumulate x batch_size and therefore sees exactly the batches an 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -23,10 +22,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ip2p.io.images import pil_to_tensor, to_rgb
+from ip2p.io.images import decode_dataset_image, pil_to_tensor, resize_short_side, to_rgb
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
+from ip2p.training.latent_cache import LatentCache, NotSquareError, build_latent_cache
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +45,6 @@ class Pair:
 # ---------------------------------------------------------------------------------------------------
 # Sources: row i -> Pair
 # ---------------------------------------------------------------------------------------------------
-
-def _decode(value: Any, what: str, row_id: str) -> Image.Image:
-    """A `datasets` Image value ({"bytes", "path"} or an already decoded PIL image) -> RGB."""
-    try:
-        if isinstance(value, Image.Image):
-            return to_rgb(value)
-        if isinstance(value, Mapping):
-            if value.get("bytes"):
-                with Image.open(io.BytesIO(value["bytes"])) as img:
-                    img.load()
-                    return to_rgb(img)
-            if value.get("path"):
-                with Image.open(value["path"]) as img:
-                    img.load()
-                    return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise Ip2pError(f"dataset row '{row_id}': cannot decode {what} ({type(err).__name__})") from err
-    raise Ip2pError(f"dataset row '{row_id}': {what} holds no image")
-
 
 def load_parquet_split(dataset_dir: str | Path, split: str, cache_dir: str | Path | None, progress: bool = False):
     """<dataset_dir>/<split>/part-*.parquet (the dataset stage's output, read by its own `load_split`)
@@ -118,8 +99,8 @@ class ParquetSource:
     def load(self, index: int, generator: torch.Generator) -> Pair:
         row = self.table[self.pick(index, generator)]
         row_id = str(row["id"])
-        return Pair(_decode(row["input_image"], "input_image", row_id),
-                    _decode(row["edited_image"], "edited_image", row_id), str(row["edit_prompt"]), row_id)
+        return Pair(decode_dataset_image(row["input_image"], "input_image", row_id),
+                    decode_dataset_image(row["edited_image"], "edited_image", row_id), str(row["edit_prompt"]), row_id)
 
 
 def released_entries(root: str | Path, split: str, fractions: tuple[float, float, float]) -> list[tuple[str, list]]:
@@ -176,14 +157,6 @@ class ReleasedSource:
 # ---------------------------------------------------------------------------------------------------
 # Augmentation and the torch Dataset
 # ---------------------------------------------------------------------------------------------------
-
-def resize_short_side(img: Image.Image, short: int, size_of: Image.Image | None = None) -> Image.Image:
-    """Scale so the short side of `size_of` (default `img`) is `short` px; LANCZOS as the original."""
-    ref = size_of or img
-    scale = short / min(ref.width, ref.height)
-    size = (max(short, round(ref.width * scale)), max(short, round(ref.height * scale)))
-    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
-
 
 def draw_short_side(generator: torch.Generator, resize_min: int, resize_max: int) -> int:
     return int(torch.randint(resize_min, resize_max + 1, (), generator=generator))
@@ -447,7 +420,6 @@ class EditDataModule(pl.LightningDataModule):
                             "or set train.data.dir)")
 
     def _cache_split(self, split: str, source: "ParquetSource") -> None:
-        from ip2p.training.latent_cache import LatentCache, NotSquareError, build_latent_cache
 
         c = self.cfg
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")

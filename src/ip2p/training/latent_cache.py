@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import build_once
-from ip2p.io.images import pil_to_tensor
+from ip2p.io.images import decode_dataset_image, pil_to_tensor, resize_short_side
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ class NotSquareError(Ip2pError):
 def square_at(img, resolution: int, row_id: str, what: str):
     """The image as training sees it at resize_min = resize_max = resolution: only square inputs have
     no random crop left."""
-    from ip2p.training.datamodule import resize_short_side
-
     if img.width != img.height:
         raise NotSquareError(f"cached latents need square images (row '{row_id}' has a {img.width}x{img.height} "
                         f"{what}); set train.data.cache_latents=false")
@@ -76,8 +74,6 @@ def encode_rows(table, components, resolution: int, flip: bool, batch_size: int,
                 progress: bool) -> dict[str, torch.Tensor]:
     """Every row of a split (a `datasets` table with undecoded images) -> the cache's tensors."""
     from PIL import Image
-
-    from ip2p.training.datamodule import _decode
 
     vae, device = components.vae, components.vae.device
     tok = components.tokenizer
@@ -92,8 +88,8 @@ def encode_rows(table, components, resolution: int, flip: bool, batch_size: int,
         rows = table[start:start + batch_size]
         inputs, editeds = [], []
         for row_id, a, b, prompt in zip(rows["id"], rows["input_image"], rows["edited_image"], rows["edit_prompt"]):
-            inputs.append(square_at(_decode(a, "input_image", str(row_id)), resolution, str(row_id), "input_image"))
-            editeds.append(square_at(_decode(b, "edited_image", str(row_id)), resolution, str(row_id), "edited_image"))
+            inputs.append(square_at(decode_dataset_image(a, "input_image", str(row_id)), resolution, str(row_id), "input_image"))
+            editeds.append(square_at(decode_dataset_image(b, "edited_image", str(row_id)), resolution, str(row_id), "edited_image"))
             text_index.append(prompts.setdefault(str(prompt), len(prompts)))
         views = [("", inputs, editeds)]
         if flip:
