@@ -32,7 +32,7 @@ def _all_strings(tree) -> list[str]:
 
 
 def test_redact_secret_keys_at_any_depth_only():
-    from ip2p.tracking.loggers import redact, redact_override
+    from ip2p.io.loggers import redact, redact_override
 
     tree = {"api_key": "a", "llm": {"openai_api_key": "b", "hf-token": "c", "client_secret": "d",
                                     "password": "e", "max_text_tokens": 77, "tokenizer_merges": 400},
@@ -48,7 +48,7 @@ def test_redact_secret_keys_at_any_depth_only():
 
 def test_run_config_leaves_out_environment_values(cfg, monkeypatch, tmp_path):
     from ip2p.config import compose
-    from ip2p.tracking.loggers import ENV_PLACEHOLDER, flatten, run_config
+    from ip2p.io.loggers import ENV_PLACEHOLDER, flatten, run_config
 
     secret_path = tmp_path / "private-SENSITIVE-location" / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{secret_path}")
@@ -65,7 +65,7 @@ def test_run_config_leaves_out_environment_values(cfg, monkeypatch, tmp_path):
 
 
 def test_provenance_reads_git_commit_and_dvc_hashes(cfg, tmp_path, monkeypatch):
-    from ip2p.tracking.loggers import provenance
+    from ip2p.io.loggers import provenance
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -91,7 +91,7 @@ def test_provenance_reads_git_commit_and_dvc_hashes(cfg, tmp_path, monkeypatch):
 
 
 def test_wandb_is_offline_unless_logged_in(cfg, monkeypatch, tmp_path):
-    from ip2p.tracking.loggers import wandb_mode
+    from ip2p.io.loggers import wandb_mode
 
     netrc = tmp_path / "netrc"
     netrc.write_text("")
@@ -111,7 +111,7 @@ def test_wandb_is_offline_unless_logged_in(cfg, monkeypatch, tmp_path):
 
 def test_make_loggers_picks_backends(cfg, tmp_path, monkeypatch):
     from ip2p.config import compose
-    from ip2p.tracking.loggers import make_loggers
+    from ip2p.io.loggers import make_loggers
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     kinds = {name: [type(x).__name__ for x in make_loggers(compose([f"logger={name}",
@@ -160,7 +160,7 @@ def test_start_mlflow_run_for_stages_without_lightning(cfg, tmp_path, monkeypatc
     from mlflow.tracking import MlflowClient
 
     from ip2p.config import compose
-    from ip2p.tracking.loggers import log_artifact, log_metrics, start_mlflow_run
+    from ip2p.io.loggers import log_artifact, log_metrics, start_mlflow_run
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
@@ -197,7 +197,7 @@ def test_runs_of_killed_processes_are_closed_as_failed(cfg, tmp_path, monkeypatc
     from mlflow.tracking import MlflowClient
 
     from ip2p.config import compose
-    from ip2p.tracking.loggers import start_mlflow_run
+    from ip2p.io.loggers import start_mlflow_run
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")

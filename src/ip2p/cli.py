@@ -50,7 +50,7 @@ STAGES: dict[str, str] = {
 
 def _quiet_libraries() -> None:
     # No telemetry (MLflow, W&B, Hugging Face, DVC), no progress bars from loaders.
-    from ip2p.tracking.loggers import quiet_telemetry
+    from ip2p.io.loggers import quiet_telemetry
 
     quiet_telemetry()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -221,7 +221,7 @@ def cmd_promote(argv: list[str]) -> int:
     p.add_argument("--name", default=None, help="registered model name (default: register.name)")
     args = p.parse_args(argv)
     from ip2p.config import compose
-    from ip2p.tracking.loggers import mlflow_tracking_uri
+    from ip2p.io.loggers import mlflow_tracking_uri
     from ip2p.tracking.registry import promote
 
     cfg = compose([])

@@ -105,7 +105,7 @@ def score_grid(clip, inputs: torch.Tensor, edits: torch.Tensor, gts: torch.Tenso
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate inside an MLflow run (logger=mlflow|both): config, metrics and every report file logged."""
-    from ip2p.tracking.loggers import log_artifact, log_metrics, start_mlflow_run
+    from ip2p.io.loggers import log_artifact, log_metrics, start_mlflow_run
 
     with start_mlflow_run(cfg, "evaluate"):
         summary = evaluate(cfg)

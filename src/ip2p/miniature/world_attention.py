@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
-from ip2p.io.jsonl import read_jsonl
-from ip2p.models.loader import load_diffusion
 from ip2p.io.images import to_uint8
+from ip2p.io.jsonl import read_jsonl
+from ip2p.io.loggers import log_metrics, start_mlflow_run
+from ip2p.models.loader import load_diffusion
 from ip2p.synthesis.pipeline import PairSampler, SampleSpec, draw_samples
 from ip2p.synthesis.run import resolution, settings_from_config
-from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import parse_instruction
 from ip2p.world.oracle import read
 from ip2p.world.verdict import judge_edit

@@ -33,7 +33,7 @@ from ip2p.io.images import tensor_to_unit, to_tensor, to_uint8
 from ip2p.models.instruct_pix2pix import InstructPix2Pix
 from ip2p.models.loader import load_clip, load_diffusion
 from ip2p.sampling.text_to_image import generate
-from ip2p.tracking.loggers import log_metrics, start_mlflow_run
+from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.world.cases import Case, caption_combinations, heldout_cases, unseen_in
 from ip2p.world.oracle import Reading, read
 from ip2p.world.render import render

@@ -37,12 +37,12 @@ from ip2p.filtering.select import select
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
 from ip2p.io.images import tensor_to_pil, to_uint8
+from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.loader import load_clip, load_diffusion, resolve_autocast
 from ip2p.scoring.clip import ClipScorer
 from ip2p.scoring.thresholds import first_failure
 from ip2p.synthesis.pipeline import PairSampler, draw_samples
 from ip2p.synthesis.run import look_step, resolution, settings_from_config
-from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import world_triple
 from ip2p.world.oracle import read
 from ip2p.world.scene import sample_scene

@@ -22,9 +22,9 @@ from ip2p.data.backends.base import Request
 from ip2p.data.backends.hf import HFBackend, Sampling
 from ip2p.data.validate import parse_completion
 from ip2p.io.atomic import atomic_write_json
+from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.io.stage import stable_seed
 from ip2p.models.tiny_llm import load_llm
-from ip2p.tracking.loggers import log_metrics, start_mlflow_run
 from ip2p.world.language import caption, consistent, parse_instruction
 from ip2p.world.scene import sample_scenes
 

@@ -1,13 +1,3 @@
-"""Experiment tracking: loggers (MLflow, W&B), redacted configs, provenance tags; the model registry."""
-
-from ip2p.tracking.loggers import (
-    log_artifact,
-    log_metrics,
-    make_loggers,
-    provenance,
-    redact,
-    run_config,
-    start_mlflow_run,
-)
-
-__all__ = ["log_artifact", "log_metrics", "make_loggers", "provenance", "redact", "run_config", "start_mlflow_run"]
+"""Stage 7: the model registry (ip2p.tracking.registry) and the served MLflow model
+(ip2p.tracking.pyfunc_model). Run logging (MLflow, W&B) is infrastructure every stage uses:
+ip2p.io.loggers."""

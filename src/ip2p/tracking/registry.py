@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
-from ip2p.tracking.loggers import ensure_experiment, provenance, quiet_telemetry
+from ip2p.io.loggers import ensure_experiment, provenance, quiet_telemetry
 
 log = logging.getLogger(__name__)
 

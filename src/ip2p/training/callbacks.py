@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from ip2p.io.images import tensor_to_pil
 from ip2p.io.atomic import atomic_write_bytes, atomic_write_text
-from ip2p.tracking.loggers import log_image_file, log_run_metadata
+from ip2p.io.images import tensor_to_pil
+from ip2p.io.loggers import log_image_file, log_run_metadata
 from ip2p.training.module import ema_unet_from_state, is_sharded
 
 log = logging.getLogger(__name__)

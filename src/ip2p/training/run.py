@@ -112,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from ip2p.models.export import export_pipeline
-    from ip2p.tracking.loggers import close_loggers, log_file, make_loggers
+    from ip2p.io.loggers import close_loggers, log_file, make_loggers
     from ip2p.training.callbacks import (EMAUpdate, FinalCheckpoint, LossHistory, RunMetadata, SampleGrid,
                                          Throughput, checkpoint_callback)
     from ip2p.training.datamodule import EditDataModule, check_data

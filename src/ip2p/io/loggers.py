@@ -9,6 +9,9 @@
 MLflow keeps runs in `sqlite:///mlflow.db` (relative to the working directory, the project root)
 and files in a local artifact folder beside the database; MLFLOW_TRACKING_URI overrides it.
 MLflow 3 refuses plain file stores, hence sqlite.
+
+Infrastructure, so it sits in the bottom layer: training, pretraining and the judges log their runs
+without importing the register stage's package (ip2p.tracking).
 """
 
 from __future__ import annotations
