@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -80,6 +81,11 @@ def test_scorer_uses_clip_preprocessing_and_normalised_embeddings(tiny_clip):
         assert got[i]["clip_sim_image"] == pytest.approx(float(e0 @ e1), abs=1e-3)
         d_img, d_txt = e1 - e0, t1 - t0
         assert got[i]["clip_sim_dir"] == pytest.approx(float(d_img @ d_txt / (d_img.norm() * d_txt.norm())), abs=1e-3)
+        # clip_sim_rest by hand in float64: both images projected off the unit caption direction, then cos
+        u = (d_txt / d_txt.norm()).double().numpy()
+        a, b = e0.double().numpy(), e1.double().numpy()
+        a, b = a - (a @ u) * u, b - (b @ u) * u
+        assert got[i]["clip_sim_rest"] == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-3)
 
 
 # ---- selection and splits -----------------------------------------------------------------------
@@ -183,7 +189,8 @@ def read_scores(tmp: Path) -> dict[str, dict]:
     for path in (tmp / "artifacts" / "scores").glob("*.sqlite"):
         with sqlite3.connect(path) as db:
             db.row_factory = sqlite3.Row
-            out.update({row["id"]: dict(row) for row in db.execute("SELECT * FROM scores")})
+            table, = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            out.update({row["id"]: dict(row) for row in db.execute(f"SELECT * FROM {table}")})
     return out
 
 
@@ -316,7 +323,12 @@ def test_cache_entries_of_another_clip_or_changed_images_are_recomputed(tmp_path
     assert run_filter(tmp_path, cache_dir, *PERMISSIVE)["scores_computed"] == 2
     cache_file = next((tmp_path / "artifacts" / "scores").glob("candidates-*.sqlite"))
     with sqlite3.connect(cache_file) as db:
-        db.execute("UPDATE scores SET clip_model = 'some/other-clip' WHERE id = 'pair0-0'")
+        table, = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        db.execute(f"UPDATE {table} SET clip_model = 'some/other-clip' WHERE id = 'pair0-0'")
+    # a cache made before the scores were five (one table "scores" of four) is scored again, not half-used
+    with sqlite3.connect(cache_file) as db:
+        db.execute("CREATE TABLE scores (id TEXT PRIMARY KEY, clip_model TEXT, fingerprint TEXT, clip_sim_0 REAL, "
+                   "clip_sim_1 REAL, clip_sim_dir REAL, clip_sim_image REAL, nan TEXT)")
     report = run_filter(tmp_path, cache_dir, *PERMISSIVE)
     assert report["scores_computed"] == 1 and report["scores_cached"] == 1
     # an image regenerated in place (new bytes) is scored again
@@ -330,10 +342,18 @@ def test_early_drop_scores_from_synthesis_are_used(tmp_path, cache_dir, tiny_cli
 
     candidates = tmp_path / "artifacts" / "candidates"
     make_candidates(candidates, pairs=1, per_pair=2)
-    fake = {"clip_sim_0": 0.5, "clip_sim_1": 0.6, "clip_sim_dir": 0.7, "clip_sim_image": 0.8}
+    fake = {"clip_sim_0": 0.5, "clip_sim_1": 0.6, "clip_sim_dir": 0.7, "clip_sim_image": 0.8, "clip_sim_rest": 0.9}
+    (candidates / "pair0" / "scores.jsonl").write_text("".join(
+        json.dumps({"id": f"pair0-{seed}", "seed": seed, "clip_model": clip_id(tiny_clip.source),
+                    **(fake if seed == 0 else {k: v for k, v in fake.items() if k != "clip_sim_rest"})}) + "\n"
+        for seed in (0, 1)))
+    report = run_filter(tmp_path, cache_dir)
+    # seed 1's line predates clip_sim_rest: scored again rather than used with a score missing
+    assert report["scores_synthesis"] == 1 and report["scores_computed"] == 1 and report["records_out"] == 2
     (candidates / "pair0" / "scores.jsonl").write_text("".join(
         json.dumps({"id": f"pair0-{seed}", "seed": seed, "clip_model": clip_id(tiny_clip.source), **fake}) + "\n"
         for seed in (0, 1)))
+    shutil.rmtree(tmp_path / "artifacts" / "scores")
     report = run_filter(tmp_path, cache_dir)
     assert report["scores_synthesis"] == 2 and report["scores_computed"] == 0 and report["records_out"] == 2
     from ip2p.data.dataset import load_split
@@ -510,7 +530,7 @@ def test_a_full_disk_names_the_file_the_filter_was_writing(tmp_path):
     rows = [{"id": f"p{i}-1", "pair_id": f"p{i}", "input_image": image_struct(noise_png(i)),
              "edited_image": image_struct(noise_png(i + 100)), "edit_prompt": "x", "input_caption": "a",
              "output_caption": "b", "seed": 1, "p": 0.5, "cfg": 7.5, "clip_sim_0": 0.3, "clip_sim_1": 0.3,
-             "clip_sim_dir": 0.2, "clip_sim_image": 0.8} for i in range(8)]
+             "clip_sim_dir": 0.2, "clip_sim_image": 0.8, "clip_sim_rest": 0.6} for i in range(8)]
     with file_size_limit(4000), pytest.raises(OSError) as raised:
         write_split(rows, tmp_path / "dataset", "train", shard_size=8)
     assert one_line(raised.value) == f"file too large while writing '{tmp_path / 'dataset' / 'train' / 'part-00000.parquet'}'"
@@ -532,3 +552,16 @@ def test_a_full_disk_names_the_file_the_filter_was_writing(tmp_path):
             for c in many:
                 spool.add(c.id, c.pair_id, c.seed, "g", None, c.scores, {"id": c.id, "note": "y" * 500})
     assert one_line(raised.value).startswith(f"no space left on device while writing '{tmp_path}/.dataset.spool-")
+
+
+def test_sim_rest_threshold_is_one_more_rule_and_off_by_default():
+    from ip2p.config import compose
+    from ip2p.filtering.run import thresholds_from_config
+    from ip2p.scoring.thresholds import first_failure
+
+    scores = {"clip_sim_image": 0.9, "clip_sim_dir": 0.9, "clip_sim_0": 0.9, "clip_sim_1": 0.9, "clip_sim_rest": 0.3}
+    assert first_failure(scores, {"sim_dir": 0.5, "sim_rest": 0.5}) == "below_sim_rest"
+    assert first_failure(scores, {"sim_dir": 0.5, "sim_rest": 0.2}) is None
+    assert first_failure({**scores, "clip_sim_rest": None}, {"sim_rest": 0.5}) is None   # not measurable: not applied
+    assert "sim_rest" not in thresholds_from_config(compose([]).filter.thresholds)      # the paper's rule by default
+    assert "sim_rest" not in thresholds_from_config(compose(["experiment=paper"]).filter.thresholds)

@@ -77,7 +77,8 @@ def test_mini_experiment_keeps_the_papers_settings():
     s = cfg.synthesis
     assert s.attention.mode == "official" and (s.p_min, s.p_max) == (0.1, 0.9)
     assert s.samples_per_pair > 1 and s.cfg_max > s.cfg_min
-    assert all(v > 0 for v in cfg.filter.thresholds.values())        # not opened up to -1
+    assert all(v > 0 for v in cfg.filter.thresholds.values() if v is not None)   # not opened up to -1
+    assert cfg.filter.thresholds.sim_rest is None                     # the paper's four scores only
     assert cfg.train.init == "base" and cfg.train.conditioning_dropout == 0.05 and not cfg.train.data.flip
     assert cfg.world.eval.seed not in (cfg.world.source.seed, cfg.world.source.edits_seed, cfg.seed)
 

@@ -177,7 +177,7 @@ def test_dvc_repro_end_to_end(tmp_path, cache_dir):
                    "world_judge.json", "world_eval.json", "world_eval.png"]:
         assert (project / "reports" / report).is_file(), report
     judge = json.loads((project / "reports" / "world_judge.json").read_text())["filter"]
-    assert sorted(judge["by_score"]) == ["sim_0", "sim_1", "sim_dir", "sim_image"]
+    assert sorted(judge["by_score"]) == ["sim_0", "sim_1", "sim_dir", "sim_image", "sim_rest"]
     for entry in judge["by_score"].values():  # its lowest threshold keeps all the filter's rows, and top-k cut some
         assert entry["sweep"][0]["kept"] >= judge["kept"]
     evaluation = json.loads((project / "reports" / "eval.json").read_text())

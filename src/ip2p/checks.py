@@ -87,6 +87,7 @@ RULES: dict[str, Rule] = {
     "filter.plot_bins": POSITIVE_INT,
     **{f"{group}.{name}": within(-1, 1) for group in ("filter.thresholds", "synthesis.early_drop.thresholds")
        for name in ("sim_image", "sim_dir", "sim_0", "sim_1")},
+    "filter.thresholds.sim_rest": optional(within(-1, 1)),   # null: not applied
     "synthesis.early_drop.batch_size": POSITIVE_INT,
     "train.max_steps": POSITIVE_INT, "train.batch_size": POSITIVE_INT, "train.accumulate_grad_batches": POSITIVE_INT,
     "train.lr": above(0), "train.weight_decay": at_least(0), "train.warmup_steps": COUNT,

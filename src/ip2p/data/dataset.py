@@ -31,7 +31,8 @@ from ip2p.io.atomic import atomic_file
 from ip2p.io.jsonl import read_jsonl
 
 COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt", "input_caption", "output_caption",
-           "seed", "p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+           "seed", "p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "clip_sim_rest")
+OPTIONAL = ("clip_sim_rest",)   # scores a row may lack (e.g. imported with the released four): written as NaN
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,7 +48,7 @@ def features():
         "input_image": datasets.Image(), "edited_image": datasets.Image(),
         "edit_prompt": string, "input_caption": string, "output_caption": string,
         "seed": datasets.Value("int64"), "p": f64, "cfg": f64,
-        "clip_sim_0": f64, "clip_sim_1": f64, "clip_sim_dir": f64, "clip_sim_image": f64,
+        "clip_sim_0": f64, "clip_sim_1": f64, "clip_sim_dir": f64, "clip_sim_image": f64, "clip_sim_rest": f64,
     })
 
 
@@ -77,11 +78,11 @@ def _table(rows: list[dict]):
     import pyarrow as pa
 
     schema = features().arrow_schema
-    missing = [c for c in COLUMNS if rows and c not in rows[0]]
+    missing = [c for c in COLUMNS if rows and c not in rows[0] and c not in OPTIONAL]
     if missing:
         raise Ip2pError(f"dataset rows lack columns: {', '.join(missing)}")
-    columns = {c: [r[c] for r in rows] for c in COLUMNS}
-    for c in ("p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"):
+    columns = {c: [r.get(c) for r in rows] for c in COLUMNS}
+    for c in ("p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "clip_sim_rest"):
         columns[c] = [_float(v) for v in columns[c]]
     return pa.table(columns, schema=schema)
 

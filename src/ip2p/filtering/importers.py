@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ip2p.data.dataset import list_pair_folders, read_pair_folder
 from ip2p.errors import Ip2pError, sqlite_full
-from ip2p.scoring.clip import METRICS
+from ip2p.scoring.clip import METRICS, PAPER_METRICS
 
 
 
@@ -70,8 +70,12 @@ class Unit:
 
 
 def _valid_scores(line: Mapping) -> dict | None:
+    """Every metric of ours, as a number or null; None (score again) when one is missing or malformed,
+    e.g. a line written before clip_sim_rest existed."""
     scores = {}
     for m in METRICS:
+        if m not in line:
+            return None
         value = line.get(m)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return None
@@ -107,12 +111,14 @@ class ScoreCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path)
         columns = ", ".join(f"{m} REAL" for m in METRICS)
-        self.db.execute(f"CREATE TABLE IF NOT EXISTS scores (id TEXT PRIMARY KEY, clip_model TEXT, fingerprint TEXT, "
-                        f"{columns}, nan TEXT)")
+        # one table per set of metrics: entries made before a metric existed are scored again, not half-used
+        self.table = "scores_" + hashlib.sha256(",".join(METRICS).encode()).hexdigest()[:8]
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (id TEXT PRIMARY KEY, clip_model TEXT, "
+                        f"fingerprint TEXT, {columns}, nan TEXT)")
         self.db.commit()
 
     def get(self, candidate: "Candidate") -> dict | None:
-        row = self.db.execute(f"SELECT clip_model, fingerprint, nan, {', '.join(METRICS)} FROM scores WHERE id = ?",
+        row = self.db.execute(f"SELECT clip_model, fingerprint, nan, {', '.join(METRICS)} FROM {self.table} WHERE id = ?",
                               (candidate.id,)).fetchone()
         if row is None or row[0] != self.clip_model or row[1] != candidate.fingerprint:
             return None
@@ -125,7 +131,7 @@ class ScoreCache:
                 for c in candidates]
         try:
             with self.db:  # one transaction
-                self.db.executemany(f"INSERT OR REPLACE INTO scores VALUES ({', '.join('?' * (len(METRICS) + 4))})",
+                self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES ({', '.join('?' * (len(METRICS) + 4))})",
                                     rows)
         except sqlite3.OperationalError as err:
             full = sqlite_full(err, self.path)  # a full disk: one line naming the cache
@@ -134,7 +140,7 @@ class ScoreCache:
             raise full from err
 
     def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+        return self.db.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0]
 
 
 def early_drop_scores(folder: Path, clip_model: str) -> dict[str, dict]:
@@ -164,8 +170,10 @@ def _number(value) -> float | None:
 
 
 def _released_scores(meta: Mapping) -> dict | None:
+    """Scores that come with the data: the paper's four must all be there; ours (clip_sim_rest) is taken
+    when present, else it is not measurable (its threshold is not applied to these rows)."""
     values = {m: _number(meta.get(m)) for m in METRICS}
-    return None if any(v is None for v in values.values()) else values
+    return None if any(values[m] is None for m in PAPER_METRICS) else values
 
 
 def _file_fingerprint(*paths: Path) -> str:

@@ -1,4 +1,4 @@
-"""reports/clip_scores.png: the four score distributions, thresholds marked, kept fraction in the title."""
+"""reports/clip_scores.png: the CLIP score distributions, thresholds marked, kept fraction in the title."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 from ip2p.io.atomic import atomic_write_bytes
 
 PANELS = (("clip_sim_image", "sim_image", "image-image cos"), ("clip_sim_dir", "sim_dir", "directional cos"),
-          ("clip_sim_0", "sim_0", "image 0 - input caption"), ("clip_sim_1", "sim_1", "image 1 - output caption"))
+          ("clip_sim_0", "sim_0", "image 0 - input caption"), ("clip_sim_1", "sim_1", "image 1 - output caption"),
+          ("clip_sim_rest", "sim_rest", "image-image cos apart from the caption direction"))
 
 
 def plot_clip_scores(histograms: Mapping[str, np.ndarray], edges: np.ndarray, thresholds: Mapping[str, float],
@@ -24,7 +25,8 @@ def plot_clip_scores(histograms: Mapping[str, np.ndarray], edges: np.ndarray, th
     import matplotlib.pyplot as plt
 
     fraction = kept / total if total else 0.0
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    axes.flat[-1].axis("off")
     for ax, (column, name, label) in zip(axes.flat, PANELS):
         counts = histograms.get(column)
         if counts is not None and counts.sum():

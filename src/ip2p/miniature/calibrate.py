@@ -19,13 +19,14 @@ from PIL import Image
 
 from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import load_clip
-from ip2p.scoring.clip import METRICS, ClipScorer
+from ip2p.scoring.clip import ClipScorer
 from ip2p.world.cases import heldout_cases
 from ip2p.world.language import EDIT_KINDS, sample_edit
 from ip2p.world.render import render
 
 log = logging.getLogger(__name__)
 
+# The paper's four scores (the filter's optional clip_sim_rest has no calibrated threshold)
 THRESHOLD_NAMES = {"clip_sim_image": "sim_image", "clip_sim_dir": "sim_dir", "clip_sim_0": "sim_0", "clip_sim_1": "sim_1"}
 
 
@@ -59,19 +60,19 @@ def run(cfg: DictConfig) -> dict:
     scorer = ClipScorer(load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device), int(c.batch_size))
     scores = {name: scorer.score(*pairs) for name, pairs in calibration_pairs(int(c.seed), int(c.per_kind)).items()}
     # 2. thresholds: the q-quantile of the true pairs' scores, per metric
-    values = {name: {m: np.array([s[m] for s in rows]) for m in METRICS} for name, rows in scores.items()}
+    values = {name: {m: np.array([s[m] for s in rows]) for m in THRESHOLD_NAMES} for name, rows in scores.items()}
     thresholds = {THRESHOLD_NAMES[m]: round(float(np.quantile(values["true"][m], float(c.quantile))), 3)
-                  for m in METRICS}
+                  for m in THRESHOLD_NAMES}
 
     # 3. what the set keeps and drops
     def kept(name: str) -> float:
         v = values[name]
-        return float(np.mean(np.all([v[m] >= thresholds[THRESHOLD_NAMES[m]] for m in METRICS], axis=0)))
+        return float(np.mean(np.all([v[m] >= thresholds[THRESHOLD_NAMES[m]] for m in THRESHOLD_NAMES], axis=0)))
 
     result = {"quantile": float(c.quantile), "thresholds": thresholds,
               "kept_true": round(kept("true"), 4), "kept_wrong_edit": round(kept("wrong_edit"), 4),
               "kept_unrelated": round(kept("unrelated"), 4),
-              "medians": {name: {m: round(float(np.median(v[m])), 3) for m in METRICS} for name, v in values.items()}}
+              "medians": {name: {m: round(float(np.median(v[m])), 3) for m in THRESHOLD_NAMES} for name, v in values.items()}}
     atomic_write_json(Path(cfg.paths.reports) / "world_calibration.json", result)
     log.info("world-calibrate: %s", result)
     return result

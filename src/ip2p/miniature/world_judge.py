@@ -113,8 +113,9 @@ def metric_truth(table: pd.DataFrame, thresholds: dict[str, float], quantiles: l
     not applied). Candidates without scores (unreadable) count as dropped."""
     out = {}
     correct = table["both"].to_numpy(bool)
-    records = table[list(METRICS)].to_dict("records")
-    for metric in METRICS:
+    present = [m for m in METRICS if m in table]   # a table without one score (older data) sweeps the others
+    records = table[present].to_dict("records")
+    for metric in present:
         name = metric.removeprefix("clip_")
         values = table[metric].to_numpy(dtype=float)
         scored = ~np.isnan(values)

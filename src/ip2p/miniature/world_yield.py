@@ -194,7 +194,8 @@ def run(cfg: DictConfig) -> dict:
                                 cfg.get("autocast"))
     scorer = ClipScorer(load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device), int(cfg.filter.batch_size),
                         str(cfg.filter.clip_preprocess))
-    thresholds = dict(OmegaConf.to_container(cfg.filter.thresholds, resolve=True))
+    thresholds = {k: v for k, v in OmegaConf.to_container(cfg.filter.thresholds, resolve=True).items()
+                  if v is not None}  # null: that threshold is not applied
     results = []
     with start_mlflow_run(cfg, "world-yield"):
         for setting in settings:

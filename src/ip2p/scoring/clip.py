@@ -4,6 +4,11 @@
     clip_sim_1      cos(E_img(image_1), E_txt(output caption))
     clip_sim_dir    cos(E_img(image_1) - E_img(image_0), E_txt(output caption) - E_txt(input caption))
     clip_sim_image  cos(E_img(image_0), E_img(image_1))
+    clip_sim_rest   cos(P E_img(image_0), P E_img(image_1)), P = I - u u^T, u = the unit caption direction
+                    E_txt(output caption) - E_txt(input caption): how alike the two images are apart from
+                    the instructed change (clip_sim_image also counts the instructed change as a
+                    difference, so it ranks a successful edit of a large region, e.g. a background, below a
+                    failed one; docs/miniature.md measures both against the truth)
 
 Images reach CLIP through its own processor (bicubic resize, centre crop, CLIP's mean/std), or as the
 original code resized them (`filter.clip_preprocess=original`; ip2p.models.clip_embed).
@@ -14,13 +19,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ip2p.models.clip_embed import embed_images, embed_texts
 from ip2p.models.loader import ClipComponents
 from ip2p.scoring.edits import cosine, edit_metrics
 
-METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+PAPER_METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")   # the released data carries these
+METRICS = (*PAPER_METRICS, "clip_sim_rest")
 
 
 def clip_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Tensor,
@@ -32,7 +39,18 @@ def clip_metrics(image_0: torch.Tensor, image_1: torch.Tensor, text_0: torch.Ten
         "clip_sim_1": edit["clip_sim_1"],
         "clip_sim_dir": edit["clip_sim_dir"],
         "clip_sim_image": edit["clip_sim_image"],
+        "clip_sim_rest": similarity_apart_from(image_0, image_1, text_1 - text_0),
     }
+
+
+def similarity_apart_from(a: torch.Tensor, b: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """cos of rows of a and b [B, D] after removing their components along `direction` [B, D] (each row
+    projected onto the hyperplane orthogonal to its direction; a zero direction removes nothing)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    u = F.normalize(direction.float(), dim=-1)
+    a = a - (a * u).sum(-1, keepdim=True) * u
+    b = b - (b * u).sum(-1, keepdim=True) * u
+    return cosine(a, b)
 
 
 def clip_id(source: str, preprocess: str = "hf") -> str:
@@ -75,6 +93,6 @@ class ClipScorer:
         if captions_0 is None or captions_1 is None:
             image_sim = cosine(e0, e1)
             return [{"clip_sim_0": None, "clip_sim_1": None, "clip_sim_dir": None,
-                     "clip_sim_image": float(image_sim[i])} for i in range(len(images_0))]
+                     "clip_sim_image": float(image_sim[i]), "clip_sim_rest": None} for i in range(len(images_0))]
         scores = clip_metrics(e0, e1, self._texts(captions_0), self._texts(captions_1))
         return [{m: float(scores[m][i]) for m in METRICS} for i in range(len(images_0))]

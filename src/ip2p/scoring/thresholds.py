@@ -7,7 +7,7 @@ import math
 from typing import Mapping
 
 # Order in which failed thresholds are reported (a candidate counts once, under its first failure).
-THRESHOLD_ORDER = ("sim_image", "sim_dir", "sim_0", "sim_1")
+THRESHOLD_ORDER = ("sim_image", "sim_dir", "sim_0", "sim_1", "sim_rest")
 
 
 def score_column(threshold_name: str) -> str:
