@@ -132,3 +132,14 @@ def test_the_trainer_presets_say_the_paper_trained_in_float32():
     paper = compose(["experiment=paper"])
     assert paper.trainer.precision == "bf16-mixed" and "float32" in texts["paper.yaml"]
     assert config_problems(compose(["experiment=paper", "trainer.precision=32-true"])) == []
+
+
+def test_training_crops_have_an_upper_bound_only():
+    """A 32 px training crop (the tiny tests' and sweeps') is fine; the edit limits' upper bound still holds."""
+    from ip2p.checks import config_problems
+    from ip2p.config import compose
+
+    small = ["train.data.resolution=32", "train.data.resize_min=32", "train.data.resize_max=40"]
+    assert config_problems(compose(small)) == []
+    assert config_problems(compose(["train.data.resolution=4096"])) == [
+        "train.data.resolution must be <= 2048 (edit.limits.resolution) (got 4096)"]

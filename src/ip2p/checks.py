@@ -131,6 +131,9 @@ BOUNDED: dict[str, str] = {
     "train.validation.grid.steps": "edit.limits.steps", "train.data.resolution": "edit.limits.resolution",
     "train.data.resize_max": "edit.limits.resolution",
 }
+# Of these, only the upper bound: a training crop below the smallest edit is fine (the model's own factor
+# check, models.loader.check_square_resolution, refuses what it cannot work at)
+UPPER_ONLY = ("train.data.resolution", "train.data.resize_max")
 
 
 def style_mix(v: Any) -> str | None:
@@ -215,9 +218,12 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None,
         if key in named or groups is not None or not _number(value) or interpolated(key) or not bounds:
             continue
         low, high = bounds
+        if key in UPPER_ONLY:
+            low = -math.inf
         if not low <= value <= high:
             name = (aliases or {}).get(key, key)
-            problems.append(f"{name} must be between {low:g} and {high:g} ({bounds_key}) (got {value!r})")
+            span = f"<= {high:g}" if low == -math.inf else f"between {low:g} and {high:g}"
+            problems.append(f"{name} must be {span} ({bounds_key}) (got {value!r})")
     instruction, most = get("edit.instruction"), get("edit.limits.max_instruction_chars")
     if groups is None and isinstance(instruction, str) and _number(most) and len(instruction) > most:
         problems.append(f"the instruction is {len(instruction)} characters long; the limit is {most} "
