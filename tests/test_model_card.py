@@ -102,3 +102,20 @@ def test_edit_uses_the_card_settings_unless_given(photo, tmp_path, cache_dir):
     assert not np.array_equal(overridden, from_card)
     (folder / "ip2p.json").write_text("{broken")                   # a broken card loses its defaults only
     assert sampling_defaults(folder) == {}
+
+
+def test_continuing_an_editor_counts_its_earlier_steps(tmp_path, cache_dir):
+    """train.init=editor from a carded editor (the reference run continued on another machine): the new
+    card counts the earlier steps and keeps the base the first run was widened from."""
+    from ip2p.training.run import run
+
+    dataset = write_parquet_dataset(tmp_path / "dataset")
+    first = compose_train(tmp_path / "a", dataset, cache_dir, **{"train.max_steps": 2})
+    run(first)
+    earlier = Path(first.paths.artifacts) / "model"
+    later = compose_train(tmp_path / "b", dataset, cache_dir, **{"train.max_steps": 2, "train.init": "editor",
+                                                                "model.editor": str(earlier)})
+    run(later)
+    card = read_card(Path(later.paths.artifacts) / "model")
+    assert card.training["steps"] == 4 and card.training["steps_before"] == 2
+    assert card.training["continued_from"] == str(earlier) and card.base_model == str(first.model.base)

@@ -237,3 +237,41 @@ exit "${FAIL:-0}"
         status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
         assert status.splitlines() == ["?? job.sh"], status
         assert "train:" in (repo / ".dvc" / "tmp" / "experiments" / "mini" / "dvc.lock").read_text()
+
+
+def _outputs(stage: dict) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o
+            for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+
+
+def test_reference_pipeline_reads_its_own_params_and_writes_apart(monkeypatch):
+    """pipelines/mini_reference (the reference run): its params file is experiment=mini_reference composed;
+    every stage runs in the project root on that file and declares only parameters the file has; it writes
+    only under artifacts/reference/ and reports/reference/, never what the root pipeline (the main job) writes."""
+    for variable in ("IP2P_CACHE", "MLFLOW_TRACKING_URI", "IP2P_RUNS"):
+        monkeypatch.delenv(variable, raising=False)
+    folder = REPO / "pipelines" / "mini_reference"
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert params == OmegaConf.to_container(compose(["experiment=mini_reference"]), resolve=True), \
+        "stale: run `ip2p params -o pipelines/mini_reference/params.yaml experiment=mini_reference`"
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    root_outputs = {path for stage in root.values() for path in _outputs(stage)}
+    assert set(stages) == {"captions", "instructions", "synthesize", "filter", "judge", "train", "eval"}
+    for name, stage in stages.items():
+        assert stage["wdir"] == "../.." and stage["cmd"].endswith(" --params pipelines/mini_reference/params.yaml")
+        for entry in stage.get("params", []):
+            (file, keys), = entry.items()
+            assert file == "pipelines/mini_reference/params.yaml"
+            for key in keys:
+                node = params
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"{name}: {key} not in the params file"
+                    node = node[part]
+        for path in _outputs(stage):
+            assert path.startswith(("artifacts/reference/", "reports/reference/")) and path not in root_outputs, path
+    # where the composed stages write is where the pipeline says they do
+    assert params["synthesis"]["out_dir"] == "artifacts/reference/candidates"
+    assert params["filter"]["out_dir"] == "artifacts/reference/dataset"
+    assert params["train"]["export_dir"] == "artifacts/reference/editor" == params["world"]["eval"]["model"]
+    assert params["paths"]["reports"] == "reports/reference"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ip2p.models.model_card import ModelCard, data_hash
+from ip2p.models.model_card import ModelCard, data_hash, read_card
 
 # train.* keys that are where things go, not how the editor was made
 NOT_RECIPE = ("resume", "checkpoint_dir", "export_dir", "reports_dir", "output_dir", "export", "log_every_n_steps",
@@ -23,5 +23,11 @@ def editor_card(cfg: DictConfig, steps: int) -> ModelCard:
                 "resolution": int(cfg.edit.resolution)}
     training = {"steps": int(steps), "data": data,
                 "data_hash": data_hash(data, int(float(t.export.hash_data_max_gb) * 2**30)), "seed": int(cfg.seed)}
-    base = cfg.model.base if str(t.init) == "base" else cfg.model.editor
+    base = cfg.model.base
+    if str(t.init) == "editor":
+        # continuing an editor: its card's steps and base carry over, so the card counts every step it had
+        before = read_card(cfg.model.editor)
+        earlier = int(before.training.get("steps", 0)) if before else 0
+        training.update(steps=earlier + int(steps), continued_from=str(cfg.model.editor), steps_before=earlier)
+        base = before.base_model if before and before.base_model else cfg.model.editor
     return ModelCard(base_model=str(base), sampling=sampling, training={**training, "recipe": recipe})
