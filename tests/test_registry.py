@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 import os
 import socket
 import subprocess
@@ -58,6 +59,11 @@ def test_register_creates_versions_with_tags_and_alias(registry):
     assert float(version.tags["eval.clip_sim_image"]) == 0.875
     record = json.loads((registry["root"] / "register.json").read_text())
     assert record["model_uri"] == f"models:/{name}@candidate" and record["version"] == 2
+    # the model card: the version's description, and an artifact holding the evaluation's numbers
+    assert "library_name: diffusers" in version.description and "eval/clip_sim_dir | 0.125" in version.description
+    cards = sorted((registry["root"] / "mlartifacts").rglob("card/ip2p.json"))   # one per registered version
+    assert len(cards) == 2 and all(json.loads(c.read_text())["metrics"] == {"eval/clip_sim_dir": 0.125,
+                                                                           "eval/clip_sim_image": 0.875} for c in cards)
     # Provenance on the version: the commit of this checkout (the tests run inside the git repo).
     import subprocess
 

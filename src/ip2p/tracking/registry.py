@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.loggers import ensure_experiment, provenance, quiet_telemetry
+from ip2p.models.model_card import card_for_export, render_readme, write_card
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,18 @@ def run_register(cfg: DictConfig) -> dict[str, Any]:
                "instruction": ["make it snowy"], "steps": [1]}
     metrics = json.loads(Path(r.eval_report).read_text()) if Path(r.eval_report).is_file() else {}
     tags = provenance(cfg, "register")
+    # The model card (the editor's own, with the evaluation's numbers) rides beside the pipeline as its own
+    # artifact, and its README is the version's description: the pipeline folder itself is not touched.
+    card = card_for_export(str(model_dir), [r.eval_report] if metrics else [])
+    scratch = Path(tempfile.mkdtemp(prefix="ip2p-card-"))
+    card_dir = scratch / "card"      # MLflow keeps an artifact folder's name: artifacts/card/ in the model
+    if card is not None:
+        write_card(card_dir, card)
     with mlflow.start_run(experiment_id=experiment_id, run_name="register", tags=tags):
         info = mlflow.pyfunc.log_model(
             name="editor",
             python_model=InstructPix2PixModel(),
-            artifacts={"pipeline": str(model_dir)},
+            artifacts={"pipeline": str(model_dir), **({"card": str(card_dir)} if card is not None else {})},
             signature=signature(),
             input_example=example,
             model_config=OmegaConf.to_container(r.serve, resolve=True),
@@ -57,6 +67,9 @@ def run_register(cfg: DictConfig) -> dict[str, Any]:
                     **{k: tags[k] for k in ("git_commit", "git_dirty", "dvc_data_md5", "dvc_dataset_md5") if k in tags}}
     for key, value in version_tags.items():
         client.set_model_version_tag(r.name, version, key, str(value))
+    if card is not None:
+        client.update_model_version(r.name, version, description=render_readme(card))
+    shutil.rmtree(scratch, ignore_errors=True)
     client.set_registered_model_alias(r.name, r.alias, version)
     # No run id or time stamp here: the record is a DVC output and must not change when nothing did.
     record = {"name": r.name, "version": int(version), "alias": r.alias, "model_uri": f"models:/{r.name}@{r.alias}"}
