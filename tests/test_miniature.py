@@ -379,3 +379,24 @@ def test_world_eval_keeps_cases_and_cells_apart(cfg, tmp_path, monkeypatch):
         np.mean([result["identity"][f"preserved_{k}"] for k in ("reshape", "background")]), abs=1e-4)
     for cell in [(2.0, 1.5), (3.0, 1.5)]:
         assert grid.loc[cell, "preserved"] == 0 and grid.loc[cell, "clip_sim_image"] < 0.99
+
+
+def test_a_second_editor_is_judged_on_the_same_cases_and_drawn_under_the_first(cfg, tmp_path):
+    """world.eval.baselines.reference_model and world.demo.compare: the same editor twice gives the same
+    verdicts at the default cell (same cases, cell and seeds), so the wiring compares like with like."""
+    from omegaconf import OmegaConf
+
+    from ip2p.miniature import demo
+    from ip2p.miniature.world_eval import evaluate
+
+    c = OmegaConf.merge(cfg, {"paths": {"reports": str(tmp_path)}, "world": {"eval": {
+        "model": "tiny", "per_kind": 1, "steps": 2, "text_guidances": [3.0], "image_guidances": [2.0],
+        "default_text_guidance": 3.0, "default_image_guidance": 2.0, "training_data": None,
+        "baselines": {"regenerate": False, "reference_model": "tiny"}}}})
+    result = evaluate(c)
+    assert result["reference"] == result["editor"]
+    d = OmegaConf.merge(c, {"world": {"demo": {"model": "tiny", "compare": "tiny", "scenes": 1, "steps": 2,
+                                               "picture": str(tmp_path / "demo.png"),
+                                               "scene_png": str(tmp_path / "scene.png")}}})
+    shown = demo.run(d)
+    assert shown["compare"]["done"] == shown["done"] and (tmp_path / "demo.png").stat().st_size > 0
