@@ -468,6 +468,10 @@ def test_resume_from_last_equals_an_uninterrupted_run(dataset, cache_dir, tmp_pa
     csv_a = (tmp_path / "a" / "reports" / "train_loss.csv").read_text()
     csv_b = (tmp_path / "b" / "reports" / "train_loss.csv").read_text()
     assert csv_a == csv_b and csv_a.splitlines()[0] == "step,loss" and len(csv_a.splitlines()) == 5
+    # a rerun already at max_steps (DVC deleted its outputs first) exports and writes the curve again
+    (tmp_path / "b" / "reports" / "train_loss.csv").unlink()
+    run(compose_train(tmp_path / "b", dataset, cache_dir))
+    assert (tmp_path / "b" / "reports" / "train_loss.csv").read_text() == csv_a
     report = json.loads((tmp_path / "a" / "reports" / "train.json").read_text())
     assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
     assert report["rows"] == {"train": 8, "val": 4}

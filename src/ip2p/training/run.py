@@ -178,6 +178,7 @@ def run(cfg: DictConfig) -> dict:
                                 card=card)
                 log.info("exported the EMA editor to %s", paths.export_dir)
             report = write_report(cfg, trainer, datamodule, history, clock, paths)
+            history.write()  # also when no checkpoint was saved this run (a resume already at max_steps)
             for file in (paths.reports_dir / "train.json", history.csv_path):
                 log_file(trainer.loggers, file, artifact_path="reports")
         trainer.strategy.barrier("export")
