@@ -34,8 +34,3 @@ if [ ! -f artifacts/world/base/model_index.json ] || [ ! -f artifacts/world/llm/
    [ ! -f artifacts/world/vae_refined/config.json ]; then
   DVC_NO_ANALYTICS=1 dvc pull -q world_captions pretrain_vae refine_vae pretrain_clip pretrain_t2i pretrain_llm
 fi
-# The reference run's editor (pipelines/mini_reference): what `ip2p edit --model mini` and `ip2p app experiment=mini`
-# use, and what the main job's world-eval judges beside its own editor.
-if [ ! -f artifacts/reference/editor/model_index.json ] && grep -q "^  train:" pipelines/mini_reference/dvc.lock 2>/dev/null; then
-  DVC_NO_ANALYTICS=1 dvc pull -q pipelines/mini_reference/dvc.yaml:train
-fi
