@@ -40,6 +40,7 @@ from ip2p.io.images import tensor_to_pil, to_uint8
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.loader import load_clip, load_diffusion, resolve_autocast
 from ip2p.scoring.clip import ClipScorer
+from ip2p.filtering.run import thresholds_from_config
 from ip2p.scoring.thresholds import first_failure
 from ip2p.synthesis.pipeline import PairSampler, draw_samples
 from ip2p.synthesis.run import look_step, resolution, settings_from_config
@@ -194,8 +195,7 @@ def run(cfg: DictConfig) -> dict:
                                 cfg.get("autocast"))
     scorer = ClipScorer(load_clip(cfg.model.clip, cfg.model, cfg.paths.cache, cfg.device), int(cfg.filter.batch_size),
                         str(cfg.filter.clip_preprocess))
-    thresholds = {k: v for k, v in OmegaConf.to_container(cfg.filter.thresholds, resolve=True).items()
-                  if v is not None}  # null: that threshold is not applied
+    thresholds = thresholds_from_config(cfg.filter.thresholds)  # the filter's own reading (null: not applied)
     results = []
     with start_mlflow_run(cfg, "world-yield"):
         for setting in settings:
