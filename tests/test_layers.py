@@ -22,10 +22,10 @@ LAYERS = [
     ("ip2p.data",),                                              # 1-2 captions, instructions, LM fine-tuning
     ("ip2p.synthesis",),                                         # 3 Prompt-to-Prompt pairs
     ("ip2p.filtering",),                                         # 4 CLIP filter -> dataset
-    ("ip2p.training", "ip2p.pretrain"),                          # 5 the editor; the world's foundation models
+    ("ip2p.training", "ip2p.world.pretrain"),                    # 5 the editor; the world's foundation models
     ("ip2p.evaluation",),                                        # 6 guidance grid
     ("ip2p.editing", "ip2p.tracking"),                           # 7 editing, registry, serving
-    ("ip2p.miniature", "ip2p.cli"),                              # judges of the whole chain; the entry point
+    ("ip2p.world.judges", "ip2p.cli"),                           # judges of the whole chain; the entry point
 ]
 
 
@@ -56,7 +56,7 @@ def imports_of(path: Path) -> set[str]:
             found |= {a.name for a in node.names if a.name.startswith("ip2p")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ip2p") and node.level == 0:
             found.add(node.module)
-            # `from ip2p.pretrain import vae` imports the submodule ip2p.pretrain.vae
+            # `from ip2p.world.pretrain import vae` imports the submodule ip2p.world.pretrain.vae
             found |= {f"{node.module}.{a.name}" for a in node.names
                       if (SRC.parent / (node.module + "." + a.name).replace(".", "/")).with_suffix(".py").exists()}
     return found

@@ -1,4 +1,4 @@
-"""The miniature experiment's judges (ip2p.world.cases, ip2p.miniature): held-out cases and the
+"""The miniature experiment's judges (ip2p.world.cases, ip2p.world.judges): held-out cases and the
 filter-vs-truth arithmetic, checked by hand."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ip2p.miniature.world_judge import auc, filter_truth, metric_truth
+from ip2p.world.judges.world_judge import auc, filter_truth, metric_truth
 from ip2p.world.cases import heldout_cases
 from ip2p.world.language import EDIT_KINDS, consistent
 from ip2p.world.render import render
@@ -84,7 +84,7 @@ def test_mini_experiment_keeps_the_papers_settings():
 
 
 def test_world_eval_summary_by_hand():
-    from ip2p.miniature.world_eval import summarise
+    from ip2p.world.judges.world_eval import summarise
 
     rows = pd.DataFrame({"kind": ["recolour", "recolour", "background", "size"],
                          "success": [True, False, True, True], "preserved": [True, True, False, True],
@@ -101,7 +101,7 @@ def test_unseen_combinations_split_by_hand(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ip2p.miniature.world_eval import by_split, seen_combinations
+    from ip2p.world.judges.world_eval import by_split, seen_combinations
     from ip2p.world.cases import caption_combinations, scene_combinations, unseen_in
 
     assert caption_combinations("a small red circle and a large blue star on grass") == {
@@ -137,7 +137,7 @@ def test_world_attention_runs_the_same_candidates_under_every_mode(tmp_path, cac
     import numpy as np
 
     from ip2p.config import compose
-    from ip2p.miniature.world_attention import mode_specs, run, world_triples
+    from ip2p.world.judges.world_attention import mode_specs, run, world_triples
     from ip2p.synthesis.pipeline import draw_samples
     from ip2p.world.language import world_triple
     from ip2p.world.scene import sample_scenes
@@ -178,7 +178,7 @@ def test_world_pairs_are_true_edits_that_the_filter_reads(tmp_path):
 
     from ip2p.config import compose
     from ip2p.data.dataset import list_pair_folders, read_pair_folder
-    from ip2p.miniature.world_pairs import run
+    from ip2p.world.judges.world_pairs import run
     from ip2p.world.oracle import read
     from ip2p.world.verdict import judge_edit
 
@@ -207,7 +207,7 @@ def test_world_pairs_are_true_edits_that_the_filter_reads(tmp_path):
 def test_world_yield_summary_by_hand():
     """Per setting: kept pairs per hour, correctness of all and of kept candidates, and what an early look
     at half the steps would drop, from a table worked out by hand."""
-    from ip2p.miniature.world_yield import summarise, wilson
+    from ip2p.world.judges.world_yield import summarise, wilson
 
     # 5 candidates; the filter keeps c1, c2, c4; c1 and c3 are correct; the early look fails c2 and c3
     # (looser margin: only c3 fails)
@@ -239,7 +239,7 @@ def test_world_yield_runs_every_setting_on_the_same_candidates(tmp_path, cache_d
     import pytest
 
     from ip2p.config import compose
-    from ip2p.miniature.world_yield import run, true_triples
+    from ip2p.world.judges.world_yield import run, true_triples
 
     triples = true_triples(5, 3)
     assert triples == true_triples(5, 3) and len({t["id"] for t in triples}) == 3
@@ -314,7 +314,7 @@ def test_world_eval_edits_only_the_grid_kinds_over_the_grid(cfg, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from ip2p.miniature.world_eval import evaluate
+    from ip2p.world.judges.world_eval import evaluate
 
     c = OmegaConf.merge(cfg, {"paths": {"reports": str(tmp_path)}, "world": {"eval": {
         "model": "tiny", "per_kind": 2, "steps": 2, "text_guidances": [2.0, 5.0], "image_guidances": [1.5],
@@ -353,7 +353,7 @@ def test_world_eval_keeps_cases_and_cells_apart(cfg, tmp_path, monkeypatch):
     import torch
     from omegaconf import OmegaConf
 
-    import ip2p.miniature.world_eval as world_eval
+    import ip2p.world.judges.world_eval as world_eval
     from ip2p.evaluation.grid import Cell
 
     default = Cell(3.0, 2.0)
@@ -386,8 +386,8 @@ def test_a_second_editor_is_judged_on_the_same_cases_and_drawn_under_the_first(c
     verdicts at the default cell (same cases, cell and seeds), so the wiring compares like with like."""
     from omegaconf import OmegaConf
 
-    from ip2p.miniature import demo
-    from ip2p.miniature.world_eval import evaluate
+    from ip2p.world.judges import demo
+    from ip2p.world.judges.world_eval import evaluate
 
     c = OmegaConf.merge(cfg, {"paths": {"reports": str(tmp_path)}, "world": {"eval": {
         "model": "tiny", "per_kind": 1, "steps": 2, "text_guidances": [3.0], "image_guidances": [2.0],

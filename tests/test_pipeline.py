@@ -45,7 +45,7 @@ def _plain(value):
 def test_world_stages_are_up_to_date_in_dvc_lock():
     """The world's pretraining stages take hours; their outputs come from the remote only while every code
     file and parameter they depend on still has the hash dvc.lock recorded. A refactor of, say,
-    pretrain/t2i.py would make `dvc repro` retrain the base (the end-to-end test then times out)."""
+    world/pretrain/t2i.py would make `dvc repro` retrain the base (the end-to-end test then times out)."""
     import hashlib
 
     lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]

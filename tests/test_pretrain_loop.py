@@ -18,7 +18,7 @@ import torch
 
 from ip2p.errors import Ip2pError
 from ip2p.models.ema import ExponentialMovingAverage
-from ip2p.pretrain.loop import LoopConfig, learning_rate, load_checkpoint, train
+from ip2p.world.pretrain.loop import LoopConfig, learning_rate, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,7 +247,7 @@ def test_a_checkpoint_of_another_recipe_starts_over(tmp_path):
 def test_recipe_ignores_where_and_how_often_but_not_what():
     from omegaconf import OmegaConf
 
-    from ip2p.pretrain.loop import recipe_of
+    from ip2p.world.pretrain.loop import recipe_of
 
     base = OmegaConf.create({"seed": 1, "output": "a", "checkpoint": "a.pt", "decoder": {"checkpoint": "d.pt", "lr": 1},
                              "loop": {"lr": 0.1, "steps": 10, "eval_every": 5, "checkpoint_every": 5, "log_every": 1}})
@@ -357,7 +357,7 @@ def test_logged_loss_after_resume_is_a_mean(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from ip2p.pretrain.loop import LoopConfig, train
+    from ip2p.world.pretrain.loop import LoopConfig, train
     torch.manual_seed(0)
     model = torch.nn.Linear(1024, 1024)  # ~4M params: model + EMA + 2 Adam moments ~ 67 MB per checkpoint
     x = torch.ones(1, 1024)
@@ -445,7 +445,7 @@ def test_vae_decoder_phase_trains_the_decoder_and_keeps_the_latents_bit_for_bit(
     from omegaconf import OmegaConf
 
     from ip2p.io.images import to_tensor
-    from ip2p.pretrain import vae as vae_stage
+    from ip2p.world.pretrain import vae as vae_stage
     from ip2p.world.render import render
     from ip2p.world.scene import sample_scenes
 
@@ -484,7 +484,7 @@ def test_outline_band_is_the_ring_around_each_object_and_the_seam_between_touchi
     """A k x k square on whole pixels: its outline band (1 px each side) is the square grown by one pixel
     on each side without the four corners (4-connected dilation) less the square shrunk by one:
     (k + 2)^2 - 4 - (k - 2)^2 = 8k - 4 pixels. Two squares that touch keep the seam between them."""
-    from ip2p.pretrain.vae_refine import outline_band
+    from ip2p.world.pretrain.vae_refine import outline_band
     from ip2p.world.scene import Obj, Scene
 
     k = 10
@@ -522,8 +522,8 @@ def test_refine_vae_stage_continues_the_vae_and_says_how_far_the_latents_moved(t
     from omegaconf import OmegaConf
 
     from ip2p.models.loader import load_vae
-    from ip2p.pretrain import vae as vae_stage
-    from ip2p.pretrain import vae_refine
+    from ip2p.world.pretrain import vae as vae_stage
+    from ip2p.world.pretrain import vae_refine
 
     torch.manual_seed(0)
     source = vae_stage.build_vae(OmegaConf.create({"channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
@@ -553,7 +553,7 @@ def test_refine_vae_scene_mix_overrides_only_what_it_names():
     import numpy as np
     from omegaconf import OmegaConf
 
-    from ip2p.pretrain.vae_refine import scene_distribution
+    from ip2p.world.pretrain.vae_refine import scene_distribution
     from ip2p.world.scene import SceneDistribution, sample_scene
     from ip2p.world.vocab import SIZES
 

@@ -1,4 +1,4 @@
-"""The text-to-image base's noise schedule and loss weighting (ip2p.pretrain.t2i), checked against
+"""The text-to-image base's noise schedule and loss weighting (ip2p.world.pretrain.t2i), checked against
 hand-written relations between the epsilon, v and clean-latent errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ip2p.pretrain.t2i import min_snr_weight, scheduler_config
+from ip2p.world.pretrain.t2i import min_snr_weight, scheduler_config
 
 
 def _alphas(schedule: dict) -> torch.Tensor:
@@ -63,7 +63,7 @@ def test_object_mask_covers_each_object_and_its_rim():
     rim; the hand check: pixel coverage from the renderer, pooled by hand."""
     from scipy import ndimage
 
-    from ip2p.pretrain.t2i import object_mask
+    from ip2p.world.pretrain.t2i import object_mask
     from ip2p.world.render import object_coverage
     from ip2p.world.scene import sample_scenes
 
@@ -83,7 +83,7 @@ def test_object_mask_covers_each_object_and_its_rim():
 
 
 def test_pixel_weight_favours_objects_and_keeps_the_mean():
-    from ip2p.pretrain.t2i import pixel_weight
+    from ip2p.world.pretrain.t2i import pixel_weight
 
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[0, :2, :2] = True                                       # 4 of 16 pixels on an object
@@ -100,7 +100,7 @@ def test_pixel_weight_favours_objects_and_keeps_the_mean():
 def _small_vae(seed: int, channels=(8, 16)):
     from omegaconf import OmegaConf
 
-    from ip2p.pretrain.vae import build_vae
+    from ip2p.world.pretrain.vae import build_vae
 
     torch.manual_seed(seed)
     return build_vae(OmegaConf.create({"channels": list(channels), "layers_per_block": 1, "latent_channels": 4,
@@ -111,7 +111,7 @@ def test_latent_cache_is_reused_only_for_the_same_vae_and_scenes(tmp_path, monke
     """The base's latent cache: a second run with the same VAE and scenes reads the file (no encoding);
     a retrained VAE (other weights, here another downsampling too) or other scenes re-encode. The
     latents equal a direct encoding (fp16 on disk)."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
     from ip2p.io.images import to_tensor
     from ip2p.world.render import render
     from ip2p.world.scene import sample_scenes
@@ -140,7 +140,7 @@ def test_unet_levels_and_cross_attention_follow_the_config():
     from omegaconf import OmegaConf
 
     from ip2p.errors import Ip2pError
-    from ip2p.pretrain.t2i import build_unet
+    from ip2p.world.pretrain.t2i import build_unet
 
     c = OmegaConf.create({"channels": [16, 32, 32, 32], "layers_per_block": 1, "attention_heads": 1, "norm_groups": 8,
                           "cross_attention": [False, True, True, False]})
@@ -199,7 +199,7 @@ def test_world_fast_recipe_starts_from_scratch_beside_the_shipped_models():
 
 
 def test_curriculum_first_scenes_are_one_large_object_without_style():
-    from ip2p.pretrain.t2i import first_scenes
+    from ip2p.world.pretrain.t2i import first_scenes
     from ip2p.world.scene import valid
     from ip2p.world.vocab import SIZES
 
@@ -213,7 +213,7 @@ def test_curriculum_first_scenes_are_one_large_object_without_style():
 
 
 def test_curriculum_first_scenes_can_be_small():
-    from ip2p.pretrain.t2i import first_scenes
+    from ip2p.world.pretrain.t2i import first_scenes
     from ip2p.world.vocab import SIZES
 
     def small(s):
@@ -227,7 +227,7 @@ def test_curriculum_first_scenes_can_be_small():
 
 def test_curriculum_first_scenes_can_drill_two_objects():
     from ip2p.config import compose
-    from ip2p.pretrain.t2i import first_scenes
+    from ip2p.world.pretrain.t2i import first_scenes
     from ip2p.world.scene import valid
 
     pairs = first_scenes(5, 40, None, p_two_objects=1.0)
@@ -266,7 +266,7 @@ def _saved_unet(cfg) -> dict:
 @pytest.fixture(scope="module")
 def first_run_unet(tmp_path_factory):
     """The weights of a 2-step first run without refines: what a refine at learning rate 0 must keep."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
 
     alone = _tiny_t2i_cfg(tmp_path_factory.mktemp("alone"), curriculum_steps=0, steps=2)
     t2i.run(alone)
@@ -276,7 +276,7 @@ def first_run_unet(tmp_path_factory):
 def test_curriculum_trains_on_the_first_scenes_then_the_whole_world(tmp_path, monkeypatch):
     """The stage's first `curriculum.steps` batches are captions of the first scenes only (one object, the
     forced background); the later ones come from the whole world."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
 
     captioned = []
     real_caption = t2i.caption
@@ -291,7 +291,7 @@ def test_curriculum_trains_on_the_first_scenes_then_the_whole_world(tmp_path, mo
 
 
 def test_curriculum_longer_than_the_run_is_refused(tmp_path):
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
     from ip2p.errors import Ip2pError
 
     with pytest.raises(Ip2pError, match="never see the whole world"):
@@ -300,7 +300,7 @@ def test_curriculum_longer_than_the_run_is_refused(tmp_path):
 
 def test_rehearsal_mixes_first_scenes_into_the_whole_worlds_batches(tmp_path, monkeypatch):
     """After the curriculum, `rehearsal` of each batch (here 1 of 3) still comes from the first scenes."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
 
     captioned = []
     real_caption = t2i.caption
@@ -318,7 +318,7 @@ def test_rehearsal_mixes_first_scenes_into_the_whole_worlds_batches(tmp_path, mo
 def test_init_from_continues_a_saved_base(tmp_path):
     """`init_from` starts the UNet from a saved base: at learning rate 0 the saved UNet is that base's
     bit for bit, while a fresh run at the same rate saves its own random initialisation."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
 
     zero = ("world.t2i.loop.lr=0.0", "world.t2i.loop.min_lr=0.0")
     first = _tiny_t2i_cfg(tmp_path / "a", curriculum_steps=0, steps=1, extra=("world.t2i.seed=11",))
@@ -338,7 +338,7 @@ def test_refine_continues_the_first_runs_base_with_its_own_checkpoint(tmp_path, 
     """`refine` runs a second training from the first run's saved base: at learning rate 0 the final
     base is the first run's bit for bit, the report keeps both runs, and a refine that would share the
     first run's checkpoint is refused."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
     from omegaconf import OmegaConf
 
     from ip2p.errors import Ip2pError
@@ -365,7 +365,7 @@ def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_pa
     """`refine` as a list: each run continues the base the run before it saved, with its own checkpoint
     and first-scene cache; at learning rate 0 the last base is still the first run's bit for bit. Two
     runs sharing a checkpoint are refused before any training."""
-    import ip2p.pretrain.t2i as t2i
+    import ip2p.world.pretrain.t2i as t2i
     from omegaconf import OmegaConf
 
     from ip2p.errors import Ip2pError
@@ -393,7 +393,7 @@ def test_a_list_of_refine_runs_runs_each_in_order_from_the_base_before_it(tmp_pa
 
 def test_shipped_recipe_refines_with_its_own_checkpoints_and_the_variants_do_not():
     from ip2p.config import compose
-    from ip2p.pretrain.t2i import refine_runs
+    from ip2p.world.pretrain.t2i import refine_runs
 
     t = compose([]).world.t2i
     runs = refine_runs(t)

@@ -497,7 +497,7 @@ def test_attribute_agreement_counts_each_attribute_apart():
     a lost object costs the count and leaves those images out of the per-object shares."""
     from dataclasses import replace
 
-    from ip2p.pretrain.report import attribute_agreement
+    from ip2p.world.pretrain.report import attribute_agreement
 
     two = [s for s in sample_scenes(4243, 200) if len(s.objects) == 2 and s.style == "none"
            and s.background != "sky" and len({o.colour for o in s.objects} | {"yellow"}) == 3][:4]
@@ -523,7 +523,7 @@ def test_whole_scene_scores_need_every_object_and_the_right_count():
     (order does not count); with a colour changed the count holds but the scene does not."""
     from dataclasses import replace
 
-    from ip2p.pretrain.report import whole_scene_scores
+    from ip2p.world.pretrain.report import whole_scene_scores
 
     two = [s for s in sample_scenes(4242, 200) if len(s.objects) == 2 and s.style == "none"
            and len({o.colour for o in s.objects}) == 2][:6]

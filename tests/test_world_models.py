@@ -72,7 +72,7 @@ def test_mini_preset_loads_real_classes_in_real_layouts(mini):
 
 
 def test_vae_reconstructions_read_back_as_the_same_scenes(mini):
-    from ip2p.pretrain.vae import judge
+    from ip2p.world.pretrain.vae import judge
 
     _, parts, _ = mini
     result = judge(parts.vae, sample_scenes(777001, 100))
@@ -82,7 +82,7 @@ def test_vae_reconstructions_read_back_as_the_same_scenes(mini):
 
 @pytest.fixture(scope="module")
 def generations(mini):
-    from ip2p.pretrain.t2i import judge
+    from ip2p.world.pretrain.t2i import judge
 
     cfg, parts, _ = mini
     return judge(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.scheduler.config),
@@ -107,7 +107,7 @@ def test_caption_reliance_shows_what_the_base_listens_to(mini):
 
     import torch
 
-    from ip2p.pretrain.t2i import caption_reliance
+    from ip2p.world.pretrain.t2i import caption_reliance
 
     cfg, parts, _ = mini
     scenes = sample_scenes(777003, 40)
@@ -132,7 +132,7 @@ def test_text_to_image_reaches_the_issue_targets(generations):
 
 
 def test_clip_tells_one_attribute_apart_and_points_the_right_way(mini):
-    from ip2p.pretrain.clip import Encoder, judge
+    from ip2p.world.pretrain.clip import Encoder, judge
 
     cfg, _, clip = mini
     result = judge(Encoder(clip.model, clip.processor, cfg.world.clip.max_tokens), 777003, 100)
@@ -141,7 +141,7 @@ def test_clip_tells_one_attribute_apart_and_points_the_right_way(mini):
 
 
 def test_instruction_lm_writes_consistent_edits(mini):
-    from ip2p.pretrain.llm import judge
+    from ip2p.world.pretrain.llm import judge
 
     cfg, _, _ = mini
     c = cfg.world.llm

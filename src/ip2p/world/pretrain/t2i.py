@@ -37,7 +37,7 @@ from ip2p.io.atomic import atomic_file, atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.tiny import _scheduler_config
-from ip2p.pretrain.loop import LoopConfig, recipe_of, train
+from ip2p.world.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.sampling.text_to_image import encode_prompts, generate
 from ip2p.world.language import caption, plain_caption
 from ip2p.world.oracle import read

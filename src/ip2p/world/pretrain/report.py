@@ -24,9 +24,9 @@ from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.loader import ClipComponents, load_clip, load_diffusion
-from ip2p.pretrain import clip as clip_stage
-from ip2p.pretrain import t2i as t2i_stage
-from ip2p.pretrain import vae as vae_stage
+from ip2p.world.pretrain import clip as clip_stage
+from ip2p.world.pretrain import t2i as t2i_stage
+from ip2p.world.pretrain import vae as vae_stage
 from ip2p.sampling.text_to_image import generate
 from ip2p.world.language import plain_caption
 from ip2p.world.oracle import read

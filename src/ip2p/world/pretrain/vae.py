@@ -23,7 +23,7 @@ from scipy import ndimage
 from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor, to_uint8
 from ip2p.io.loggers import log_metrics, start_mlflow_run
-from ip2p.pretrain.loop import LoopConfig, recipe_of, train
+from ip2p.world.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.world.oracle import read, same_scene
 from ip2p.world.render import object_coverage, render, snow_mask
 from ip2p.world.scene import Scene, sample_scene, sample_scenes

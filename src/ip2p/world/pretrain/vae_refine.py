@@ -29,8 +29,8 @@ from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.io.images import to_tensor
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.loader import load_vae
-from ip2p.pretrain import vae as vae_stage
-from ip2p.pretrain.loop import LoopConfig, recipe_of, train
+from ip2p.world.pretrain import vae as vae_stage
+from ip2p.world.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.world.render import object_coverage, render
 from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes
 from ip2p.world.vocab import CANVAS
