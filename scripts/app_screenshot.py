@@ -33,7 +33,7 @@ def main() -> None:
 
     from ip2p.config import compose
     from ip2p.editing.app import cleanup, launch
-    from ip2p.world.cases import heldout_cases
+    from ip2p.world.cases import app_examples, heldout_cases
     from ip2p.world.render import render
 
     cfg = compose(args.overrides)
@@ -45,7 +45,7 @@ def main() -> None:
     case = heldout_cases(int(cfg.app.examples_seed), 1, ("recolour",))[0]
     scene = Path(tempfile.mkdtemp()) / "scene.png"
     Image.fromarray(render(case.scene)).save(scene)
-    page_app, app, url = launch(cfg, str(cfg.model.name), block=False)
+    page_app, app, url = launch(cfg, str(cfg.model.name), block=False, examples=app_examples)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)

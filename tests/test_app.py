@@ -192,6 +192,7 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
     from playwright.sync_api import sync_playwright
 
     from ip2p.editing.app import cleanup, launch
+    from ip2p.world.cases import app_examples
     from ip2p.world.render import render
     from ip2p.world.scene import sample_scenes
 
@@ -207,7 +208,7 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
         c.app.limits.max_upload_mb = 1
         c.app.examples = "world"
         c.app.output_dir = str(tmp_path / "out")
-    page_app, app, url = launch(c, "tiny", block=False)
+    page_app, app, url = launch(c, "tiny", block=False, examples=app_examples)
     try:
         assert url.startswith("http://127.0.0.1:")
         with sync_playwright() as p:
@@ -292,9 +293,7 @@ def test_page_edits_edits_again_goes_back_and_reports_bad_uploads(cfg, tmp_path)
             assert a != b                                                  # different variants
 
             # world examples: one click fills the image and the instruction
-            from ip2p.editing.app import world_examples
-
-            first = world_examples(tmp_path / "examples", int(c.app.examples_seed), list(c.app.example_kinds))[0]
+            first = app_examples(tmp_path / "examples", int(c.app.examples_seed), list(c.app.example_kinds))[0]
             _type(instruction, "")
             before = page.locator("#input-image img").first.get_attribute("src")
             page.locator("#examples tbody tr").first.click()

@@ -56,12 +56,14 @@ def test_the_shipped_configurations_pass():
     ("train.data.resize_max=100000", "train.data.resize_max"),
 ])
 def test_each_bad_key_is_named(override, key):
-    problems = config_problems(compose([override]))
+    from ip2p.world.rules import RULES as WORLD_RULES   # the world's settings: its own table, as the CLI checks them
+
+    problems = config_problems(compose([override]), rules=WORLD_RULES)
     assert len(problems) == 1 and problems[0].startswith(key), problems
 
 
 def test_a_style_mix_names_only_the_worlds_styles_and_adds_up_to_one():
-    from ip2p.checks import style_mix
+    from ip2p.world.rules import style_mix
 
     assert style_mix({"none": 0.45, "night": 0.15, "bw": 0.15, "snowy": 0.25}) is None
     assert "rainy" in style_mix({"none": 0.5, "rainy": 0.5})
@@ -83,6 +85,7 @@ def test_several_bad_keys_are_all_reported():
     ["filter", "filter.thresholds.sim_dir=5"],
     ["evaluate", "evaluate.steps=0"],
     ["train", "train.validation.grid.scheduler=nosuch"],
+    ["refine-vae", "world.vae_refine.scenes.p_style={none:0.5,rainy:0.5}"],   # the world's rules, from the world
 ])
 def test_cli_refuses_bad_settings_with_one_line_before_work(args, tmp_path):
     """Exit 1 and one line on stderr, no traceback, and nothing written (the stage never started)."""

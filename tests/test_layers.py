@@ -15,17 +15,20 @@ LAYERS = [
     ("ip2p.errors",),                                            # the bottom: the one user-facing exception
     ("ip2p.config",),                                            # composing settings
     ("ip2p.io",),                                                # files: atomic writes, JSONL, images, figures; run logging
-    ("ip2p.world",),                                             # the miniature world and its truth
     ("ip2p.sampling",),                                          # schedulers, guidance, the denoising loop
     ("ip2p.models",),                                            # loading, presets, the editing pipeline, export, EMA
     ("ip2p.scoring", "ip2p.checks"),                             # CLIP scores, settings checks
     ("ip2p.data",),                                              # 1-2 captions, instructions, LM fine-tuning
     ("ip2p.synthesis",),                                         # 3 Prompt-to-Prompt pairs
     ("ip2p.filtering",),                                         # 4 CLIP filter -> dataset
-    ("ip2p.training", "ip2p.world.pretrain"),                    # 5 the editor; the world's foundation models
+    ("ip2p.training",),                                          # 5 the editor
     ("ip2p.evaluation",),                                        # 6 guidance grid
     ("ip2p.editing", "ip2p.tracking"),                           # 7 editing, registry, serving
-    ("ip2p.world.judges", "ip2p.cli"),                           # judges of the whole chain; the entry point
+    # the miniature world, one subtree above every stage: nothing below imports it (the CLI, beside its
+    # judges, dispatches its commands)
+    ("ip2p.world",),                                             # its core: scenes, render, language, oracle
+    ("ip2p.world.pretrain",),                                    # its foundation models
+    ("ip2p.world.judges", "ip2p.cli"),                           # its judges of the whole chain; the entry point
 ]
 
 
@@ -88,9 +91,40 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     """The checker itself: a stage importing a later stage, and a lower layer importing a higher one."""
     assert layer_of("ip2p.synthesis.run")[0] < layer_of("ip2p.filtering.run")[0]
     assert layer_of("ip2p.io.loggers")[0] < layer_of("ip2p.training.run")[0] < layer_of("ip2p.tracking.registry")[0]
+    # the world above every stage: checks or the app importing its vocabulary would point up
+    assert layer_of("ip2p.checks")[0] < layer_of("ip2p.editing.app")[0] < layer_of("ip2p.world.vocab")[0]
+    assert layer_of("ip2p.world.vocab")[0] < layer_of("ip2p.world.pretrain.t2i")[0] < layer_of("ip2p.world.judges.demo")[0]
     fake = SRC / "synthesis" / "run.py"
     source = ast.parse("from ip2p.evaluation.grid import Cell\nimport ip2p.cli\n")
     names = {n.module for n in ast.walk(source) if isinstance(n, ast.ImportFrom)} | \
             {a.name for n in ast.walk(source) if isinstance(n, ast.Import) for a in n.names}
     me_layer = layer_of(module_name(fake))[0]
     assert all(layer_of(n)[0] > me_layer for n in names)
+
+
+WORLD_CORE_MAY_IMPORT = ("ip2p.errors", "ip2p.config", "ip2p.io", "ip2p.checks", "ip2p.world")
+
+
+def _in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_nothing_outside_the_world_imports_it():
+    """The world is a data source like LAION: the stages, models and plumbing never import it; only its
+    own subtree and the entry point (which dispatches the world's commands) do."""
+    offenders = [f"{module_name(p)} imports {t}" for p in MODULES
+                 if not _in_package(module_name(p), "ip2p.world") and module_name(p) != "ip2p.cli"
+                 for t in imports_of(p) if _in_package(t, "ip2p.world")]
+    assert not offenders, offenders
+
+
+def test_the_worlds_core_knows_no_models():
+    """The core (scenes, render, language, oracle, verdict, cases, rules) imports only the plumbing, the
+    checks' rule helpers and itself; what trains or judges models sits in world.pretrain and world.judges."""
+    core = [p for p in MODULES if _in_package(module_name(p), "ip2p.world")
+            and not any(_in_package(module_name(p), f"ip2p.world.{sub}") for sub in ("pretrain", "judges"))]
+    assert len(core) >= 8
+    offenders = [f"{module_name(p)} imports {t}" for p in core for t in imports_of(p)
+                 if not any(_in_package(t, allowed) for allowed in WORLD_CORE_MAY_IMPORT)
+                 or any(_in_package(t, f"ip2p.world.{sub}") for sub in ("pretrain", "judges"))]
+    assert not offenders, offenders

@@ -109,11 +109,6 @@ RULES: dict[str, Rule] = {
     "shard.count": POSITIVE_INT, "shard.index": COUNT,
     "filter.clip_preprocess": one_of("hf", "original"), "evaluate.clip_preprocess": one_of("hf", "original"),
     "evaluate.clip_value_range": one_of("unit", "signed"), "evaluate.sampling": one_of("row", "pair"),
-    "world.vae_refine.batch_size": POSITIVE_INT, "world.vae_refine.outline_weight": at_least(0),
-    "world.vae_refine.outline_px": POSITIVE_INT,
-    "world.vae_refine.scenes.p_two_objects": optional(within(0, 1)),
-    "world.vae_refine.scenes.p_small": optional(within(0, 1)),
-    "world.vae_refine.scenes.p_style": optional(lambda v: style_mix(v)),
 }
 
 
@@ -136,18 +131,19 @@ BOUNDED: dict[str, str] = {
 UPPER_ONLY = ("train.data.resolution", "train.data.resize_max")
 
 
-def style_mix(v: Any) -> str | None:
-    """A scene mix's {style: probability}: the world's styles, probabilities >= 0 that add up to 1."""
-    from ip2p.world.vocab import STYLES
-
-    if not isinstance(v, dict) or not v:
-        return "must be a mapping {style: probability}"
-    unknown = sorted(set(map(str, v)) - set(STYLES))
-    if unknown:
-        return f"names styles the world lacks: {unknown} (styles: {', '.join(STYLES)})"
-    if not all(_number(p) and p >= 0 for p in v.values()):
-        return "must give each style a probability >= 0"
-    return None if abs(sum(v.values()) - 1.0) <= 1e-6 else f"probabilities must add up to 1 (got {sum(v.values()):g})"
+def proportions(names: tuple[str, ...], what: str) -> Rule:
+    """A mix {name: probability} over the given names, probabilities >= 0 that add up to 1. The names come
+    from whoever owns them (the world's styles: ip2p.world.rules), so this layer imports none of them."""
+    def rule(v):
+        if not isinstance(v, dict) or not v:
+            return f"must be a mapping {{{what}: probability}}"
+        unknown = sorted(set(map(str, v)) - set(names))
+        if unknown:
+            return f"names {what}s the world lacks: {unknown} ({what}s: {', '.join(names)})"
+        if not all(_number(p) and p >= 0 for p in v.values()):
+            return f"must give each {what} a probability >= 0"
+        return None if abs(sum(v.values()) - 1.0) <= 1e-6 else f"probabilities must add up to 1 (got {sum(v.values()):g})"
+    return rule
 
 
 def _relations(get: Callable[[str], Any]) -> list[str]:
@@ -182,12 +178,14 @@ def _in(key: str, groups: tuple[str, ...] | None) -> bool:
 
 
 def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None,
-                    groups: tuple[str, ...] | None = None) -> list[str]:
+                    groups: tuple[str, ...] | None = None, rules: dict[str, Rule] | None = None) -> list[str]:
     """One line per bad key of the composed configuration; empty when all is well. `aliases` names a
     key the way the user set it (a command-line flag such as --steps for edit.steps); `groups` (e.g.
     ("train",), a stage checking its own settings) keeps the rules of keys under those groups only, and
     leaves out the edit.limits bounds (BOUNDED, the instruction's length): those bound what a user may ask
-    for at the command line, not what a direct call may use (tests train at 32 px)."""
+    for at the command line, not what a direct call may use (tests train at 32 px). `rules` adds the rule
+    table of a part above this layer that owns its keys (the world's, ip2p.world.rules.RULES, which the
+    CLI passes), so that this layer names no part above it."""
     from omegaconf import OmegaConf
 
     missing = object()
@@ -204,7 +202,7 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None,
         return OmegaConf.is_config(node) and OmegaConf.is_interpolation(node, leaf)
 
     problems, named = [], set()
-    for key, rule in RULES.items():
+    for key, rule in {**RULES, **(rules or {})}.items():
         if not _in(key, groups) or OmegaConf.select(cfg, key, default=missing) is missing or interpolated(key):
             continue
         value = get(key)
@@ -233,8 +231,8 @@ def config_problems(cfg: "DictConfig", aliases: dict[str, str] | None = None,
 
 
 def check_config(cfg: "DictConfig", aliases: dict[str, str] | None = None,
-                 groups: tuple[str, ...] | None = None) -> None:
+                 groups: tuple[str, ...] | None = None, rules: dict[str, Rule] | None = None) -> None:
     """Raise one Ip2pError naming every bad key (joined on one line)."""
-    problems = config_problems(cfg, aliases, groups)
+    problems = config_problems(cfg, aliases, groups, rules)
     if problems:
         raise Ip2pError(f"{len(problems)} bad setting{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))

@@ -16,8 +16,16 @@ import os
 import sys
 from pathlib import Path
 
-from ip2p.checks import check_config
+from ip2p.checks import check_config as check_settings
 from ip2p.errors import Ip2pError, one_line
+from ip2p.world.rules import RULES as WORLD_RULES
+
+
+
+def check_config(cfg, aliases: dict[str, str] | None = None) -> None:
+    """Every setting's range, the world's own settings included (the checks' layer does not know the world)."""
+    check_settings(cfg, aliases, rules=WORLD_RULES)
+
 
 # stage name -> "module:function" taking the composed DictConfig. Later stages register here.
 STAGES: dict[str, str] = {
@@ -326,7 +334,9 @@ def cmd_app(argv: list[str]) -> int:
     check_config(cfg, {"app.host": "--host", "app.port": "--port"})
     default = args.model if args.model and args.model_config is None else str(cfg.model.name if args.model is None
                                                                                 else cfg.model.editor)
-    page, app, _ = launch(cfg, default)
+    from ip2p.world.cases import app_examples
+
+    page, app, _ = launch(cfg, default, examples=app_examples)
     cleanup(app)
     return 0
 

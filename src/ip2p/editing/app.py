@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig
@@ -41,23 +41,6 @@ def _digest(path: str | None) -> str | None:
     if not path or not Path(path).is_file():
         return None
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-
-
-def world_examples(folder: Path, seed: int, kinds: list[str]) -> list[list[str]]:
-    """[image path, instruction] for one held-out world scene per edit kind, rendered once into folder."""
-    from PIL import Image
-
-    from ip2p.world.cases import heldout_cases
-    from ip2p.world.render import render
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case in heldout_cases(seed, 1, tuple(kinds)):
-        path = folder / f"{case.id}.png"
-        if not path.is_file():
-            save_image_atomic(Image.fromarray(render(case.scene)), path)
-        rows.append([str(path), case.instruction])
-    return rows
 
 
 def uploaded_image(**kwargs):
@@ -195,14 +178,20 @@ class App:
             return None
 
 
-def build(cfg: DictConfig, default_model: str):
-    """The Gradio Blocks page (not launched) and its App."""
+# (folder, seed, kinds) -> [[image path, instruction], ...]: example inputs, made by the caller's data
+# source (the CLI passes the world's, ip2p.world.cases.app_examples), so the app imports no data source
+Examples = Callable[[Path, int, list[str]], list[list[str]]]
+
+
+def build(cfg: DictConfig, default_model: str, examples: Examples | None = None):
+    """The Gradio Blocks page (not launched) and its App; `examples` (app.examples says when) or none."""
     import gradio as gr
 
     a = cfg.app
     app = App(cfg, default_model)
     lim = app.limits
-    examples_on = a.examples == "world" or (a.examples == "auto" and app.native_size() == int(a.world_canvas))
+    examples_on = examples is not None and (
+        a.examples == "world" or (a.examples == "auto" and app.native_size() == int(a.world_canvas)))
     from ip2p.config import available_presets
 
     choices = list(dict.fromkeys([default_model, *available_presets("model")]))
@@ -246,7 +235,7 @@ def build(cfg: DictConfig, default_model: str):
         history_gallery = gr.Gallery(label="History (click an image to go back to it)", columns=6,
                                      allow_preview=False, interactive=False, elem_id="history", height=160)
         if examples_on:
-            gr.Examples(world_examples(app.out_dir / "examples", int(a.examples_seed), list(a.example_kinds)),
+            gr.Examples(examples(app.out_dir / "examples", int(a.examples_seed), list(a.example_kinds)),
                         inputs=[image, instruction], label="World scenes (64 px) with instructions", elem_id="examples")
 
         def on_generate(model_, image_, instruction_, steps_, seed_, rs, tg, ig, rg, n, history_,
@@ -280,10 +269,10 @@ def build(cfg: DictConfig, default_model: str):
     return page, app
 
 
-def launch(cfg: DictConfig, default_model: str, block: bool = True):
+def launch(cfg: DictConfig, default_model: str, block: bool = True, examples: Examples | None = None):
     """Start the server (127.0.0.1 unless app.host says otherwise); returns (page, app, url)."""
     a = cfg.app
-    page, app = build(cfg, default_model)
+    page, app = build(cfg, default_model, examples)
     _, url, _ = page.launch(server_name=str(a.host), server_port=int(a.port) if a.port else None,
                             max_file_size=f"{int(a.limits.max_upload_mb)}mb", allowed_paths=[str(app.out_dir)],
                             prevent_thread_lock=not block, quiet=not block, show_error=False, ssr_mode=False,

@@ -8,6 +8,9 @@ on a CPU (see docs/miniature-world.md). Layers, each importing only the ones abo
   render    Scene -> 64x64 RGB uint8 (anti-aliased by 4x supersampling)
   oracle    64x64 RGB -> the scene's attributes, read back from pixels
   language  captions (grammar with synonyms and word orders), a caption parser, edits + instructions
+  verdict, cases, source, rules   the truth on an edit, held-out cases, the caption source, settings
 
-The world is a data source like LAION: the stages of the pipeline never import it.
+Above the core, in the same subtree: pretrain/ (the world's foundation models) and judges/ (the world's
+truth on every stage's output). The world is a data source like LAION: nothing outside this subtree
+imports it except the entry point, ip2p.cli (tests/test_layers.py).
 """

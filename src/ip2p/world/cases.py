@@ -8,10 +8,13 @@ white) are not drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from ip2p.io.images import save_image_atomic
 from ip2p.world.language import parse_caption, plain_caption, sample_edit
+from ip2p.world.render import render
 from ip2p.world.scene import Scene, sample_scene
 
 
@@ -66,3 +69,18 @@ def heldout_cases(seed: int, per_kind: int, kinds: tuple[str, ...], max_draws_pe
                               plain_caption(edited)))
             made += 1
     return cases
+
+
+def app_examples(folder: Path, seed: int, kinds: list[str]) -> list[list[str]]:
+    """[image path, instruction] for one held-out scene per edit kind, rendered once into folder: the
+    web editor's examples (ip2p.editing.app takes them from the CLI, not from the world)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in heldout_cases(seed, 1, tuple(kinds)):
+        path = folder / f"{case.id}.png"
+        if not path.is_file():
+            save_image_atomic(Image.fromarray(render(case.scene)), path)
+        rows.append([str(path), case.instruction])
+    return rows
