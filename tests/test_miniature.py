@@ -9,7 +9,8 @@ import pytest
 
 from ip2p.world.judges.world_judge import auc, filter_truth, metric_truth
 from ip2p.world.cases import heldout_cases
-from ip2p.world.language import EDIT_KINDS, consistent
+from ip2p.world.language.edits import EDIT_KINDS
+from ip2p.world.language.parsing import consistent
 from ip2p.world.render import render
 
 
@@ -139,7 +140,7 @@ def test_world_attention_runs_the_same_candidates_under_every_mode(tmp_path, cac
     from ip2p.config import compose
     from ip2p.world.judges.world_attention import mode_specs, run, world_triples
     from ip2p.synthesis.pipeline import draw_samples
-    from ip2p.world.language import world_triple
+    from ip2p.world.language.edits import world_triple
     from ip2p.world.scene import sample_scenes
 
     rng = np.random.default_rng(0)

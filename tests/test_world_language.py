@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ip2p.world.language import (EDIT_KINDS, Edit, ParsedRef, apply_edit, caption, consistent,
-                                 instruction, parse_caption, parse_instruction, plain_caption, position_phrases,
-                                 sample_edit, world_triple)
+from ip2p.world.language.captions import caption, plain_caption, position_phrases
+from ip2p.world.language.edits import EDIT_KINDS, Edit, apply_edit, instruction, sample_edit, world_triple
+from ip2p.world.language.parsing import ParsedRef, consistent, parse_caption, parse_instruction
 from ip2p.world.scene import Obj, Scene, sample_scenes, valid
 
 

@@ -9,7 +9,7 @@ from ip2p.config import compose
 from ip2p.data import captions
 from ip2p.data.validate import load_human_examples
 from ip2p.world import source
-from ip2p.world.language import consistent, parse_caption
+from ip2p.world.language.parsing import consistent, parse_caption
 from ip2p.world.scene import Scene
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ip2p.world.language import EDIT_KINDS, sample_edit
+from ip2p.world.language.edits import EDIT_KINDS, sample_edit
 from ip2p.world.oracle import read
 from ip2p.world.render import render
 from ip2p.world.scene import sample_scenes

@@ -7,7 +7,8 @@ on a CPU (see docs/miniature-world.md). Layers, each importing only the ones abo
   scene     Scene / Obj and the seeded scene sampler (with the world's visibility rule)
   render    Scene -> 64x64 RGB uint8 (anti-aliased by 4x supersampling)
   oracle    64x64 RGB -> the scene's attributes, read back from pixels
-  language  captions (grammar with synonyms and word orders), a caption parser, edits + instructions
+  language  captions (grammar with synonyms and word orders), edits + instructions, their parsers
+            (language/: words, captions, edits, parsing)
   verdict, cases, source, rules   the truth on an edit, held-out cases, the caption source, settings
 
 Above the core, in the same subtree: pretrain/ (the world's foundation models) and judges/ (the world's

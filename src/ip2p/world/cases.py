@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ip2p.io.images import save_image_atomic
-from ip2p.world.language import parse_caption, plain_caption, sample_edit
+from ip2p.world.language.captions import plain_caption
+from ip2p.world.language.edits import sample_edit
+from ip2p.world.language.parsing import parse_caption
 from ip2p.world.render import render
 from ip2p.world.scene import Scene, sample_scene
 

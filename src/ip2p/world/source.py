@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from ip2p.io.atomic import atomic_file, atomic_write_json
 from ip2p.io.figures import save_figure
-from ip2p.world.language import caption, world_triple
+from ip2p.world.language.captions import caption
+from ip2p.world.language.edits import world_triple
 from ip2p.world.render import render
 from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes
 

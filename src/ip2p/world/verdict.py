@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from ip2p.world.language import ParsedInstruction, _resolve, parse_instruction
+from ip2p.world.language.parsing import ParsedInstruction, _resolve, parse_instruction
 from ip2p.world.oracle import Reading, read
 from ip2p.world.vocab import CANVAS
 

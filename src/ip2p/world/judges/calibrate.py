@@ -21,7 +21,7 @@ from ip2p.io.atomic import atomic_write_json
 from ip2p.models.loader import load_clip
 from ip2p.scoring.clip import ClipScorer
 from ip2p.world.cases import heldout_cases
-from ip2p.world.language import EDIT_KINDS, sample_edit
+from ip2p.world.language.edits import EDIT_KINDS, sample_edit
 from ip2p.world.render import render
 
 log = logging.getLogger(__name__)

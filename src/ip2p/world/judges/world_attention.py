@@ -36,7 +36,7 @@ from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.loader import load_diffusion
 from ip2p.synthesis.pipeline import PairSampler, SampleSpec, draw_samples
 from ip2p.synthesis.run import resolution, settings_from_config
-from ip2p.world.language import parse_instruction
+from ip2p.world.language.parsing import parse_instruction
 from ip2p.world.oracle import read
 from ip2p.world.verdict import judge_edit
 

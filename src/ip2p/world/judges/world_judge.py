@@ -36,7 +36,7 @@ from ip2p.io.figures import save_figure
 from ip2p.io.jsonl import read_jsonl
 from ip2p.scoring.clip import METRICS
 from ip2p.scoring.thresholds import first_failure
-from ip2p.world.language import consistent, parse_instruction
+from ip2p.world.language.parsing import consistent, parse_instruction
 from ip2p.world.verdict import judge_edit, read_any
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.synthesis.run import encode_image  # the pair folders' image files, as `ip2p synthesize` writes them
-from ip2p.world.language import EDIT_KINDS, world_edit
+from ip2p.world.language.edits import EDIT_KINDS, world_edit
 from ip2p.world.render import render
 from ip2p.world.scene import sample_scene
 

@@ -44,7 +44,7 @@ from ip2p.filtering.run import thresholds_from_config
 from ip2p.scoring.thresholds import first_failure
 from ip2p.synthesis.pipeline import PairSampler, draw_samples
 from ip2p.synthesis.run import look_step, resolution, settings_from_config
-from ip2p.world.language import world_triple
+from ip2p.world.language.edits import world_triple
 from ip2p.world.oracle import read
 from ip2p.world.scene import sample_scene
 from ip2p.world.verdict import judge_edit

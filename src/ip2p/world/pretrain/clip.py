@@ -23,7 +23,8 @@ from ip2p.io.atomic import atomic_folder, atomic_write_json
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.tokenizer import write_clip_tokenizer
 from ip2p.world.pretrain.loop import LoopConfig, recipe_of, train
-from ip2p.world.language import caption, plain_caption, sample_edit, sample_form, world_triple
+from ip2p.world.language.captions import caption, plain_caption, sample_form
+from ip2p.world.language.edits import sample_edit, world_triple
 from ip2p.world.render import render
 from ip2p.world.scene import sample_scene, sample_scenes
 

@@ -25,7 +25,8 @@ from ip2p.io.atomic import atomic_write_json
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.io.stage import stable_seed
 from ip2p.models.tiny_llm import load_llm
-from ip2p.world.language import caption, consistent, parse_instruction
+from ip2p.world.language.captions import caption
+from ip2p.world.language.parsing import consistent, parse_instruction
 from ip2p.world.scene import sample_scenes
 
 log = logging.getLogger(__name__)

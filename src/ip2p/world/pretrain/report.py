@@ -28,7 +28,7 @@ from ip2p.world.pretrain import clip as clip_stage
 from ip2p.world.pretrain import t2i as t2i_stage
 from ip2p.world.pretrain import vae as vae_stage
 from ip2p.sampling.text_to_image import generate
-from ip2p.world.language import plain_caption
+from ip2p.world.language.captions import plain_caption
 from ip2p.world.oracle import read
 from ip2p.world.render import render
 from ip2p.world.scene import sample_scenes

@@ -39,7 +39,7 @@ from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.tiny import _scheduler_config
 from ip2p.world.pretrain.loop import LoopConfig, recipe_of, train
 from ip2p.sampling.text_to_image import encode_prompts, generate
-from ip2p.world.language import caption, plain_caption
+from ip2p.world.language.captions import caption, plain_caption
 from ip2p.world.oracle import read
 from ip2p.world.render import object_coverage, render
 from ip2p.world.scene import Scene, SceneDistribution, sample_scene, sample_scenes, valid
