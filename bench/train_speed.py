@@ -84,7 +84,7 @@ def cached_loader(parts, args, device: torch.device, root: str):
     import datasets
     from torch.utils.data import DataLoader
 
-    from ip2p.data.dataset import image_struct
+    from ip2p.io.dataset import image_struct
     from ip2p.synthesis.run import encode_image
     from ip2p.training.datamodule import CachedPairDataset, ParquetSource, StreamSampler, collate
     from ip2p.training.latent_cache import LatentCache, build_latent_cache

@@ -1,5 +1,6 @@
-"""The Parquet dataset (write_split / load_split, readable by datasets.load_dataset) and the pair-folder
-reader shared by the candidates, the released-layout importer and training."""
+"""The Parquet dataset (ip2p.io.dataset: write_split / load_split, readable by datasets.load_dataset) and
+the pair-folder format (ip2p.io.pairs: its writer, and the reader shared by the candidates, the
+released-layout importer and training)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p.data.dataset import (
-    COLUMNS,
-    image_struct,
-    list_pair_folders,
-    load_split,
-    png_bytes,
-    read_pair_folder,
-    write_split,
-)
 from ip2p.errors import Ip2pError
+from ip2p.io.dataset import COLUMNS, image_struct, load_split, png_bytes, write_split
+from ip2p.io.pairs import list_pair_folders, read_pair_folder
 
 
 def make_png(seed: int, size=(16, 12)) -> bytes:
@@ -145,3 +139,35 @@ def test_pair_folder_without_metadata_uses_image_files(tmp_path):
     (folder / "prompt.json").write_text("{broken")
     with pytest.raises(Ip2pError, match="prompt.json"):
         read_pair_folder(folder)
+
+
+def test_pair_folder_writer_bytes_and_round_trip(tmp_path):
+    """The one writer of the format (ip2p.io.pairs, used by `ip2p synthesize` and `ip2p world-pairs`): its
+    bytes as the format says (prompt.json the three fields as indented sorted JSON and a newline, one
+    sorted JSON object per metadata line, PNG or JPEG files as PIL encodes them), and what read_pair_folder
+    gives back."""
+    from ip2p.io.pairs import write_candidate, write_lines, write_prompt
+
+    record = {"id": "p1", "input": "a café", "edit": "make it night", "output": "a café at night", "backend": "x"}
+    images = [Image.fromarray(np.random.default_rng(k).integers(0, 255, (8, 8, 3), dtype=np.uint8)) for k in (0, 1)]
+    meta = [{"seed": 7, "p": 0.5, "cfg": 7.5, "id": "p1-7"}, {"seed": 9, "p": 0.2, "cfg": 9.0, "id": "p1-9"}]
+    folder = tmp_path / "p1"
+    folder.mkdir()
+    write_prompt(folder, record)
+    write_candidate(folder, 7, *images)
+    write_candidate(folder, 9, *images, fmt="jpg", quality=90)
+    write_lines(folder, "metadata.jsonl", meta)
+    assert (folder / "prompt.json").read_text(encoding="utf-8") == (
+        '{\n  "edit": "make it night",\n  "input": "a café",\n  "output": "a café at night"\n}\n')
+    assert (folder / "metadata.jsonl").read_text().splitlines() == [
+        '{"cfg": 7.5, "id": "p1-7", "p": 0.5, "seed": 7}', '{"cfg": 9.0, "id": "p1-9", "p": 0.2, "seed": 9}']
+    for k, image in enumerate(images):
+        png, jpg = io.BytesIO(), io.BytesIO()
+        image.save(png, format="PNG")
+        image.save(jpg, format="JPEG", quality=90)
+        assert (folder / f"7_{k}.png").read_bytes() == png.getvalue()
+        assert (folder / f"9_{k}.jpg").read_bytes() == jpg.getvalue()
+    pair = read_pair_folder(folder)
+    assert pair.prompt == {k: record[k] for k in ("input", "edit", "output")} and not pair.problems
+    assert [(c.seed, c.image_0.name, c.image_1.name, c.meta["cfg"]) for c in pair.candidates] == [
+        (7, "7_0.png", "7_1.png", 7.5), (9, "9_0.jpg", "9_1.jpg", 9.0)]

@@ -276,7 +276,7 @@ def test_no_input_caption_straddles_two_splits(tmp_path, cache_dir):
 
 
 def test_released_split_by_hand():
-    from ip2p.data.dataset import released_split_of
+    from ip2p.io.dataset import released_split_of
 
     names = [f"{i:07d}" for i in range(20)][::-1]                 # listed out of order: sorted first
     split = released_split_of(names, [0.9, 0.05, 0.05])
@@ -356,7 +356,7 @@ def test_early_drop_scores_from_synthesis_are_used(tmp_path, cache_dir, tiny_cli
     shutil.rmtree(tmp_path / "artifacts" / "scores")
     report = run_filter(tmp_path, cache_dir)
     assert report["scores_synthesis"] == 2 and report["scores_computed"] == 0 and report["records_out"] == 2
-    from ip2p.data.dataset import load_split
+    from ip2p.io.dataset import load_split
 
     rows = [r for split in ("train", "val", "test") for r in load_split(tmp_path / "dataset", split)]
     assert all(r["clip_sim_dir"] == 0.7 and r["clip_sim_image"] == 0.8 for r in rows)
@@ -387,7 +387,7 @@ def test_released_layout_import_round_trip(tmp_path, cache_dir):
                         out="own_split")
     assert report["splits"] == {"train": {"pairs": 1, "rows": 2}, "val": {"pairs": 0, "rows": 0},
                                 "test": {"pairs": 1, "rows": 1}}
-    from ip2p.data.dataset import load_split
+    from ip2p.io.dataset import load_split
 
     assert set(load_split(tmp_path / "own_split", "train")["pair_id"]) == {"0000000"}
     assert set(load_split(tmp_path / "own_split", "test")["pair_id"]) == {"0000001"}
@@ -396,7 +396,7 @@ def test_released_layout_import_round_trip(tmp_path, cache_dir):
 
     report = run_filter(tmp_path, cache_dir, "filter.source=released", f"filter.source_dir={released}")
     assert report["scores_released"] == 3 and report["scores_computed"] == 0 and report["records_out"] == 3
-    from ip2p.data.dataset import load_split
+    from ip2p.io.dataset import load_split
 
     rows = {r["id"]: r for split in ("train", "val", "test") for r in load_split(tmp_path / "dataset", split)}
     assert set(rows) == {"0000000-5", "0000000-6", "0000001-7"}
@@ -429,7 +429,7 @@ def test_diffusers_dataset_import(tmp_path, cache_dir):
     report = run_filter(tmp_path, cache_dir, "filter.source=diffusers", f"filter.source_dir={source}",
                         "filter.thresholds.sim_image=-1")
     assert report["records_in"] == n and report["records_out"] == n and report["scores_computed"] == n
-    from ip2p.data.dataset import load_split
+    from ip2p.io.dataset import load_split
 
     rows = [r for split in ("train", "val", "test") for r in load_split(tmp_path / "dataset", split)]
     assert sorted(r["seed"] for r in rows) == list(range(n))  # row index as seed
@@ -501,7 +501,7 @@ def test_score_cache_keeps_entries_across_opens_and_nan_apart_from_none(tmp_path
 def test_refiltering_our_own_dataset_reuses_its_scores(tmp_path, cache_dir):
     """A dataset `ip2p filter` wrote carries clip_sim_* columns: filtering it again (source=diffusers)
     with a stricter sim_dir takes those scores (no CLIP) and keeps exactly the rows above the bar."""
-    from ip2p.data.dataset import load_split
+    from ip2p.io.dataset import load_split
 
     make_candidates(tmp_path / "artifacts" / "candidates", pairs=6, per_pair=3)
     run_filter(tmp_path, cache_dir, *PERMISSIVE, "filter.top_k=3", "filter.splits.train=1.0",
@@ -522,7 +522,7 @@ def test_a_full_disk_names_the_file_the_filter_was_writing(tmp_path):
     naming that file (they used to name none), and no partial file is left."""
     from conftest import file_size_limit
 
-    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.io.dataset import image_struct, write_split
     from ip2p.errors import one_line
     from ip2p.filtering.importers import Candidate, ScoreCache
     from ip2p.filtering.spool import Spool

@@ -14,7 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ip2p"
 LAYERS = [
     ("ip2p.errors",),                                            # the bottom: the one user-facing exception
     ("ip2p.config",),                                            # composing settings
-    ("ip2p.io",),                                                # files: atomic writes, JSONL, images, figures; run logging
+    ("ip2p.io",),                                                # files: atomic writes, JSONL, images, figures; run logging;
+                                                                 # the pair-folder and Parquet formats
     ("ip2p.sampling",),                                          # schedulers, guidance, the denoising loop
     ("ip2p.models",),                                            # loading, presets, the editing pipeline, export, EMA
     ("ip2p.scoring", "ip2p.checks"),                             # CLIP scores, settings checks

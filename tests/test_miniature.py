@@ -178,7 +178,7 @@ def test_world_pairs_are_true_edits_that_the_filter_reads(tmp_path):
     from PIL import Image
 
     from ip2p.config import compose
-    from ip2p.data.dataset import list_pair_folders, read_pair_folder
+    from ip2p.io.pairs import list_pair_folders, read_pair_folder
     from ip2p.world.judges.world_pairs import run
     from ip2p.world.oracle import read
     from ip2p.world.verdict import judge_edit

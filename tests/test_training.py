@@ -31,7 +31,7 @@ def _png(array: np.ndarray) -> bytes:
 
 def write_parquet_split(root: Path, split: str, count: int, seed: int, size=(40, 48)) -> list[Path]:
     """<root>/<split>/part-00000.parquet written by the dataset stage's own writer; edited = inverted input."""
-    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.io.dataset import image_struct, write_split
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -408,7 +408,7 @@ def test_parquet_source_draws_caption_pairs_uniformly_then_a_candidate():
 
 def test_parquet_datamodule_samples_pairs_by_default(tmp_path, tiny_editor):
     """Two kept candidates of one caption pair plus one of another: 2 training items by default."""
-    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.io.dataset import image_struct, write_split
     from ip2p.training.datamodule import EditDataModule
 
     rng = np.random.default_rng(0)
@@ -811,7 +811,7 @@ def test_failed_runs_never_move_a_finished_runs_checkpoints(tmp_path, dataset, c
     """Bad data or a bad recipe fails before the resume decision and the run record: the finished run's
     checkpoints stay, byte for byte, however many runs fail; a run of another recipe that dies before
     its first checkpoint leaves them in superseded/, and the plain rerun moves them back and resumes."""
-    from ip2p.data.dataset import image_struct, write_split
+    from ip2p.io.dataset import image_struct, write_split
     from ip2p.errors import Ip2pError
     from ip2p.training.run import run
 

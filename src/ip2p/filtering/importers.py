@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from ip2p.data.dataset import list_pair_folders, read_pair_folder
+from ip2p.io.pairs import list_pair_folders, read_pair_folder
 from ip2p.errors import Ip2pError, sqlite_full
 from ip2p.scoring.clip import METRICS, PAPER_METRICS
 

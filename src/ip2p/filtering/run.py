@@ -26,7 +26,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from ip2p.data.dataset import SPLITS, image_struct, list_pair_folders, png_bytes, released_split_of, write_split
+from ip2p.io.dataset import SPLITS, image_struct, png_bytes, released_split_of, write_split
+from ip2p.io.pairs import list_pair_folders
 from ip2p.errors import Ip2pError
 from ip2p.filtering.importers import (Candidate, ScoreCache, Source, Unit, cache_path, diffusers_source,
                                       folder_source, release_arrow_memory)

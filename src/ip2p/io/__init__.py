@@ -1,4 +1,5 @@
-"""Shared plumbing for every stage: atomic writes, sharding, resumable JSONL output, run summaries."""
+"""Shared plumbing for every stage: atomic writes, sharding, resumable JSONL output, run summaries, and
+the data formats stages hand each other (pairs: the pair folder; dataset: the Parquet dataset)."""
 
 from ip2p.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ip2p.io.jsonl import ResumableJsonl, count_lines, read_jsonl

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import logging
 import os
 import shutil
@@ -22,12 +20,11 @@ from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
 from ip2p.errors import Ip2pError
-from ip2p.io import (StageSummary, atomic_write_bytes, atomic_write_json, atomic_write_text, count_lines, read_jsonl,
-                     shard_of)
+from ip2p.io import StageSummary, count_lines, read_jsonl, shard_of
 from ip2p.io.images import tensor_to_pil
+from ip2p.io.pairs import write_candidate, write_lines, write_prompt
 from ip2p.models.loader import load_clip, load_diffusion, load_vae
 from ip2p.sampling import make_scheduler
 from ip2p.sampling.loop import scheduler_class
@@ -150,15 +147,6 @@ def expected_pairs(cfg: DictConfig) -> int | None:
     return max(1, round(count_lines(cfg.synthesis.input) / int(cfg.shard.count)))
 
 
-def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "jpg":
-        img.save(buffer, format="JPEG", quality=quality)
-    else:
-        img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def look_step(look_at: float, steps: int) -> int:
     """The index of the step that ends the first `look_at` share of `steps` (at least the first step)."""
     return max(0, min(steps - 1, round(look_at * steps) - 1))
@@ -222,10 +210,10 @@ def start_pair(record: dict, cfg: DictConfig, out_dir: Path) -> PendingPair:
 def finish_pair(pair: PendingPair, out_dir: Path, early_drop: EarlyDrop | None) -> None:
     """Write the pair's metadata and rename its temp folder into place (the pair is then done)."""
     record = pair.record
-    atomic_write_json(pair.temp / "prompt.json", {k: record[k] for k in ("input", "edit", "output")})
-    atomic_write_text(pair.temp / "metadata.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in pair.metadata))
+    write_prompt(pair.temp, record)
+    write_lines(pair.temp, "metadata.jsonl", pair.metadata)
     if early_drop:
-        atomic_write_text(pair.temp / "scores.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in pair.scores))
+        write_lines(pair.temp, "scores.jsonl", pair.scores)
     os.rename(pair.temp, out_dir / record["id"])
 
 
@@ -262,8 +250,7 @@ def write_pairs(records: list[dict], sampler: PairSampler, cfg: DictConfig, size
             if early_drop and verdict is None:
                 pair.dropped += 1
                 continue
-            atomic_write_bytes(pair.temp / f"{spec.seed}_0.{suffix}", encode_image(im0, suffix, int(s.jpg_quality)))
-            atomic_write_bytes(pair.temp / f"{spec.seed}_1.{suffix}", encode_image(im1, suffix, int(s.jpg_quality)))
+            write_candidate(pair.temp, spec.seed, im0, im1, suffix, int(s.jpg_quality))
             record = pair.record
             cid = f"{record['id']}-{spec.seed}"
             pair.metadata.append({"id": cid, "pair_id": record["id"], "k": k, "seed": spec.seed, "p": spec.p,

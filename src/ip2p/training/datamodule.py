@@ -51,7 +51,7 @@ def load_parquet_split(dataset_dir: str | Path, split: str, cache_dir: str | Pat
     -> a memory-mapped `datasets.Dataset` of the four columns training needs, images left undecoded."""
     import datasets
 
-    from ip2p.data.dataset import load_split
+    from ip2p.io.dataset import load_split
 
     if not progress:
         datasets.disable_progress_bars()
@@ -106,7 +106,7 @@ class ParquetSource:
 def released_entries(root: str | Path, split: str, fractions: tuple[float, float, float]) -> list[tuple[str, list]]:
     """seeds.json of the released dataset, folders sorted, then cut 90/5/5 (train/val/test) like the original
     (`released_split_of`, which `ip2p filter` uses too when it imports the release)."""
-    from ip2p.data.dataset import released_split_of
+    from ip2p.io.dataset import released_split_of
 
     root = Path(root)
     seeds_file = root / "seeds.json"

@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ip2p.data.dataset import SPLITS, list_pair_folders, read_pair_folder
+from ip2p.io.dataset import SPLITS
+from ip2p.io.pairs import list_pair_folders, read_pair_folder
 from ip2p.filtering.run import scored_candidates, thresholds_from_config
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.figures import save_figure

@@ -12,7 +12,6 @@ Scenes come from `world.pairs.seed`, which neither the held-out cases nor the ca
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_folder, atomic_write_json
-from ip2p.synthesis.run import encode_image  # the pair folders' image files, as `ip2p synthesize` writes them
+from ip2p.io.pairs import write_candidate, write_lines, write_prompt  # the format `ip2p synthesize` writes
 from ip2p.world.language.edits import EDIT_KINDS, world_edit
 from ip2p.world.render import render
 from ip2p.world.scene import sample_scene
@@ -50,11 +49,9 @@ def write_pair_folder(root: Path, pair: dict) -> None:
             "p": None, "cfg": None, "kind": t["kind"], **{k: t[k] for k in ("input", "edit", "output")}}
     folder = root / pair["pair_id"]
     with atomic_folder(folder) as tmp:
-        (tmp / "prompt.json").write_text(json.dumps({k: t[k] for k in ("input", "edit", "output")}, indent=2,
-                                                    sort_keys=True), encoding="utf-8")
-        for i, image in enumerate(pair["images"]):
-            (tmp / f"{pair['seed']}_{i}.png").write_bytes(encode_image(Image.fromarray(image), "png", 0))
-        (tmp / "metadata.jsonl").write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
+        write_prompt(tmp, t)
+        write_candidate(tmp, pair["seed"], *(Image.fromarray(image) for image in pair["images"]))
+        write_lines(tmp, "metadata.jsonl", [meta])
 
 
 def run(cfg: DictConfig) -> dict:

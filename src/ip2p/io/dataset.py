@@ -1,40 +1,28 @@
-"""The training dataset on disk, and the pair-folder layout candidates and the official release share.
+"""The training dataset's format on disk: <dataset>/{train,val,test}/part-NNNNN.parquet with the columns
+of COLUMNS. Images are `datasets` Image structs {"bytes": PNG bytes, "path": None}; the Hugging Face
+feature metadata is stored in each file, so `datasets.load_dataset("parquet", data_dir=...)` decodes them
+to PIL images and diffusers' train_instruct_pix2pix.py finds input_image / edit_prompt / edited_image.
 
-Dataset: <dataset>/{train,val,test}/part-NNNNN.parquet with the columns of COLUMNS. Images are
-`datasets` Image structs {"bytes": PNG bytes, "path": None}; the Hugging Face feature metadata is
-stored in each file, so `datasets.load_dataset("parquet", data_dir=...)` decodes them to PIL images
-and diffusers' train_instruct_pix2pix.py finds input_image / edit_prompt / edited_image.
-
-Pair folder (ours and the official release alike), one per caption pair:
-    prompt.json      {"input", "edit", "output", ...}
-    {seed}_0.png|jpg image of the input caption;  {seed}_1.png|jpg image of the edited caption
-    metadata.jsonl   one line per candidate: seed, p (released: p2p_threshold), cfg (released:
-                     cfg_scale), and in the release clip_sim_0 / clip_sim_1 / clip_sim_dir / clip_sim_image
-    seeds.json       (release only, at the root) [[folder, [seed, ...]], ...]
+The filter writes it, training and the judges read it: the format lives here, below all of them.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
 from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.atomic import atomic_file
-from ip2p.io.jsonl import read_jsonl
 
 COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt", "input_caption", "output_caption",
            "seed", "p", "cfg", "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image", "clip_sim_rest")
 OPTIONAL = ("clip_sim_rest",)   # scores a row may lack (e.g. imported with the released four): written as NaN
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -141,84 +129,6 @@ def load_split(dataset_dir: str | Path, split: str, cache_dir: str | None = None
                                  cache_dir=cache_dir)
 
 
-# ---- pair folders -------------------------------------------------------------------------------
-
-
-@dataclass
-class CandidateFiles:
-    """One candidate in a pair folder: its seed, image files and metadata line."""
-
-    seed: int
-    image_0: Path
-    image_1: Path
-    meta: dict
-
-
-@dataclass
-class PairFolder:
-    pair_id: str
-    path: Path
-    prompt: dict
-    candidates: list[CandidateFiles]
-    problems: Counter = field(default_factory=Counter)  # rejected candidates by reason
-
-
-def find_image(folder: Path, stem: str) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
-        path = folder / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-def _seed(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
-
-
-def read_pair_folder(folder: str | Path, seeds: Iterable[int] | None = None) -> PairFolder:
-    """Read one pair folder. Candidates come from metadata.jsonl (or, for a released folder without
-    it, from `seeds` or the {seed}_0 image files); a candidate without both images is counted in
-    `problems`, not returned. Raises Ip2pError when prompt.json is missing or unreadable."""
-    folder = Path(folder)
-    try:
-        prompt = json.loads((folder / "prompt.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise Ip2pError(f"'{folder}' has no readable prompt.json ({type(err).__name__})") from err
-    if not isinstance(prompt, dict) or not all(isinstance(prompt.get(k), str) for k in ("input", "edit", "output")):
-        raise Ip2pError(f"'{folder}/prompt.json' lacks the string fields input, edit, output")
-    problems: Counter = Counter()
-    metas: dict[int, dict] = {}
-    meta_path = folder / "metadata.jsonl"
-    if meta_path.is_file():
-        for line in read_jsonl(meta_path, problems):
-            seed = _seed(line.get("seed"))
-            if seed is None:
-                problems["metadata_without_seed"] += 1
-                continue
-            metas.setdefault(seed, line)
-    if seeds is not None:
-        wanted = [int(s) for s in seeds]
-    elif metas:
-        wanted = list(metas)
-    else:
-        wanted = sorted(int(p.name.split("_")[0]) for p in folder.iterdir()
-                        if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.endswith("_0") and p.stem[:-2].isdigit())
-    candidates = []
-    for seed in wanted:
-        image_0, image_1 = find_image(folder, f"{seed}_0"), find_image(folder, f"{seed}_1")
-        if image_0 is None or image_1 is None:
-            problems["missing_image"] += 1
-            continue
-        candidates.append(CandidateFiles(seed, image_0, image_1, metas.get(seed, {"seed": seed})))
-    return PairFolder(folder.name, folder, prompt, candidates, problems)
-
-
 def released_split_of(names: Sequence[str], fractions: Sequence[float]) -> dict[str, str]:
     """The release's own train/val/test split, as the original's dataset cuts it: folder names sorted,
     then cut at floor(cumulative fraction x count). Training on the release and importing it with
@@ -229,23 +139,3 @@ def released_split_of(names: Sequence[str], fractions: Sequence[float]) -> dict[
     n = len(ordered)
     cuts = [0, math.floor(fractions[0] * n), math.floor((fractions[0] + fractions[1]) * n), n]
     return {name: split for i, split in enumerate(SPLITS) for name in ordered[cuts[i]:cuts[i + 1]]}
-
-
-def list_pair_folders(root: str | Path) -> Iterator[tuple[Path, list[int] | None]]:
-    """(folder, seeds or None) for every pair folder under root: in seeds.json order when the root has
-    one (the release), else every non-hidden subfolder in sorted order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise Ip2pError(f"pair folder root '{root}' does not exist")
-    seeds_file = root / "seeds.json"
-    if seeds_file.is_file():
-        try:
-            listing = json.loads(seeds_file.read_text(encoding="utf-8"))
-            entries = [(str(name), [int(s) for s in seeds]) for name, seeds in listing]
-        except (ValueError, TypeError, json.JSONDecodeError) as err:
-            raise Ip2pError(f"'{seeds_file}' is not a list of [folder, [seeds...]] ({type(err).__name__})") from err
-        for name, seeds in entries:
-            yield root / name, seeds
-        return
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        yield path, None
