@@ -394,6 +394,31 @@ def test_google_mode_input_branch_is_untouched_and_local_blend_extremes(tiny_bas
     torch.testing.assert_close(everywhere[1], plain[1], atol=1e-4, rtol=1e-4)
 
 
+def test_local_blend_without_cross_edit_and_with_several_caption_pairs_in_a_batch(tiny_base):
+    """LocalBlend places its mask from each sample's own changed words, so it works with cross=none (it
+    once needed the cross-attention map and silently did nothing) and with caption pairs sharing a batch."""
+    pairs = [(CAT, "a photo of a black dog"), (CAT, DOG)]
+    specs = [SampleSpec(31, 0.5, 9.0), SampleSpec(32, 0.5, 9.0)]
+    google = PairSampler(tiny_base, synthesis_settings(steps=STEPS, mode="google",
+                                                        google=GoogleSettings(cross="none")))
+    plain_in, plain_out = google.sample_rows(pairs, specs, SIZE, SIZE)
+    assert (plain_out - plain_in).abs().amax(dim=(1, 2, 3)).min() > 1e-2  # the captions differ: so do the images
+    # an empty mask (threshold above 1) resets every sample's output branch to its input branch each step
+    google.settings.google = GoogleSettings(cross="none", local_blend=True, blend_threshold=1.1)
+    nowhere_in, nowhere_out = google.sample_rows(pairs, specs, SIZE, SIZE)
+    torch.testing.assert_close(nowhere_out, nowhere_in, atol=0, rtol=0)
+    # a partial mask (the tiny model's random maps are nearly flat: a high threshold, no pooling): a
+    # sample blends by its own words, whoever shares its batch
+    google.settings.google = GoogleSettings(cross="none", local_blend=True, blend_threshold=0.9, blend_pool=0)
+    together = google.sample_rows(pairs, specs, SIZE, SIZE)
+    for k in range(2):
+        alone = google.sample_rows([pairs[k]], [specs[k]], SIZE, SIZE)
+        torch.testing.assert_close(together[1][k:k + 1], alone[1], atol=1e-4, rtol=1e-4)
+    partly = (together[1] - plain_out).abs().amax(dim=(1, 2, 3))
+    assert partly.min() > 1e-3  # the blend changed each output ...
+    assert (together[1] - together[0]).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # ... without copying it whole
+
+
 def test_draw_samples_is_seeded_per_pair_and_in_range():
     a = draw_samples(0, "pair-a", 50, (0.1, 0.9), (7.5, 15.0))
     assert a == draw_samples(0, "pair-a", 50, (0.1, 0.9), (7.5, 15.0))

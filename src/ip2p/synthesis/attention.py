@@ -90,6 +90,16 @@ def local_blend_mask(maps: torch.Tensor, threshold: float, pool: int) -> torch.T
     return pooled / peak > threshold
 
 
+def word_weights(words: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Per-sample (input positions, output positions) -> [2, S, tokens] float 0/1 selector."""
+    tokens = 1 + max([i for pair in words for side in pair for i in side], default=0)
+    weights = torch.zeros(2, len(words), tokens)
+    for s, pair in enumerate(words):
+        for side, positions in enumerate(pair):
+            weights[side, s, list(positions)] = 1.0
+    return weights
+
+
 @dataclass
 class GoogleSettings:
     """Google Prompt-to-Prompt options (conf/synthesis/default.yaml: attention.google)."""
@@ -108,10 +118,15 @@ class AttentionControl:
 
     p: [S] per-sample fraction of steps with copied self-attention (both modes).
     token_map: google mode's cross-attention map (None: cross-attention untouched).
+    blend_words: google mode with local_blend: per sample, the token positions that differ between its
+        input and output caption (input positions, output positions); the LocalBlend mask is drawn
+        where those words attend. Independent of token_map, so the blend also works with cross=none
+        and with several caption pairs in one batch.
     """
 
     def __init__(self, mode: str, p: torch.Tensor, num_steps: int, google: GoogleSettings | None = None,
-                 token_map: TokenMap | None = None, latent_hw: tuple[int, int] | None = None):
+                 token_map: TokenMap | None = None, latent_hw: tuple[int, int] | None = None,
+                 blend_words: list[tuple[list[int], list[int]]] | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown attention mode '{mode}' (use one of {', '.join(MODES)})")
         self.mode = mode
@@ -122,9 +137,14 @@ class AttentionControl:
         self.latent_hw = latent_hw
         self.self_controlled = torch.zeros(len(p), dtype=torch.bool)
         self.cross_controlled = torch.zeros(len(p), dtype=torch.bool)
-        blend = mode == "google" and self.google.local_blend and token_map is not None
-        self.blend_words = (token_map.changed_input, token_map.changed_output) if blend else None
-        if self.blend_words is not None and not (self.blend_words[0] or self.blend_words[1]):
+        blend = mode == "google" and self.google.local_blend
+        if blend and blend_words is None:
+            raise ValueError("local_blend needs the changed words of every sample (blend_words)")
+        if blend and len(blend_words) != len(p):
+            raise ValueError(f"blend_words for {len(blend_words)} samples, p for {len(p)}")
+        # [2, S, tokens] 0/1: which words of each sample's input / output caption place its mask
+        self.blend_words = word_weights(blend_words) if blend else None
+        if self.blend_words is not None and not bool(self.blend_words.any()):
             self.blend_words = None  # identical captions: nothing to localise
         self.blend_maps: torch.Tensor | None = None  # [2, S, 1, H, W]: input words, output words
         self._self_rows = branch_rows(self.self_controlled, ())
@@ -209,14 +229,12 @@ class AttentionControl:
     def _record(self, probs_in: torch.Tensor, probs_out: torch.Tensor) -> None:
         """Add this layer's attention to the changed words (mean over heads) to the LocalBlend maps."""
         h, w = map_grid(probs_in.shape[2], self.latent_hw)
-        words_in, words_out = self.blend_words
+        weights = self._device("blend_words", self.blend_words, probs_in.device, per_step=False)
         maps = []
-        for name, probs, words in (("words_in", probs_in, words_in), ("words_out", probs_out, words_out)):
-            if words:
-                index = self._device(name, torch.tensor(words), probs.device, per_step=False)
-                m = probs.index_select(-1, index).sum(-1).mean(1)  # [S, N]
-            else:
-                m = torch.zeros(probs.shape[0], probs.shape[2], device=probs.device)
+        for probs, words in ((probs_in, weights[0]), (probs_out, weights[1])):
+            tokens = min(probs.shape[-1], words.shape[-1])
+            # attention of each query to the sample's own changed words, mean over heads: [S, N]
+            m = torch.einsum("shnl,sl->sn", probs[..., :tokens], words[:, :tokens]) / probs.shape[1]
             m = m.view(-1, 1, h, w)
             maps.append(F.interpolate(m, size=self.latent_hw, mode="bilinear", align_corners=False))
         stacked = torch.stack(maps).float()

@@ -177,6 +177,16 @@ class PairSampler:
         how = self.settings.google.cross
         if self.settings.mode != "google" or how == "none":
             return None
+        return self._map(input_caption, output_caption, how)
+
+    def changed_words(self, input_caption: str, output_caption: str) -> tuple[list[int], list[int]]:
+        """Token positions that differ between the two captions (input, output): where LocalBlend looks.
+        Aligned as `cross` aligns them (auto when cross-attention is left alone)."""
+        how = self.settings.google.cross
+        token_map = self._map(input_caption, output_caption, "auto" if how == "none" else how)
+        return token_map.changed_input, token_map.changed_output
+
+    def _map(self, input_caption: str, output_caption: str, how: str) -> TokenMap:
         max_len = self.c.tokenizer.model_max_length
         # the ids the text encoder sees: truncated to max_len like encode_text (the stage rejects longer captions)
         x, y = (list(self.c.tokenizer(c, truncation=True, max_length=max_len).input_ids)
@@ -261,8 +271,11 @@ class PairSampler:
                              device=run.encoded.device)
         text = torch.cat([run.encoded.index_select(0, index), run.empty.expand(2 * s, -1, -1)])
         cfg = torch.tensor([spec.cfg for spec in run.specs], dtype=torch.float32).repeat(2).to(self.device)
+        blend = self.settings.mode == "google" and self.settings.google.local_blend
+        words = {pair: self.changed_words(*pair) for pair in set(run.captions)} if blend else {}
         control = AttentionControl(self.settings.mode, torch.tensor([spec.p for spec in run.specs]), self.settings.steps,
-                                   self.settings.google, run.token_map, run.latent_hw)
+                                   self.settings.google, run.token_map, run.latent_hw,
+                                   blend_words=[words[pair] for pair in run.captions] if blend else None)
         scheduler = PairedNoiseScheduler(run.scheduler, run.generators, after_step=control.blend)
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
