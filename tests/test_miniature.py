@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ip2p.world.judges.world_judge import auc, filter_truth, metric_truth
+from ip2p.world.judges.world_judge import auc, filter_truth, metric_truth, rule_sweep
 from ip2p.world.cases import heldout_cases
 from ip2p.world.language.edits import EDIT_KINDS
 from ip2p.world.language.parsing import consistent
@@ -65,6 +65,25 @@ def test_metric_truth_by_hand():
     # sim_0 is unscored for d: its AUC uses a, b, c only (all tied: 0.5); d never passes its sweep
     assert r["sim_0"]["auc_both"] == 0.5
     assert r["sim_0"]["sweep"][0]["kept"] == 2   # a, b (c fails sim_dir, d has no sim_0)
+
+
+def test_rule_sweep_by_hand():
+    # two caption pairs of two candidates; the rule keeps the best by sim_dir of each pair's survivors
+    table = pd.DataFrame({"id": list("abcd"), "pair_id": ["P", "P", "Q", "Q"], "seed": [1, 2, 3, 4],
+                          "kind": ["size", "size", "recolour", "recolour"], "both": [True, False, True, False],
+                          "clip_sim_image": [0.5] * 4, "clip_sim_dir": [0.9, 0.95, 0.85, 0.7],
+                          "clip_sim_rest": [0.9, 0.5, 0.95, 0.99]})
+    rows = rule_sweep(table, {"sim_image": 0.0, "sim_dir": 0.1}, 1, {"sim_dir": [0.8, 0.92], "sim_rest": [None, 0.8]})
+    by_rule = {(r["sim_dir"], r["sim_rest"]): r for r in rows}
+    loose = by_rule[(0.8, None)]   # P: b beats a on sim_dir; Q: c (d fails 0.8)
+    assert (loose["pairs"], loose["kept"], loose["correct"]) == (2, 2, 0.5)
+    assert loose["size"] == "0.00/1" and loose["recolour"] == "1.00/1"
+    rest = by_rule[(0.8, 0.8)]     # b fails sim_rest: P keeps a
+    assert (rest["pairs"], rest["correct"], rest["size"]) == (2, 1.0, "1.00/1")
+    strict = by_rule[(0.92, None)]  # only b passes
+    assert (strict["pairs"], strict["correct"]) == (1, 0.0) and "recolour" not in strict
+    none = by_rule[(0.92, 0.8)]
+    assert (none["pairs"], none["kept"], none["correct"]) == (0, 0, None)
 
 
 def test_mini_experiment_keeps_the_papers_settings():

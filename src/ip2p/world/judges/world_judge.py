@@ -9,7 +9,10 @@
    recall against the truth; filtering must raise the share of correct pairs;
 4. which CLIP score knows the truth: for each of the four scores, how well it ranks correct above wrong
    candidates (AUC, for "both", "success" and "preserved" apart) and the precision and recall of the
-   filter as that score's threshold rises through its quantiles (the other three at their settings).
+   filter as that score's threshold rises through its quantiles (the other three at their settings);
+5. which rule to choose: the filter's whole rule (thresholds, then top_k per caption pair, by the
+   filter's own `select`) with a grid of thresholds put in (`world.judge.rules`): kept caption pairs
+   and their correct share, by kind (filter_rules.csv).
 
 Writes reports/world_judge.json (DVC metrics) and world_synthesis.png (correctness over p; kept vs
 dropped by kind; precision against kept share for each score's threshold). The stages themselves
@@ -32,7 +35,8 @@ from tqdm.auto import tqdm
 from ip2p.io.dataset import SPLITS
 from ip2p.io.pairs import list_pair_folders, read_pair_folder
 from ip2p.filtering.run import scored_candidates, thresholds_from_config
-from ip2p.io.atomic import atomic_write_json
+from ip2p.filtering.select import select
+from ip2p.io.atomic import atomic_write_json, atomic_write_text
 from ip2p.io.figures import save_figure
 from ip2p.io.jsonl import read_jsonl
 from ip2p.scoring.clip import METRICS
@@ -66,7 +70,7 @@ def judge_candidates(root: Path, progress: bool) -> pd.DataFrame:
         for cand in pair.candidates:
             v = judge_edit(read_any(_rgb(cand.image_0)), read_any(_rgb(cand.image_1)), pair.prompt["edit"])
             m = cand.meta
-            rows.append({"id": m.get("id", f"{pair.pair_id}-{cand.seed}"), "pair_id": pair.pair_id,
+            rows.append({"id": m.get("id", f"{pair.pair_id}-{cand.seed}"), "pair_id": pair.pair_id, "seed": cand.seed,
                          "kind": parsed.kind if parsed else "unparsed", "p": m.get("p", np.nan), "cfg": m.get("cfg", np.nan),
                          "judged": v is not None, "success": bool(v and v.success),
                          "preserved": bool(v and v.preserved), "both": bool(v and v.both)})
@@ -136,6 +140,32 @@ def metric_truth(table: pd.DataFrame, thresholds: dict[str, float], quantiles: l
     return out
 
 
+def rule_sweep(table: pd.DataFrame, thresholds: dict[str, float], top_k: int,
+               grid: dict[str, list[float | None]]) -> list[dict]:
+    """The filter's rule (`select`: thresholds, then the top_k of each caption pair by sim_dir) with every
+    combination of `grid`'s thresholds put in (None: that score unchecked), against the truth. Per rule:
+    the kept caption pairs and candidates, the correct share of the kept, and by kind "share/count"."""
+    import itertools
+
+    records = table.to_dict("records")
+    names = list(grid)
+    out = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        rule = {**thresholds}
+        for name, value in zip(names, values):
+            rule.pop(name, None)
+            if value is not None:
+                rule[name] = float(value)
+        kept, _ = select(records, rule, top_k)
+        frame = pd.DataFrame(kept, columns=table.columns)
+        row = {**dict(zip(names, values)), "pairs": int(frame["pair_id"].nunique()), "kept": len(frame),
+               "correct": round(float(frame["both"].mean()), 4) if len(frame) else None}
+        for kind, group in frame.groupby("kind"):
+            row[kind] = f"{group['both'].mean():.2f}/{len(group)}"
+        out.append(row)
+    return out
+
+
 def clip_score_table(cfg: DictConfig) -> pd.DataFrame:
     """id and the four CLIP scores of every candidate, as the filter scored them (its cache)."""
     rows = [{"id": c.id, **{m: (c.scores or {}).get(m, np.nan) for m in METRICS}} for c in scored_candidates(cfg)]
@@ -167,6 +197,11 @@ def run(cfg: DictConfig) -> dict:
     table = cands.merge(clip_score_table(cfg), on="id", how="left")
     thresholds = thresholds_from_config(cfg.filter.thresholds)
     result["filter"]["by_score"] = metric_truth(table, thresholds, [float(q) for q in c.sweep_quantiles])
+    # 5. the whole rule over a grid of thresholds
+    grid = {name: list(values) for name, values in c.rules.items()}
+    rules = rule_sweep(table, thresholds, int(cfg.filter.top_k), grid)
+    result["filter"]["rules"] = rules
+    atomic_write_text(out / "filter_rules.csv", pd.DataFrame(rules).to_csv(index=False))
     result["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "world_judge.json", result)
     pictures(cands, kept, by_p, result["filter"]["by_score"], out)
