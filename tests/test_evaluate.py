@@ -171,8 +171,8 @@ def test_load_test_pairs_reads_all_or_a_seeded_subset(heldout_dataset):
 
 
 def test_the_original_draws_caption_pairs_then_one_kept_candidate(tmp_path):
-    """evaluate.sampling=pair (experiment=paper): a pair with 9 kept candidates is as likely to be tested
-    as a pair with one, and is tested once; sampling=row (the default) draws rows, as before."""
+    """evaluate.draw_by=pair (experiment=paper): a pair with 9 kept candidates is as likely to be tested
+    as a pair with one, and is tested once; draw_by=row (the default) draws rows, as before."""
     from ip2p.config import compose
     from ip2p.evaluation.run import load_test_pairs
 
@@ -189,7 +189,7 @@ def test_the_original_draws_caption_pairs_then_one_kept_candidate(tmp_path):
     picked = {r["id"] for d in draws["pair"] for r in d if r["pair_id"] == "big"}
     assert len(picked) >= 5  # the kept candidate is drawn too, not always the first
     assert load_test_pairs(tmp_path, "test", 2, 7, "pair") == load_test_pairs(tmp_path, "test", 2, 7, "pair")
-    assert compose(["experiment=paper"]).evaluate.sampling == "pair" and compose([]).evaluate.sampling == "row"
+    assert compose(["experiment=paper"]).evaluate.draw_by == "pair" and compose([]).evaluate.draw_by == "row"
 
 
 def test_missing_split_is_one_line_error(tmp_path, cache_dir):

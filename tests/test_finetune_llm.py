@@ -12,7 +12,7 @@ import torch
 from ip2p.config import compose
 from ip2p.data import finetune_llm, instructions
 from ip2p.data.backends.base import Request
-from ip2p.data.backends.hf import FrequencyPenalty, HFBackend, Sampling
+from ip2p.data.backends.hf import Decoding, FrequencyPenalty, HFBackend
 from ip2p.data.finetune_llm import IGNORE, completion_loss, encode_example, split_examples
 from ip2p.data.validate import load_human_examples
 from ip2p.models.tiny_llm import load_llm
@@ -99,7 +99,7 @@ def test_finetuning_lowers_the_heldout_loss(tmp_path, cache_dir, tiny_lm, capsys
     hf_cfg = compose([f"paths.cache={cache_dir}", f"paths.artifacts={tmp_path / 'artifacts'}",
                       f"paths.reports={tmp_path / 'reports'}", "progress=false", "instructions=hf",
                       f"instructions.input={captions}", f"instructions.model={out}", "instructions.batch_size=3",
-                      "instructions.retries=1", "instructions.sampling.max_new_tokens=40", "device=cpu"])
+                      "instructions.retries=1", "instructions.decoding.max_new_tokens=40", "device=cpu"])
     result = instructions.run(hf_cfg)
     accepted = [json.loads(line) for line in result.read_text().splitlines()]
     rejected = [json.loads(line) for line in result.with_name("instructions.rejected.jsonl").read_text().splitlines()]
@@ -127,7 +127,7 @@ def test_finetune_progress_reaches_a_redirected_log(tmp_path, cache_dir, tiny_lm
 
 def test_hf_backend_samples_reproducibly_per_batch(tiny_lm):
     model, tokenizer = tiny_lm
-    backend = HFBackend(model, tokenizer, "hf:tiny", Sampling(max_new_tokens=12), batch_size=3)
+    backend = HFBackend(model, tokenizer, "hf:tiny", Decoding(max_new_tokens=12), batch_size=3)
     requests = [Request(f"r{i}", caption, seed=100 + i) for i, caption in
                 enumerate(["a cat on a mat", "a red kite flying over a green field", "a boat"])]
     first = backend.complete(requests)

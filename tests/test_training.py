@@ -351,6 +351,10 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
     with open_dict(before_base_vae):
         del before_base_vae.model["base_vae"]
     assert run_fingerprint(before_base_vae) == run_fingerprint(cfg)
+    before_rename = compose_train(tmp_path, dataset, cache_dir)               # train.data.draw_by was .sampling
+    with open_dict(before_rename):
+        before_rename.train.data["sampling"] = before_rename.train.data.pop("draw_by")
+    assert run_fingerprint(before_rename) == run_fingerprint(cfg)
     swapped = compose_train(tmp_path, dataset, cache_dir, **{"model.base_vae": str(tmp_path / "vae-ft")})
     assert run_fingerprint(swapped) != run_fingerprint(cfg)                   # another VAE: another run
     cosine = compose_train(tmp_path, dataset, cache_dir, **{"train.lr_schedule": "cosine"})
@@ -391,7 +395,7 @@ def test_parquet_source_draws_caption_pairs_uniformly_then_a_candidate():
     source = ParquetSource(table, "pair")
     assert len(source) == 3 and source.groups == [[1, 2, 3], [0], [4, 5]]
     assert len(ParquetSource(table, "row")) == 6 and ParquetSource(table, "row").groups == [[i] for i in range(6)]
-    with pytest.raises(Ip2pError, match="train.data.sampling"):
+    with pytest.raises(Ip2pError, match="train.data.draw_by"):
         ParquetSource(table, "caption")
     # the candidate drawn for a visit: uniform over the pair's rows, from the item's generator
     picks = []
@@ -428,7 +432,7 @@ def test_parquet_datamodule_samples_pairs_by_default(tmp_path, tiny_editor):
     assert len(dm.datasets["train"]) == 2
     ids = {dm.datasets["train"][(0, position)]["id"] for position in range(40)}
     assert ids == {"p1-1", "p1-2"}                                   # item 0 is pair p1, both candidates drawn
-    dm_rows = EditDataModule({**data_cfg, "sampling": "row"}, tiny_editor.tokenizer, 2, 2, 1, seed=0)
+    dm_rows = EditDataModule({**data_cfg, "draw_by": "row"}, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm_rows.setup("fit")
     assert len(dm_rows.datasets["train"]) == 3
 

@@ -108,7 +108,7 @@ RULES: dict[str, Rule] = {
     "llm_finetune.warmup_steps": COUNT, "llm_finetune.accumulate_grad_batches": POSITIVE_INT,
     "shard.count": POSITIVE_INT, "shard.index": COUNT,
     "filter.clip_preprocess": one_of("hf", "original"), "evaluate.clip_preprocess": one_of("hf", "original"),
-    "evaluate.clip_value_range": one_of("unit", "signed"), "evaluate.sampling": one_of("row", "pair"),
+    "evaluate.clip_value_range": one_of("unit", "signed"), "evaluate.draw_by": one_of("row", "pair"),
 }
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 METRICS = ["clip_sim_image", "clip_sim_dir", "clip_sim_1", "clip_sim_0", "l1", "l2", "clip_i_gt"]
 
 
-SAMPLING_UNITS = ("row", "pair")
+DRAW_UNITS = ("row", "pair")
 
 
 def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int,
@@ -45,8 +45,8 @@ def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None
     `num_samples` caption pairs, then one of each pair's kept candidates (seeded by the pair)."""
     if num_samples is not None and num_samples < 1:
         raise Ip2pError(f"evaluate.num_samples must be at least 1, or null for the whole split (got {num_samples})")
-    if unit not in SAMPLING_UNITS:
-        raise Ip2pError(f"evaluate.sampling must be one of {', '.join(SAMPLING_UNITS)} (got '{unit}')")
+    if unit not in DRAW_UNITS:
+        raise Ip2pError(f"evaluate.draw_by must be one of {', '.join(DRAW_UNITS)} (got '{unit}')")
     files = sorted(glob.glob(str(Path(dataset_dir) / split / "*.parquet")))
     if not files:
         raise Ip2pError(f"no {split} split in '{dataset_dir}' (expected {split}/*.parquet from `ip2p filter`)")
@@ -120,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluate
     out_dir = Path(e.out_dir)
-    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed), str(e.get("sampling", "row")))
+    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed), str(e.get("draw_by", "row")))
     inputs = [_decode(r["input_image"], int(e.resolution)) for r in pairs]
     gts = [_decode(r.get("edited_image"), int(e.resolution)) for r in pairs]
     has_gt = all(g is not None for g in gts)

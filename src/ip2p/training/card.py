@@ -15,7 +15,7 @@ NOT_RECIPE = ("resume", "checkpoint_dir", "export_dir", "reports_dir", "output_d
 def editor_card(cfg: DictConfig, steps: int) -> ModelCard:
     t = cfg.train
     recipe = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k not in NOT_RECIPE}
-    recipe["data"] = {k: v for k, v in recipe["data"].items() if k in ("format", "sampling", "resolution",
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if k in ("format", "draw_by", "resolution",
                                                                         "resize_min", "resize_max", "flip")}
     data = str(t.data.dir)
     sampling = {"steps": int(cfg.edit.steps), "text_guidance": float(cfg.sampling.text_guidance),

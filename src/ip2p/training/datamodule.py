@@ -31,7 +31,7 @@ from ip2p.training.latent_cache import LatentCache, NotSquareError, build_latent
 log = logging.getLogger(__name__)
 
 PARQUET_COLUMNS = ("id", "pair_id", "input_image", "edited_image", "edit_prompt")
-SAMPLING_UNITS = ("pair", "row")
+DRAW_UNITS = ("pair", "row")
 
 
 @dataclass
@@ -77,8 +77,8 @@ class ParquetSource:
     as often as one with 1)."""
 
     def __init__(self, table, unit: str = "pair"):
-        if unit not in SAMPLING_UNITS:
-            raise Ip2pError(f"train.data.sampling must be one of {', '.join(SAMPLING_UNITS)} (got '{unit}')")
+        if unit not in DRAW_UNITS:
+            raise Ip2pError(f"train.data.draw_by must be one of {', '.join(DRAW_UNITS)} (got '{unit}')")
         self.table = table
         if unit == "row":
             self.groups = [[i] for i in range(len(table))]
@@ -331,7 +331,7 @@ def open_source(data_cfg: Mapping[str, Any], split: str, progress: bool = False)
     if data_cfg.get("format", "parquet") == "released":
         return ReleasedSource(Path(data_cfg["dir"]), split, tuple(float(f) for f in data_cfg["released_splits"]))
     return ParquetSource(load_parquet_split(data_cfg["dir"], split, data_cfg.get("cache_dir"), progress),
-                         str(data_cfg.get("sampling", "pair")))
+                         str(data_cfg.get("draw_by", "pair")))
 
 
 def check_data(data_cfg: Mapping[str, Any], progress: bool = False) -> None:

@@ -36,6 +36,9 @@ NOT_IN_FINGERPRINT = ("resume", "max_steps", "checkpoint_dir", "export_dir", "re
 # (a float32 cache; a float16 one rounds the latents and counts as another recipe).
 DATA_NOT_IN_FINGERPRINT = ("cache_latents", "latent_cache_dir", "cache_batch_size", "cache_dir", "num_workers")
 
+# train.data.* keys renamed after runs were made -> the name the fingerprint hashes them under
+RENAMED_DATA_KEYS = {"draw_by": "sampling"}
+
 
 def run_fingerprint(cfg: DictConfig) -> str:
     """What makes one training trajectory: the recipe (train.* but NOT_IN_FINGERPRINT), the seed, the
@@ -44,6 +47,9 @@ def run_fingerprint(cfg: DictConfig) -> str:
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in NOT_IN_FINGERPRINT}
     recipe["data"] = {k: v for k, v in recipe["data"].items()
                       if k not in DATA_NOT_IN_FINGERPRINT and not (k == "cache_dtype" and v == "float32")}
+    # train.data.draw_by was called train.data.sampling when runs were made: hashed under that name, such
+    # runs keep their fingerprint.
+    recipe["data"] = {RENAMED_DATA_KEYS.get(k, k): v for k, v in recipe["data"].items()}
     if recipe.get("lr_schedule", "constant") == "constant":
         # Keys added after runs were made, at the value that changes nothing: such runs keep their fingerprint.
         recipe.pop("lr_schedule", None)

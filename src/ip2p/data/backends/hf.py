@@ -3,8 +3,8 @@
     prompt     = [few-shot examples] + caption + "\\n##\\n"
     completion = edit + "\\n%%\\n" + edited caption + "\\nEND"
 
-Sampling follows the paper's GPT-3 settings: temperature 0.7, top_p 1.0, at most 256 new tokens,
-stop at "\\nEND", frequency penalty 0.1. transformers has no frequency penalty of its own (its
+Decoding (`instructions.decoding`) follows the paper's GPT-3 settings: temperature 0.7, top_p 1.0,
+at most 256 new tokens, stop at "\\nEND", frequency penalty 0.1. transformers has no frequency penalty of its own (its
 `repetition_penalty` divides logits, CTRL-style, and is not the same thing), so OpenAI's additive
 penalty is implemented exactly as a logits processor: logit[t] -= 0.1 * (times t was generated so
 far). generate() applies user processors before temperature and top-p, which is OpenAI's order.
@@ -27,7 +27,7 @@ from ip2p.io import stable_seed
 
 
 @dataclass(frozen=True)
-class Sampling:
+class Decoding:
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 256
@@ -51,9 +51,9 @@ class FrequencyPenalty:
 
 
 class HFBackend:
-    def __init__(self, model, tokenizer, name: str, sampling: Sampling, batch_size: int = 8, prefix: str = ""):
+    def __init__(self, model, tokenizer, name: str, decoding: Decoding, batch_size: int = 8, prefix: str = ""):
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.sampling, self.batch_size, self.prefix = sampling, batch_size, prefix
+        self.decoding, self.batch_size, self.prefix = decoding, batch_size, prefix
 
     @classmethod
     def from_config(cls, cfg) -> "HFBackend":
@@ -64,18 +64,18 @@ class HFBackend:
         prefix = ""
         if int(h.few_shot) > 0:
             prefix = few_shot_prefix(pick_examples(load_human_examples(h.examples), int(h.few_shot), int(cfg.seed)))
-        s = h.sampling
-        sampling = Sampling(float(s.temperature), float(s.top_p), int(s.max_new_tokens), float(s.frequency_penalty),
+        s = h.decoding
+        decoding = Decoding(float(s.temperature), float(s.top_p), int(s.max_new_tokens), float(s.frequency_penalty),
                             str(s.stop))
-        return cls(model, tokenizer, f"hf:{h.model}", sampling, int(h.batch_size), prefix)
+        return cls(model, tokenizer, f"hf:{h.model}", decoding, int(h.batch_size), prefix)
 
     def _generation_config(self, max_new_tokens: int):
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        return GenerationConfig(do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+        return GenerationConfig(do_sample=True, temperature=self.decoding.temperature, top_p=self.decoding.top_p,
                                 top_k=0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                                stop_strings=[self.sampling.stop], pad_token_id=tok.pad_token_id,
+                                stop_strings=[self.decoding.stop], pad_token_id=tok.pad_token_id,
                                 eos_token_id=tok.eos_token_id)
 
     @torch.no_grad()
@@ -90,16 +90,16 @@ class HFBackend:
         prompt_length = enc["input_ids"].shape[1]
         # A model with a fixed context (GPT-2: n_positions) cannot go past it.
         limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
-        max_new = self.sampling.max_new_tokens if limit is None else min(self.sampling.max_new_tokens, limit - prompt_length)
+        max_new = self.decoding.max_new_tokens if limit is None else min(self.decoding.max_new_tokens, limit - prompt_length)
         if max_new <= 0:
             return [None] * len(requests)
         torch.manual_seed(stable_seed(*(r.seed for r in requests)))
         out = self.model.generate(**enc, generation_config=self._generation_config(max_new),
-                                  logits_processor=LogitsProcessorList([FrequencyPenalty(self.sampling.frequency_penalty,
+                                  logits_processor=LogitsProcessorList([FrequencyPenalty(self.decoding.frequency_penalty,
                                                                                          prompt_length)]),
                                   tokenizer=self.tokenizer)
         texts = self.tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
-        return [t.split(self.sampling.stop)[0] for t in texts]
+        return [t.split(self.decoding.stop)[0] for t in texts]
 
     def close(self) -> None:
         self.model = None

@@ -2,13 +2,13 @@
 
 POST {base_url}/chat/completions (few-shot chat: human examples as user/assistant turns) or
 {base_url}/completions (few-shot text prompt in the fine-tuning format, for a tuned base model).
-Sampling follows the paper: temperature 0.7, top_p 1.0, max 256 tokens, frequency penalty 0.1,
+Decoding (`instructions.decoding`) follows the paper: temperature 0.7, top_p 1.0, max 256 tokens, frequency penalty 0.1,
 stop "\\nEND"; each request carries its per-record seed.
 
 - Bounded concurrency: a thread pool of `concurrency` workers per batch.
 - Retries with exponential backoff (honouring Retry-After) on 429, 5xx, timeouts and dropped
   connections; other HTTP errors stop the stage with a one-line error.
-- A disk cache keyed by sha256 of the request body (model, prompt, sampling params, seed): a rerun
+- A disk cache keyed by sha256 of the request body (model, prompt, decoding settings, seed): a rerun
   asks the endpoint nothing it has answered before.
 - The API key comes from the environment variable named by `api_key_env`. It is sent only in the
   Authorization header, and is never logged, cached, written to outputs or put in error messages.
@@ -86,7 +86,7 @@ def extract_text(data: Any, endpoint: str) -> str | None:
 
 
 class OpenAIBackend:
-    def __init__(self, base_url: str, model: str, endpoint: str, sampling: dict, examples: list[dict],
+    def __init__(self, base_url: str, model: str, endpoint: str, decoding: dict, examples: list[dict],
                  system_prompt: str, api_key: str | None, policy: HttpPolicy, cache: ResponseCache,
                  batch_size: int = 32, send_seed: bool = True):
         if endpoint not in ENDPOINT_PATHS:
@@ -94,7 +94,7 @@ class OpenAIBackend:
         if policy.concurrency < 1:
             raise Ip2pError("instructions.concurrency must be at least 1")
         self.url = base_url.rstrip("/") + ENDPOINT_PATHS[endpoint]
-        self.model, self.endpoint, self.sampling = model, endpoint, dict(sampling)
+        self.model, self.endpoint, self.decoding = model, endpoint, dict(decoding)
         self.examples, self.system_prompt = examples, system_prompt
         self._api_key = api_key
         self.policy, self.cache, self.batch_size, self.send_seed = policy, cache, batch_size, send_seed
@@ -110,18 +110,18 @@ class OpenAIBackend:
         if not api_key:
             log.info("no API key in $%s: sending requests without an Authorization header", o.api_key_env)
         examples = pick_examples(load_human_examples(o.examples), int(o.few_shot), int(cfg.seed)) if int(o.few_shot) else []
-        s = o.sampling
-        sampling = {"temperature": float(s.temperature), "top_p": float(s.top_p), "max_tokens": int(s.max_new_tokens),
+        s = o.decoding
+        decoding = {"temperature": float(s.temperature), "top_p": float(s.top_p), "max_tokens": int(s.max_new_tokens),
                     "frequency_penalty": float(s.frequency_penalty), "stop": [str(s.stop)]}
         policy = HttpPolicy(int(o.concurrency), float(o.timeout_s), int(o.http_retries), float(o.backoff_s),
                             float(o.max_backoff_s))
-        return cls(str(o.base_url), str(o.model), str(o.endpoint), sampling, examples, str(o.system_prompt or ""),
+        return cls(str(o.base_url), str(o.model), str(o.endpoint), decoding, examples, str(o.system_prompt or ""),
                    api_key, policy, ResponseCache(o.cache_dir), int(o.batch_size), bool(o.send_seed))
 
     # ---------------------------------------------------------------------------------- requests
 
     def request_body(self, req: Request) -> dict:
-        body: dict[str, Any] = {"model": self.model, **self.sampling}
+        body: dict[str, Any] = {"model": self.model, **self.decoding}
         if self.send_seed:
             body["seed"] = req.seed
         if self.endpoint == "chat":

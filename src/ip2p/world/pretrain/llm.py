@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ip2p.data import finetune_llm
 from ip2p.data.backends.base import Request
-from ip2p.data.backends.hf import HFBackend, Sampling
+from ip2p.data.backends.hf import Decoding, HFBackend
 from ip2p.data.validate import parse_completion
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.loggers import log_metrics, start_mlflow_run
@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 def judge(model_dir: str, cfg: DictConfig, c: DictConfig) -> dict:
     model, tokenizer = load_llm(model_dir, cfg.model, cfg.paths.cache, "cpu", "float32")
-    s = c.sampling
-    backend = HFBackend(model, tokenizer, f"hf:{model_dir}", Sampling(s.temperature, s.top_p, s.max_new_tokens,
+    s = c.decoding
+    backend = HFBackend(model, tokenizer, f"hf:{model_dir}", Decoding(s.temperature, s.top_p, s.max_new_tokens,
                                                                       s.frequency_penalty, s.stop), c.eval.batch_size)
     rng = np.random.default_rng(c.eval.seed)
     captions = [caption(sc, rng) for sc in sample_scenes(c.eval.seed, c.eval.captions)]
