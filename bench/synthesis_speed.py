@@ -101,11 +101,14 @@ def make_runners(parts, variants, specs, size: int, steps: int, cfg: float, auto
     from diffusers import StableDiffusionPipeline
 
     import ip2p.synthesis.pipeline as pair_pipeline
+    from ip2p.config import compose
     from ip2p.sampling import make_scheduler
-    from ip2p.synthesis import PairSampler, SynthesisSettings
+    from ip2p.synthesis import PairSampler
+    from ip2p.synthesis.run import settings_from_config
 
     runners = {}
     materialised_control = materialised_control_class()
+    configured = settings_from_config(compose([]))  # conf/synthesis: google mode's settings, the alignment scores
     if "plain" in variants:
         pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=parts.unet, scheduler=make_scheduler(SAMPLER, parts.scheduler.config),
@@ -124,7 +127,7 @@ def make_runners(parts, variants, specs, size: int, steps: int, cfg: float, auto
         if name not in variants:
             continue
         sampler = PairSampler(dataclasses.replace(parts, autocast=autocast),
-                              SynthesisSettings(steps=steps, scheduler=SAMPLER, mode=mode, progress=False))
+                              dataclasses.replace(configured, steps=steps, scheduler=SAMPLER, mode=mode, progress=False))
 
         def ours(sampler=sampler, materialise=name == "materialised"):
             if materialise:  # the sampler builds its control internally: swap the class for this call

@@ -53,6 +53,11 @@ def synthesis_settings(**changes):
     return dataclasses.replace(settings_from_config(compose([])), **changes)
 
 
+def google_settings(cfg, **changes) -> GoogleSettings:
+    """synthesis.attention.google of the composed config (their one home) with `changes`."""
+    return dataclasses.replace(settings_from_config(cfg).google, **changes)
+
+
 BATCH_TOL = {"atol": 5e-4, "rtol": 1e-3}
 
 
@@ -143,7 +148,7 @@ def test_official_self_attention_copy_in_the_processor():
         torch.testing.assert_close(out[row], plain[row], atol=1e-5, rtol=1e-5)
 
 
-def test_google_cross_attention_refine_in_the_processor():
+def test_google_cross_attention_refine_in_the_processor(cfg):
     """Output-cond rows: (A_in[..., mapper] * alphas + A_out * (1 - alphas)) V_out; everything else plain."""
     attn = _attention_module(12)
     s, heads, d, tokens = 1, 2, 8, 5
@@ -152,7 +157,7 @@ def test_google_cross_attention_refine_in_the_processor():
     tm = TokenMap(mapper=torch.tensor([0, 1, 0, 2, 4]), alphas=torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]),
                   changed_input=[], changed_output=[2])
     control = AttentionControl("google", torch.zeros(s), num_steps=10,
-                               google=GoogleSettings(cross="refine", cross_steps=0.5), token_map=tm,
+                               google=google_settings(cfg, cross="refine", cross_steps=0.5), token_map=tm,
                                latent_hw=(3, 3))
     control.begin_step(0)
     out = P2PAttnProcessor(control)(attn, hidden, context)
@@ -173,19 +178,21 @@ def test_google_cross_attention_refine_in_the_processor():
     torch.testing.assert_close(P2PAttnProcessor(control)(attn, hidden, context), plain, atol=1e-5, rtol=1e-5)
 
 
-def test_google_self_attention_copy_only_on_small_layers_and_cond_half():
+def test_google_self_attention_copy_only_on_small_layers_and_cond_half(cfg):
     attn = _attention_module()
     s = 1
     hidden = torch.randn(4 * s, 9, 16)
     plain = AttnProcessor2_0()(attn, hidden)
-    small = AttentionControl("google", torch.ones(s), 10, GoogleSettings(self_max_queries=9))
+    small = AttentionControl("google", torch.ones(s), 10, google_settings(cfg, self_max_queries=9))
     small.begin_step(0)
     out = P2PAttnProcessor(small)(attn, hidden)
     assert (out[OUT_COND] - plain[OUT_COND]).abs().max() > 1e-3
     torch.testing.assert_close(out[3], plain[3], atol=1e-5, rtol=1e-5)  # uncond half untouched
-    big = AttentionControl("google", torch.ones(s), 10, GoogleSettings(self_max_queries=8))
+    big = AttentionControl("google", torch.ones(s), 10, google_settings(cfg, self_max_queries=8))
     big.begin_step(0)
     torch.testing.assert_close(P2PAttnProcessor(big)(attn, hidden), plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="GoogleSettings"):  # no settings of its own to fall back on
+        AttentionControl("google", torch.ones(s), 10)
 
 
 def test_local_blend_mask_by_hand():
@@ -269,8 +276,8 @@ def test_p0_equals_independent_diffusers_generation(sampler, tiny_base):
 
 
 @pytest.mark.parametrize("mode", ["official", "google"])
-def test_per_sample_p_in_one_batch_equals_separate_runs(tiny_base, mode):
-    settings = synthesis_settings(steps=STEPS, mode=mode, google=GoogleSettings(local_blend=True))
+def test_per_sample_p_in_one_batch_equals_separate_runs(cfg, tiny_base, mode):
+    settings = synthesis_settings(steps=STEPS, mode=mode, google=google_settings(cfg, local_blend=True))
     sampler = PairSampler(tiny_base, settings)
     specs = [SampleSpec(21, 0.2, 8.0), SampleSpec(22, 0.6, 11.0), SampleSpec(23, 0.95, 14.0)]
     together = sampler.sample_latents(CAT, "a photo of a big dog", specs, SIZE, SIZE)
@@ -375,7 +382,7 @@ def test_controlled_step_count_follows_p(tiny_base, monkeypatch):
     assert per_sample == [2, 4]  # p=0.3: i/4 < 0.3 -> i in {0, 1};  p=1: i in {0, 1, 2, 3}
 
 
-def test_google_mode_input_branch_is_untouched_and_local_blend_extremes(tiny_base):
+def test_google_mode_input_branch_is_untouched_and_local_blend_extremes(cfg, tiny_base):
     specs = [SampleSpec(31, 0.5, 9.0)]
     caption_out = "a photo of a black dog"  # refine: different token counts
     official = PairSampler(tiny_base, synthesis_settings(steps=STEPS)).sample_latents(CAT, caption_out, specs, SIZE, SIZE)
@@ -384,32 +391,32 @@ def test_google_mode_input_branch_is_untouched_and_local_blend_extremes(tiny_bas
     torch.testing.assert_close(plain[0], official[0], atol=1e-4, rtol=1e-4)
     assert (plain[1] - official[1]).abs().max() > 1e-2
     # threshold above 1: the mask is empty, so the output branch is reset to the input branch every step
-    google.settings.google = GoogleSettings(local_blend=True, blend_threshold=1.1)
+    google.settings.google = google_settings(cfg, local_blend=True, blend_threshold=1.1)
     nowhere = google.sample_latents(CAT, caption_out, specs, SIZE, SIZE)
     torch.testing.assert_close(nowhere[1], nowhere[0], atol=0, rtol=0)
     # threshold below 0: the mask covers everything, so blending changes nothing (the recorded layers
     # then attend through a materialised softmax instead of the fused kernel: rounding differs)
-    google.settings.google = GoogleSettings(local_blend=True, blend_threshold=-0.1)
+    google.settings.google = google_settings(cfg, local_blend=True, blend_threshold=-0.1)
     everywhere = google.sample_latents(CAT, caption_out, specs, SIZE, SIZE)
     torch.testing.assert_close(everywhere[1], plain[1], atol=1e-4, rtol=1e-4)
 
 
-def test_local_blend_without_cross_edit_and_with_several_caption_pairs_in_a_batch(tiny_base):
+def test_local_blend_without_cross_edit_and_with_several_caption_pairs_in_a_batch(cfg, tiny_base):
     """LocalBlend places its mask from each sample's own changed words, so it works with cross=none (it
     once needed the cross-attention map and silently did nothing) and with caption pairs sharing a batch."""
     pairs = [(CAT, "a photo of a black dog"), (CAT, DOG)]
     specs = [SampleSpec(31, 0.5, 9.0), SampleSpec(32, 0.5, 9.0)]
     google = PairSampler(tiny_base, synthesis_settings(steps=STEPS, mode="google",
-                                                        google=GoogleSettings(cross="none")))
+                                                        google=google_settings(cfg, cross="none")))
     plain_in, plain_out = google.sample_rows(pairs, specs, SIZE, SIZE)
     assert (plain_out - plain_in).abs().amax(dim=(1, 2, 3)).min() > 1e-2  # the captions differ: so do the images
     # an empty mask (threshold above 1) resets every sample's output branch to its input branch each step
-    google.settings.google = GoogleSettings(cross="none", local_blend=True, blend_threshold=1.1)
+    google.settings.google = google_settings(cfg, cross="none", local_blend=True, blend_threshold=1.1)
     nowhere_in, nowhere_out = google.sample_rows(pairs, specs, SIZE, SIZE)
     torch.testing.assert_close(nowhere_out, nowhere_in, atol=0, rtol=0)
     # a partial mask (the tiny model's random maps are nearly flat: a high threshold, no pooling): a
     # sample blends by its own words, whoever shares its batch
-    google.settings.google = GoogleSettings(cross="none", local_blend=True, blend_threshold=0.9, blend_pool=0)
+    google.settings.google = google_settings(cfg, cross="none", local_blend=True, blend_threshold=0.9, blend_pool=0)
     together = google.sample_rows(pairs, specs, SIZE, SIZE)
     for k in range(2):
         alone = google.sample_rows([pairs[k]], [specs[k]], SIZE, SIZE)

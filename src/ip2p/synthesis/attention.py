@@ -102,21 +102,24 @@ def word_weights(words: list[tuple[list[int], list[int]]]) -> torch.Tensor:
 
 @dataclass
 class GoogleSettings:
-    """Google Prompt-to-Prompt options (conf/synthesis/default.yaml: attention.google)."""
+    """Google Prompt-to-Prompt options. No defaults of its own: synthesis.attention.google in
+    conf/synthesis/default.yaml is their one home, and ip2p.synthesis.run.settings_from_config builds
+    this from the composed config."""
 
-    cross: str = "auto"            # auto | replace | refine | none
-    cross_steps: float = 0.8       # fraction of steps with edited cross-attention
-    self_max_queries: int = 256    # self-attention maps copied only on layers with <= this many queries (16x16)
-    local_blend: bool = False
-    blend_threshold: float = 0.3
-    blend_max_queries: int = 256   # cross-attention layers that feed the LocalBlend mask
-    blend_pool: int = 1            # max-pool radius applied to the maps before thresholding
+    cross: str                     # auto | replace | refine | none
+    cross_steps: float             # fraction of steps with edited cross-attention
+    self_max_queries: int          # self-attention maps copied only on layers with <= this many queries
+    local_blend: bool
+    blend_threshold: float         # LocalBlend: mask where the changed words' attention > threshold x its peak
+    blend_max_queries: int         # cross-attention layers that feed the LocalBlend mask
+    blend_pool: int                # max-pool radius applied to the maps before thresholding
 
 
 class AttentionControl:
     """Per-step state the processors read: which samples are controlled now, and how.
 
     p: [S] per-sample fraction of steps with copied self-attention (both modes).
+    google: google mode's settings (required there; official mode reads none of them).
     token_map: google mode's cross-attention map (None: cross-attention untouched).
     blend_words: google mode with local_blend: per sample, the token positions that differ between its
         input and output caption (input positions, output positions); the LocalBlend mask is drawn
@@ -129,10 +132,12 @@ class AttentionControl:
                  blend_words: list[tuple[list[int], list[int]]] | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown attention mode '{mode}' (use one of {', '.join(MODES)})")
+        if mode == "google" and google is None:
+            raise ValueError("google mode needs its GoogleSettings (synthesis.attention.google)")
         self.mode = mode
         self.p = p.double().cpu()  # float64: the official rule compares Python floats
         self.num_steps = num_steps
-        self.google = google or GoogleSettings()
+        self.google = google
         self.token_map = token_map if mode == "google" else None
         self.latent_hw = latent_hw
         self.self_controlled = torch.zeros(len(p), dtype=torch.bool)

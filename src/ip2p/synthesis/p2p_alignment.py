@@ -2,9 +2,9 @@
 edited caption takes its cross-attention map from.
 
 Global (Needleman-Wunsch) alignment of the two token-id sequences, BOS and EOS included. With the
-default scores (match +1, mismatch -1, gap 0) two gaps beat a mismatch, so a swapped word becomes a
-deletion plus an insertion: the new word keeps its own attention, every kept word borrows the map of
-its partner in the input caption.
+configured scores (synthesis.attention.google.align) two gaps beat a mismatch, so a swapped word
+becomes a deletion plus an insertion: the new word keeps its own attention, every kept word borrows
+the map of its partner in the input caption.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ DIAGONAL, UP, LEFT = 0, 1, 2
 
 @dataclass(frozen=True)
 class AlignScores:
-    match: float = 1.0
-    mismatch: float = -1.0
-    gap: float = 0.0
+    """Needleman-Wunsch step scores. No defaults of its own: synthesis.attention.google.align in
+    conf/synthesis/default.yaml is their one home (ip2p.synthesis.run.settings_from_config)."""
+
+    match: float
+    mismatch: float
+    gap: float
 
 
-def needleman_wunsch(x: Sequence[int], y: Sequence[int], scores: AlignScores = AlignScores()) -> list[tuple[int, int]]:
+def needleman_wunsch(x: Sequence[int], y: Sequence[int], scores: AlignScores) -> list[tuple[int, int]]:
     """Global alignment of x (input tokens) and y (output tokens).
 
     Returns, for every position j of y in order, the pair (j, i): i is the position in x aligned to
@@ -80,7 +83,7 @@ class TokenMap:
     changed_output: list[int]
 
 
-def refine_map(x: Sequence[int], y: Sequence[int], max_len: int, scores: AlignScores = AlignScores()) -> TokenMap:
+def refine_map(x: Sequence[int], y: Sequence[int], max_len: int, scores: AlignScores) -> TokenMap:
     """Token map for captions of any lengths (x, y: token ids with BOS/EOS, at most max_len each).
 
     Padding positions of the output (after its EOS) map to the input's padding positions in order,
