@@ -70,6 +70,43 @@ def test_training_exports_a_card_with_its_recipe_data_and_settings(tmp_path, cac
     StableDiffusionInstructPix2PixPipeline.from_pretrained(model)  # the card does not disturb the layout
 
 
+def test_export_any_saved_step_of_a_training(tmp_path, cache_dir, capsys):
+    """`ip2p export --unet step-N.ckpt`: the EMA UNet of that step (the checkpoint's own weights, read
+    here independently), in the trained editor's folder layout; its card counts N steps, no numbers."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ip2p.training.run import run
+
+    dataset = write_parquet_dataset(tmp_path / "dataset")
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.max_steps": 2, "train.checkpoint.every_n_steps": 1,
+                                                        "train.checkpoint.save_top_k": -1})
+    run(cfg)
+    trained = Path(cfg.paths.artifacts) / "model"
+    report = tmp_path / "world_eval.json"
+    report.write_text(json.dumps({"editor": {"both": 0.5}}))
+    write_card(trained, ModelCard(**{**read_card(trained).__dict__, "metrics": {"world_eval/editor/both": 0.1}}))
+    step_1 = sorted((Path(cfg.paths.artifacts) / "checkpoints").glob("step-*1.ckpt"))  # train.checkpoint_dir: null
+    assert len(step_1) == 1
+    out = tmp_path / "step1"
+    assert main(["export", str(out), "--model", str(trained), "--unet", str(step_1[0]), "--metrics", str(report)]) == 0
+    state = torch.load(step_1[0], map_location="cpu", weights_only=True)["state_dict"]
+    exported = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    assert {k: v.shape for k, v in exported.items()} == {k[len("ema.model."):]: v.shape for k, v in state.items()
+                                                         if k.startswith("ema.model.")}
+    assert all(torch.equal(v, state["ema.model." + k].float()) for k, v in exported.items())
+    last = UNet2DConditionModel.from_pretrained(trained / "unet").state_dict()
+    assert not all(torch.equal(v, last[k]) for k, v in exported.items())  # another step than the last
+    card = read_card(out)
+    assert card.training["steps"] == 1 and card.metrics == {"world_eval/editor/both": 0.5}
+    assert card.training["recipe"] == read_card(trained).training["recipe"]
+    # a file that is not a training checkpoint: one line, nothing written
+    assert main(["export", str(tmp_path / "no"), "--model", str(trained), "--unet", str(report)]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ip2p export:")]
+    assert len(errors) == 1 and "world_eval.json" in errors[0] and "training checkpoint" in errors[0]
+    assert not (tmp_path / "no").exists()
+
+
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     rng = np.random.default_rng(3)

@@ -208,15 +208,23 @@ def cmd_export(argv: list[str]) -> int:
                    help="scheduler class stored in the folder (default: %(default)s, as train.export.scheduler)")
     p.add_argument("--metrics", nargs="*", default=[],
                    help="JSON reports (e.g. reports/world_eval.json) whose numbers the model card lists as measured")
+    p.add_argument("--unet", default=None,
+                   help="a checkpoint `ip2p train` saved (step-N.ckpt): its EMA UNet replaces --model's, the card "
+                        "(--model's, if any) counts its steps and drops numbers measured on another step")
     args = p.parse_args(argv)
     from ip2p.models.export import export_pipeline
     from ip2p.models.loader import load_diffusion
     from ip2p.models.model_card import card_for_export
 
     cfg = _compose_for(args.model, [], args.model_config)
-    card = card_for_export(cfg.model.editor, args.metrics)  # the source's card (if any) with these numbers
     components = load_diffusion(cfg.model.editor, "editor", cfg.model, cfg.paths.cache, "cpu", "float32")
-    print(export_pipeline(components, args.outdir, scheduler=args.scheduler, card=card))
+    unet, steps = None, None
+    if args.unet:
+        from ip2p.training.module import unet_from_checkpoint
+
+        unet, steps = unet_from_checkpoint(args.unet, components.unet.config)
+    card = card_for_export(cfg.model.editor, args.metrics, steps)  # the source's card (if any) with these numbers
+    print(export_pipeline(components, args.outdir, scheduler=args.scheduler, card=card, unet=unet))
     return 0
 
 

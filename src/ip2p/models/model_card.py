@@ -135,13 +135,18 @@ def report_numbers(path: str | Path, depth: int = 2) -> dict[str, float]:
     return out
 
 
-def card_for_export(source: str, reports: list[str]) -> ModelCard | None:
+def card_for_export(source: str, reports: list[str], steps: int | None = None) -> ModelCard | None:
     """The card of an editor being exported: its own (if the source folder has one) with the numbers of
-    `reports` added as measured. None when there is neither."""
+    `reports` added as measured. `steps`: the UNet comes from another step of the same training (a saved
+    checkpoint): the card counts those steps and keeps none of the source's measured numbers. None when
+    there is neither a card nor a report."""
     card = read_card(source)
     if card is None and not reports:
         return None
     card = card or ModelCard(base_model=None, sampling={})
+    if steps is not None:
+        card.training = {**card.training, "steps": steps}
+        card.metrics = {}
     for report in reports:
         card.metrics.update(report_numbers(report))
     return card

@@ -19,12 +19,16 @@ stream position, never from global RNG state, so a resumed run repeats an uninte
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from ip2p.config import first_line
 from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
 from ip2p.models.ema import ExponentialMovingAverage
@@ -104,6 +108,26 @@ def ema_unet_from_state(state: dict, unet_config):
     unet = UNet2DConditionModel.from_config(unet_config)
     unet.load_state_dict(weights, strict=True)
     return unet.to(torch.float32).eval()
+
+
+def unet_from_checkpoint(path: str | Path, unet_config) -> tuple[Any, int]:
+    """(EMA UNet, optimizer step) of a checkpoint `ip2p train` saved (step-N.ckpt, last.ckpt): any saved
+    step can be exported and judged, not only the last. Loaded with weights_only, never unpickling code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise Ip2pError(f"training checkpoint not found: '{path}'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # torch and zipfile raise many types for damaged or foreign files
+        raise Ip2pError(f"cannot read training checkpoint '{path}': {first_line(err)}") from err
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not any(key.startswith("ema.model.") for key in state):
+        raise Ip2pError(f"'{path}' is not a checkpoint of `ip2p train` (no EMA UNet weights 'ema.model.*')")
+    try:
+        unet = ema_unet_from_state(state, unet_config)
+    except RuntimeError as err:  # another UNet size than the model's
+        raise Ip2pError(f"'{path}' does not fit the model's UNet: {first_line(err)}") from err
+    return unet, int(checkpoint.get("global_step", 0))
 
 
 def is_sharded(strategy) -> bool:
