@@ -34,3 +34,9 @@ if [ ! -f artifacts/world/base/model_index.json ] || [ ! -f artifacts/world/llm/
    [ ! -f artifacts/world/vae_refined/config.json ]; then
   DVC_NO_ANALYTICS=1 dvc pull -q world_captions pretrain_vae refine_vae pretrain_clip pretrain_t2i pretrain_llm
 fi
+# The reference run's editor (pipelines/mini_reference, docs/miniature.md "The reference run"): EMA weights in the
+# diffusers layout with its model card, ready for `ip2p edit --model artifacts/reference/editor` and for the next
+# sitting of that run to continue on any machine.
+if [ ! -f artifacts/reference/editor/model_index.json ]; then
+  DVC_NO_ANALYTICS=1 dvc pull -q pipelines/mini_reference/dvc.yaml:train
+fi
