@@ -126,7 +126,7 @@ def test_one_cell_matches_independent_recomputation(evaluated, tiny_editor, tiny
 
     cfg, out, _, _ = evaluated
     e = cfg.evaluate
-    pairs = load_test_pairs(e.dataset_dir, "test", 2, 0)
+    pairs = load_test_pairs(e.dataset_dir, "test", 2, 0, "row")
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(export_pipeline(tiny_editor, tmp_path / "pipe"))
     pipe.set_progress_bar_config(disable=True)
     text_guidance, image_guidance = 7.5, 1.6
@@ -161,13 +161,13 @@ def test_load_test_pairs_reads_all_or_a_seeded_subset(heldout_dataset):
     from ip2p.evaluation.run import load_test_pairs
 
     root, rows = heldout_dataset
-    everything = load_test_pairs(root, "test", None, 0)
+    everything = load_test_pairs(root, "test", None, 0, "row")
     assert [r["id"] for r in everything] == sorted(r["id"] for r in rows)
     assert everything[0]["input_image"]["bytes"] == next(r for r in rows if r["id"] == everything[0]["id"])["input_image"]["bytes"]
-    two = load_test_pairs(root, "test", 2, 0)
+    two = load_test_pairs(root, "test", 2, 0, "row")
     assert len(two) == 2 and [r["id"] for r in two] == sorted(r["id"] for r in two)
     assert set(r["id"] for r in two) <= set(r["id"] for r in rows)
-    assert [r["id"] for r in load_test_pairs(root, "test", 2, 0)] == [r["id"] for r in two]
+    assert [r["id"] for r in load_test_pairs(root, "test", 2, 0, "row")] == [r["id"] for r in two]
 
 
 def test_the_original_draws_caption_pairs_then_one_kept_candidate(tmp_path):

@@ -127,7 +127,10 @@ def test_finetune_progress_reaches_a_redirected_log(tmp_path, cache_dir, tiny_lm
 
 def test_hf_backend_samples_reproducibly_per_batch(tiny_lm):
     model, tokenizer = tiny_lm
-    backend = HFBackend(model, tokenizer, "hf:tiny", Decoding(max_new_tokens=12), batch_size=3)
+    from ip2p.config import compose
+
+    settings = {**compose(["instructions=hf"]).instructions.decoding, "max_new_tokens": 12}
+    backend = HFBackend(model, tokenizer, "hf:tiny", Decoding.from_config(settings), batch_size=3)
     requests = [Request(f"r{i}", caption, seed=100 + i) for i, caption in
                 enumerate(["a cat on a mat", "a red kite flying over a green field", "a boat"])]
     first = backend.complete(requests)

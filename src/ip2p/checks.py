@@ -95,7 +95,7 @@ RULES: dict[str, Rule] = {
     "train.gradient_clip_val": optional(above(0)), "train.conditioning_dropout": within(0, 1 / 3),
     "train.timestep_power": above(0),
     "train.ema.decay": within(0, 1), "train.log_every_n_steps": POSITIVE_INT,
-    "train.data.num_workers": COUNT, "train.data.resolution": POSITIVE_INT,
+    "train.data.num_workers": COUNT, "train.data.resolution": POSITIVE_INT, "train.data.draw_by": one_of("pair", "row"),
     "train.validation.every_n_steps": POSITIVE_INT, "train.validation.max_batches": optional(POSITIVE_INT),
     "train.validation.batch_size": POSITIVE_INT, "train.validation.grid.num_images": COUNT,
     "train.validation.grid.steps": POSITIVE_INT, "train.validation.grid.scheduler": sampler,

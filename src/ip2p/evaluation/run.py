@@ -39,7 +39,7 @@ DRAW_UNITS = ("row", "pair")
 
 
 def load_test_pairs(dataset_dir: str | Path, split: str, num_samples: int | None, seed: int,
-                    unit: str = "row") -> list[dict]:
+                    unit: str) -> list[dict]:
     """Rows of the held-out split, sorted by id. unit=row: a seeded sample of `num_samples` rows (a caption
     pair with 4 kept candidates is 4x as likely to be tested); unit=pair (the original): a seeded sample of
     `num_samples` caption pairs, then one of each pair's kept candidates (seeded by the pair)."""
@@ -120,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluate
     out_dir = Path(e.out_dir)
-    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed), str(e.get("draw_by", "row")))
+    pairs = load_test_pairs(e.dataset_dir, e.split, e.num_samples, int(e.seed), str(e.draw_by))
     inputs = [_decode(r["input_image"], int(e.resolution)) for r in pairs]
     gts = [_decode(r.get("edited_image"), int(e.resolution)) for r in pairs]
     has_gt = all(g is not None for g in gts)

@@ -76,7 +76,7 @@ class ParquetSource:
     candidates the filter kept. unit="row": item i is row i (a pair with 4 kept candidates is seen 4x
     as often as one with 1)."""
 
-    def __init__(self, table, unit: str = "pair"):
+    def __init__(self, table, unit: str):
         if unit not in DRAW_UNITS:
             raise Ip2pError(f"train.data.draw_by must be one of {', '.join(DRAW_UNITS)} (got '{unit}')")
         self.table = table
@@ -331,7 +331,7 @@ def open_source(data_cfg: Mapping[str, Any], split: str, progress: bool = False)
     if data_cfg.get("format", "parquet") == "released":
         return ReleasedSource(Path(data_cfg["dir"]), split, tuple(float(f) for f in data_cfg["released_splits"]))
     return ParquetSource(load_parquet_split(data_cfg["dir"], split, data_cfg.get("cache_dir"), progress),
-                         str(data_cfg.get("draw_by", "pair")))
+                         str(data_cfg.get("draw_by", "pair")))  # a partial data config (tests, callers) draws by pair
 
 
 def check_data(data_cfg: Mapping[str, Any], progress: bool = False) -> None:

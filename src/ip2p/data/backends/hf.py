@@ -22,17 +22,24 @@ from typing import Sequence
 import torch
 
 from ip2p.data.backends.base import Request
-from ip2p.data.validate import END, few_shot_prefix, format_prompt, load_human_examples, pick_examples
+from ip2p.data.validate import few_shot_prefix, format_prompt, load_human_examples, pick_examples
 from ip2p.io import stable_seed
 
 
 @dataclass(frozen=True)
 class Decoding:
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    frequency_penalty: float = 0.1
-    stop: str = END
+    """The LM's decoding settings; their defaults live in the YAML (instructions.decoding, world.llm.decoding)."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    frequency_penalty: float
+    stop: str
+
+    @classmethod
+    def from_config(cls, s) -> "Decoding":
+        return cls(float(s["temperature"]), float(s["top_p"]), int(s["max_new_tokens"]),
+                   float(s["frequency_penalty"]), str(s["stop"]))
 
 
 class FrequencyPenalty:
@@ -64,10 +71,7 @@ class HFBackend:
         prefix = ""
         if int(h.few_shot) > 0:
             prefix = few_shot_prefix(pick_examples(load_human_examples(h.examples), int(h.few_shot), int(cfg.seed)))
-        s = h.decoding
-        decoding = Decoding(float(s.temperature), float(s.top_p), int(s.max_new_tokens), float(s.frequency_penalty),
-                            str(s.stop))
-        return cls(model, tokenizer, f"hf:{h.model}", decoding, int(h.batch_size), prefix)
+        return cls(model, tokenizer, f"hf:{h.model}", Decoding.from_config(h.decoding), int(h.batch_size), prefix)
 
     def _generation_config(self, max_new_tokens: int):
         from transformers import GenerationConfig

@@ -34,9 +34,7 @@ log = logging.getLogger(__name__)
 
 def judge(model_dir: str, cfg: DictConfig, c: DictConfig) -> dict:
     model, tokenizer = load_llm(model_dir, cfg.model, cfg.paths.cache, "cpu", "float32")
-    s = c.decoding
-    backend = HFBackend(model, tokenizer, f"hf:{model_dir}", Decoding(s.temperature, s.top_p, s.max_new_tokens,
-                                                                      s.frequency_penalty, s.stop), c.eval.batch_size)
+    backend = HFBackend(model, tokenizer, f"hf:{model_dir}", Decoding.from_config(c.decoding), c.eval.batch_size)
     rng = np.random.default_rng(c.eval.seed)
     captions = [caption(sc, rng) for sc in sample_scenes(c.eval.seed, c.eval.captions)]
     requests = [Request(f"e{k}", cap, stable_seed(c.eval.seed, k)) for k, cap in enumerate(captions)]
