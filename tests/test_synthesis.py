@@ -322,6 +322,32 @@ def test_observer_sees_the_clean_latents_each_step_implies(tiny_base):
     assert torch.equal(unobserved[0], lat_in) and torch.equal(unobserved[1], lat_out)
 
 
+def test_caption_switch_keeps_the_branches_equal_until_the_switch(tiny_base):
+    """With caption_switch = k / STEPS the output branch is denoised with the input caption for k steps: its
+    clean estimates equal the input branch's exactly up to step k - 1 (shared noise, same text), and
+    differ from step k on; without the switch they differ from the first step. The input branch and the
+    sample's noise are untouched by it."""
+    k, specs = 3, [SampleSpec(61, 0.5, 7.5)]
+    runs = {}
+    for switch in (0.0, k / STEPS):
+        sampler = PairSampler(tiny_base, synthesis_settings(steps=STEPS, caption_switch=switch))
+        seen = []
+        final = sampler.sample_rows([(CAT, DOG)], specs, SIZE, SIZE, observe=lambda step, x0: seen.append(x0.clone()))
+        runs[switch] = (final, [(x0[0] - x0[1]).abs().max().item() for x0 in seen])
+    (plain_in, plain_out), plain_gap = runs[0.0]
+    (sw_in, sw_out), sw_gap = runs[k / STEPS]
+    assert plain_gap[0] > 1e-3                      # different captions: the branches part at once
+    assert sw_gap[:k] == [0.0] * k and min(sw_gap[k:]) > 1e-3
+    assert torch.equal(sw_in, plain_in)             # the input branch does not see the switch
+    assert (sw_out - plain_out).abs().max() > 1e-2  # the edited image does
+
+
+def test_caption_switch_is_bounded():
+    cfg = compose(["synthesis.caption_switch=1.0"])
+    with pytest.raises(Ip2pError, match="caption_switch"):
+        settings_from_config(cfg)
+
+
 @pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpmpp_2m"])
 def test_early_look_drops_samples_mid_way_and_keeps_the_rest_unchanged(tiny_base, scheduler):
     """A sample kept by the early look ends as it would without the look (its noise, p, guidance and a

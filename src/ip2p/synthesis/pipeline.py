@@ -106,6 +106,8 @@ class SynthesisSettings:
     steps: int
     scheduler: str
     mode: str               # official | google (see ip2p.synthesis.attention)
+    caption_switch: float   # the output branch follows the input caption for this first fraction of the
+                            # steps (both branches equal there), then its own: 0 = the paper
     google: GoogleSettings
     align: AlignScores
     progress: bool
@@ -270,6 +272,9 @@ class PairSampler:
         index = torch.tensor([run.row_of[a] for a, _ in run.captions] + [run.row_of[b] for _, b in run.captions],
                              device=run.encoded.device)
         text = torch.cat([run.encoded.index_select(0, index), run.empty.expand(2 * s, -1, -1)])
+        # Before the switch both branches see the input caption: the edit starts from the input's layout.
+        switch_steps = round(self.settings.caption_switch * self.settings.steps)
+        text_early = torch.cat([text[:s], text[:s], text[2 * s:]])
         cfg = torch.tensor([spec.cfg for spec in run.specs], dtype=torch.float32).repeat(2).to(self.device)
         blend = self.settings.mode == "google" and self.settings.google.local_blend
         words = {pair: self.changed_words(*pair) for pair in set(run.captions)} if blend else {}
@@ -280,7 +285,8 @@ class PairSampler:
 
         def predict_noise(model_input: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
             control.begin_step(step)
-            eps = unet_prediction(unet, self.c.autocast, torch.cat([model_input, model_input]), t, text)
+            eps = unet_prediction(unet, self.c.autocast, torch.cat([model_input, model_input]), t,
+                                  text_early if step < switch_steps else text)
             eps_cond, eps_uncond = eps.chunk(2)  # each [input branch, output branch]
             guided = classifier_free_guidance(eps_cond, eps_uncond, cfg)
             if observe is not None:

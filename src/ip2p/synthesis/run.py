@@ -53,6 +53,8 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
             raise Ip2pError(f"synthesis.{key} must be at least 1 (got {s[key]})")
     if not 0 <= s.p_min <= s.p_max <= 1:
         raise Ip2pError(f"need 0 <= synthesis.p_min <= synthesis.p_max <= 1 (got {s.p_min}, {s.p_max})")
+    if not 0 <= s.caption_switch < 1:
+        raise Ip2pError(f"synthesis.caption_switch must lie in [0, 1) (got {s.caption_switch})")
     if not 0 < s.cfg_min <= s.cfg_max:
         raise Ip2pError(f"need 0 < synthesis.cfg_min <= synthesis.cfg_max (got {s.cfg_min}, {s.cfg_max})")
     scheduler_class(str(s.scheduler))  # an unknown scheduler fails before the model loads
@@ -69,6 +71,7 @@ def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
                         "(Google's cross-attention edit belongs to one caption pair per batch)")
     align = AlignScores(float(g.align.match), float(g.align.mismatch), float(g.align.gap))
     return SynthesisSettings(steps=int(s.steps), scheduler=str(s.scheduler), mode=str(s.attention.mode),
+                             caption_switch=float(s.caption_switch),
                              google=google, align=align, progress=False)
 
 
