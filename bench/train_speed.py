@@ -85,7 +85,7 @@ def cached_loader(parts, args, device: torch.device, root: str):
     from torch.utils.data import DataLoader
 
     from ip2p.io.dataset import image_struct
-    from ip2p.synthesis.run import encode_image
+    from ip2p.io.pairs import encode_image
     from ip2p.training.datamodule import CachedPairDataset, ParquetSource, StreamSampler, collate
     from ip2p.training.latent_cache import LatentCache, build_latent_cache
 
@@ -239,7 +239,11 @@ def main() -> None:
     import pytorch_lightning as pl
 
     from ip2p.models.loader import widen_conv_in
-    from ip2p.training.module import InstructPix2PixModule, TrainSettings
+    from dataclasses import replace
+
+    from ip2p.config import compose
+    from ip2p.training.module import InstructPix2PixModule
+    from ip2p.training.run import settings_from_config
     from ip2p.training.run import _quiet_lightning
 
     _quiet_lightning()
@@ -249,7 +253,9 @@ def main() -> None:
         torch.set_float32_matmul_precision(args.matmul_precision)
     parts = build_base(args.preset, device, torch.float32, args.cache)  # fp32 weights: autocast does bf16
     widen_conv_in(parts.unet, 2 * parts.vae.config.latent_channels)
-    module = InstructPix2PixModule(parts, TrainSettings(gradient_checkpointing=args.gradient_checkpointing))
+    # the recipe's one home is conf/train (TrainSettings has no defaults of its own)
+    recipe = settings_from_config(compose([]))
+    module = InstructPix2PixModule(parts, replace(recipe, gradient_checkpointing=args.gradient_checkpointing))
     loader = train_loader(parts.tokenizer, args, device)
 
     ours, cached, reference = [], [], []

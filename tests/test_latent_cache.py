@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from test_training import write_parquet_split
+from ip2p.config import compose
 
 
 def _data_cfg(dataset, tmp_path, cache_latents, flip=True, resolution=32, resize_max=32) -> dict:
     return {"format": "parquet", "dir": str(dataset), "released_splits": [0.9, 0.05, 0.05],
             "resolution": resolution, "resize_min": resolution, "resize_max": resize_max, "flip": flip,
             "num_workers": 0, "cache_dir": str(tmp_path / "hf"), "cache_latents": cache_latents,
-            "latent_cache_dir": str(tmp_path / "latents"), "cache_dtype": "float32", "cache_batch_size": 3}
+            "latent_cache_dir": str(tmp_path / "latents"), "cache_dtype": "float32", "cache_batch_size": 3,
+            "draw_by": compose([]).train.data.draw_by}
 
 
 def _datamodule(data_cfg, components):

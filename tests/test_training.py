@@ -303,11 +303,12 @@ def test_released_layout_split_and_items(tmp_path, tiny_editor):
 
 
 def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
+    from ip2p.config import compose
     from ip2p.training.datamodule import EditDataModule
 
     data_cfg = {"format": "parquet", "dir": str(dataset), "released_splits": [0.9, 0.05, 0.05], "resolution": 32,
                 "resize_min": 32, "resize_max": 32, "flip": False, "num_workers": 0,
-                "cache_dir": str(tmp_path / "hf")}
+                "cache_dir": str(tmp_path / "hf"), "draw_by": compose([]).train.data.draw_by}
     dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm.prepare_data()
     dm.setup("fit")
@@ -355,6 +356,19 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
     with open_dict(before_rename):
         before_rename.train.data["sampling"] = before_rename.train.data.pop("draw_by")
     assert run_fingerprint(before_rename) == run_fingerprint(cfg)
+    before_conv_in_rate = compose_train(tmp_path, dataset, cache_dir)
+    with open_dict(before_conv_in_rate):
+        del before_conv_in_rate.train["conv_in_lr_scale"]
+    assert run_fingerprint(before_conv_in_rate) == run_fingerprint(cfg)
+    faster_conv_in = compose_train(tmp_path, dataset, cache_dir, **{"train.conv_in_lr_scale": 10})
+    assert run_fingerprint(faster_conv_in) != run_fingerprint(cfg)
+    # the preset's editor is not where a base-initialised run starts, so naming another one changes nothing
+    other_editor = compose_train(tmp_path, dataset, cache_dir, **{"model.editor": str(tmp_path / "elsewhere")})
+    assert run_fingerprint(other_editor) == run_fingerprint(cfg)
+    from_editor = compose_train(tmp_path, dataset, cache_dir, **{"train.init": "editor"})
+    from_other_editor = compose_train(tmp_path, dataset, cache_dir, **{"train.init": "editor",
+                                                                       "model.editor": str(tmp_path / "elsewhere")})
+    assert run_fingerprint(from_editor) != run_fingerprint(from_other_editor)
     swapped = compose_train(tmp_path, dataset, cache_dir, **{"model.base_vae": str(tmp_path / "vae-ft")})
     assert run_fingerprint(swapped) != run_fingerprint(cfg)                   # another VAE: another run
     cosine = compose_train(tmp_path, dataset, cache_dir, **{"train.lr_schedule": "cosine"})
@@ -426,7 +440,7 @@ def test_parquet_datamodule_samples_pairs_by_default(tmp_path, tiny_editor):
     for split in ("train", "val"):
         write_split(rows, tmp_path / "ds", split, shard_size=3)
     data_cfg = {"format": "parquet", "dir": str(tmp_path / "ds"), "resolution": 32, "resize_min": 32,
-                "resize_max": 32, "flip": False, "num_workers": 0, "cache_dir": str(tmp_path / "hf")}
+                "resize_max": 32, "flip": False, "num_workers": 0, "cache_dir": str(tmp_path / "hf"), "draw_by": "pair"}
     dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 2
@@ -601,6 +615,37 @@ def test_training_draws_timesteps_with_the_configured_power(tmp_path, dataset, c
 
     assert any(p.startswith("train.timestep_power") for p in
                config_problems(compose_train(tmp_path, dataset, cache_dir, **{"train.timestep_power": 0})))
+
+
+def test_conv_in_learning_rate_scale(tmp_path, dataset, cache_dir):
+    """train.conv_in_lr_scale: conv_in (where the input image enters) gets lr x scale, every other weight lr;
+    at 1 there is one group in the order of unet.parameters(), which the optimizer states of older
+    checkpoints follow. After one AdamW step from zero moments each weight moves by its group's rate
+    (the update is g / |g| = +-1 where the gradient is not zero), so the moves show the rates."""
+    from ip2p.training.module import InstructPix2PixModule
+    from ip2p.training.run import load_components, settings_from_config
+
+    plain_cfg = compose_train(tmp_path, dataset, cache_dir)
+    plain = InstructPix2PixModule(load_components(plain_cfg), settings_from_config(plain_cfg))
+    (group,) = plain.configure_optimizers()["optimizer"].param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in plain.unet.parameters() if p.requires_grad]
+
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.conv_in_lr_scale": 10, "train.weight_decay": 0,
+                                                         "train.warmup_steps": 0})
+    module = InstructPix2PixModule(load_components(cfg), settings_from_config(cfg))
+    optimizer = module.configure_optimizers()["optimizer"]
+    lr = float(cfg.train.lr)
+    rest, first = optimizer.param_groups
+    assert rest["lr"] == lr and first["lr"] == pytest.approx(10 * lr)
+    assert {id(p) for p in first["params"]} == {id(p) for p in module.unet.conv_in.parameters()}
+    assert len(rest["params"]) + len(first["params"]) == sum(1 for p in module.unet.parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    for p in module.unet.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in module.unet.named_parameters()}
+    assert moved["conv_in.weight"] == pytest.approx(10 * lr, rel=1e-3)
+    assert moved["conv_out.weight"] == pytest.approx(lr, rel=1e-3)
 
 
 def test_trainer_configs_build_strategies_and_read_launcher_environment(monkeypatch):

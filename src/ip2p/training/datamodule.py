@@ -331,7 +331,7 @@ def open_source(data_cfg: Mapping[str, Any], split: str, progress: bool = False)
     if data_cfg.get("format", "parquet") == "released":
         return ReleasedSource(Path(data_cfg["dir"]), split, tuple(float(f) for f in data_cfg["released_splits"]))
     return ParquetSource(load_parquet_split(data_cfg["dir"], split, data_cfg.get("cache_dir"), progress),
-                         str(data_cfg.get("draw_by", "pair")))  # a partial data config (tests, callers) draws by pair
+                         str(data_cfg["draw_by"]))
 
 
 def check_data(data_cfg: Mapping[str, Any], progress: bool = False) -> None:

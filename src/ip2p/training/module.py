@@ -50,6 +50,7 @@ class TrainSettings:
     max_steps: int
     conditioning_dropout: float
     timestep_power: float
+    conv_in_lr_scale: float  # conv_in (where the input image enters) learns at lr x this
     ema_decay: float
     ema_warmup: bool
     gradient_checkpointing: bool
@@ -278,7 +279,11 @@ class InstructPix2PixModule(pl.LightningModule):
 
     def configure_optimizers(self):
         s = self.settings
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params = [p for p in self.unet.parameters() if p.requires_grad]  # this order: what old checkpoints' states follow
+        if s.conv_in_lr_scale != 1:
+            first = [p for n, p in self.unet.named_parameters() if p.requires_grad and n.startswith("conv_in.")]
+            rest = [p for n, p in self.unet.named_parameters() if p.requires_grad and not n.startswith("conv_in.")]
+            params = [{"params": rest}, {"params": first, "lr": s.lr * s.conv_in_lr_scale}]
         optimizer = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay, eps=s.eps)
         min_ratio = s.min_lr / s.lr
         schedule = torch.optim.lr_scheduler.LambdaLR(

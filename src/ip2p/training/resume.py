@@ -50,6 +50,8 @@ def run_fingerprint(cfg: DictConfig) -> str:
     # train.data.draw_by was called train.data.sampling when runs were made: hashed under that name, such
     # runs keep their fingerprint.
     recipe["data"] = {RENAMED_DATA_KEYS.get(k, k): v for k, v in recipe["data"].items()}
+    if recipe.get("conv_in_lr_scale", 1.0) == 1.0:   # added after runs were made; 1 changes nothing
+        recipe.pop("conv_in_lr_scale", None)
     if recipe.get("lr_schedule", "constant") == "constant":
         # Keys added after runs were made, at the value that changes nothing: such runs keep their fingerprint.
         recipe.pop("lr_schedule", None)
@@ -60,6 +62,8 @@ def run_fingerprint(cfg: DictConfig) -> str:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("base_vae", "unset") is None:   # added after runs were made; null changes nothing
         model.pop("base_vae")
+    if str(cfg.train.init) == "base":            # the preset's editor is not where such a run starts
+        model.pop("editor", None)
     parts = {"train": recipe, "seed": cfg.seed, "model": model,
              "trainer": OmegaConf.to_container(cfg.trainer, resolve=True), "data": files}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ip2p.io.atomic import atomic_write_json
-from ip2p.io.figures import save_figure
+from ip2p.io.figures import finish_figure
 from ip2p.io.images import to_uint8
 from ip2p.io.jsonl import read_jsonl
 from ip2p.io.loggers import log_metrics, start_mlflow_run
@@ -143,9 +143,5 @@ def picture(modes: dict, path: Path) -> None:
     left.set(ylabel="correct pairs (oracle)", title="by edit kind", ylim=(0, 1))
     right.set(xlabel="p (fraction of steps with copied self-attention)", ylabel="correct pairs (oracle)",
               title="over p", ylim=(0, 1))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Prompt-to-Prompt attention control, same candidates, judged by the world", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, path, "Prompt-to-Prompt attention control, same candidates, judged by the world",
+                  axes=(left, right), legend_fontsize=8)

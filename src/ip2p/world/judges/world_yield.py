@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ip2p.filtering.select import select
 from ip2p.io.atomic import atomic_write_json
-from ip2p.io.figures import save_figure
+from ip2p.io.figures import finish_figure
 from ip2p.io.images import tensor_to_pil, to_uint8
 from ip2p.io.loggers import log_metrics, start_mlflow_run
 from ip2p.models.loader import load_clip, load_diffusion, resolve_autocast
@@ -243,9 +243,5 @@ def picture(results: list[dict], path: Path) -> None:
     right.bar(names, [r["correct_kept_per_hour"] for r in results])
     right.set(ylabel="correct kept pairs per hour", title="what a setting buys")
     right.tick_params(axis="x", rotation=30, labelsize=8)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
     left.legend(fontsize=7)
-    fig.suptitle("Synthesis settings on the same world caption pairs and candidates", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_figure(fig, path, "Synthesis settings on the same world caption pairs and candidates", axes=(left, right))
