@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
                 ax.set_yticks([])
     names = "; ".join(f"{chr(65 + e)}: {name}" for e, (name, _) in enumerate(editors)) if len(editors) > 1 else editors[0][0]
     fig.suptitle(f"Held-out world scenes, input above its edits ({names})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))   # 0.4 in above the grid for the title
     out = save_figure(fig, c.picture, dpi=110)
     scene_png = Path(c.scene_png)
     scene_png.parent.mkdir(parents=True, exist_ok=True)
