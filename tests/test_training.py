@@ -686,7 +686,7 @@ def test_missing_or_broken_data_gives_one_line_errors(tmp_path, tiny_editor):
     def module(**changes):
         data_cfg = {"format": "parquet", "dir": str(tmp_path / "nothing"), "released_splits": [0.9, 0.05, 0.05],
                     "resolution": 32, "resize_min": 32, "resize_max": 32, "flip": True, "num_workers": 0,
-                    "cache_dir": str(tmp_path / "hf"), **changes}
+                    "cache_dir": str(tmp_path / "hf"), "draw_by": "pair", **changes}
         return EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
 
     with pytest.raises(Ip2pError, match="no dataset at"):
