@@ -362,6 +362,11 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
     assert run_fingerprint(before_conv_in_rate) == run_fingerprint(cfg)
     faster_conv_in = compose_train(tmp_path, dataset, cache_dir, **{"train.conv_in_lr_scale": 10})
     assert run_fingerprint(faster_conv_in) != run_fingerprint(cfg)
+    before_snr_weights = compose_train(tmp_path, dataset, cache_dir)
+    with open_dict(before_snr_weights):
+        del before_snr_weights.train["snr_gamma"]
+    assert run_fingerprint(before_snr_weights) == run_fingerprint(cfg)
+    assert run_fingerprint(compose_train(tmp_path, dataset, cache_dir, **{"train.snr_gamma": 5})) != run_fingerprint(cfg)
     # the preset's editor is not where a base-initialised run starts, so naming another one changes nothing
     other_editor = compose_train(tmp_path, dataset, cache_dir, **{"model.editor": str(tmp_path / "elsewhere")})
     assert run_fingerprint(other_editor) == run_fingerprint(cfg)
@@ -561,6 +566,46 @@ def test_v_prediction_objective_is_the_velocity(cfg):
     velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * target
     assert torch.equal(captured["t"], t)
     torch.testing.assert_close(loss, (velocity ** 2).mean())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_weights_each_example_by_the_capped_snr(tmp_path, dataset, cache_dir, prediction_type):
+    """train.snr_gamma: each example's squared error times min(SNR, gamma) / SNR (epsilon) or
+    min(SNR, gamma) / (SNR + 1) (v), SNR = a / (1 - a); recomputed here by hand from the same draws."""
+    from ip2p.training.module import InstructPix2PixModule, encode_pair, min_snr_weights
+    from ip2p.training.run import load_components, settings_from_config
+
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.snr_gamma": 5.0})
+    settings = settings_from_config(cfg)
+    assert settings.snr_gamma == 5.0
+    components = load_components(cfg)
+    components.scheduler = components.scheduler.__class__.from_config(components.scheduler.config,
+                                                                      prediction_type=prediction_type)
+    module = InstructPix2PixModule(components, settings)
+    module.unet.forward = lambda sample, t, encoder_hidden_states: type(
+        "Out", (), {"sample": torch.zeros_like(sample[:, :4])})()
+    batch = {"input": torch.zeros(6, 3, 32, 32), "edited": torch.rand(6, 3, 32, 32) * 2 - 1,
+             "input_ids": torch.zeros(6, 77, dtype=torch.long)}
+    loss = module.diffusion_loss(batch, torch.Generator().manual_seed(1), dropout=0.0, snr_gamma=5.0)
+    g = torch.Generator().manual_seed(1)
+    target, _ = encode_pair(components.vae, batch["edited"], batch["input"], g)
+    noise = torch.randn(target.shape, generator=g)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    a = module.noise_scheduler.alphas_cumprod[t].double()
+    objective = noise if prediction_type == "epsilon" else (
+        a.sqrt()[:, None, None, None] * noise - (1 - a).sqrt()[:, None, None, None] * target)
+    snr = a / (1 - a)
+    by_hand = [min(float(s), 5.0) / (float(s) if prediction_type == "epsilon" else float(s) + 1) for s in snr]
+    expected = sum(w * float((objective[i] ** 2).mean()) for i, w in enumerate(by_hand)) / 6
+    assert abs(float(loss) - expected) < 1e-5 * max(1.0, expected)
+    # the cap: at high noise (SNR < gamma) an epsilon example keeps weight 1, at low noise it weighs gamma / SNR
+    weights = min_snr_weights(module.noise_scheduler.alphas_cumprod, torch.tensor([999, 10]), 5.0, "epsilon")
+    assert float(weights[0]) == 1.0 and float(weights[1]) < 0.05
+    with pytest.raises(ValueError, match="positive"):
+        min_snr_weights(module.noise_scheduler.alphas_cumprod, t, 0.0, "epsilon")
+    # null, the default (the paper), is the plain mean, and a run made before the option keeps its fingerprint
+    plain_loss = module.diffusion_loss(batch, torch.Generator().manual_seed(1), dropout=0.0, snr_gamma=None)
+    assert abs(float(plain_loss) - sum(float((objective[i] ** 2).mean()) for i in range(6)) / 6) < 1e-5
 
 
 @pytest.mark.parametrize("power", [2.0, 3.0])

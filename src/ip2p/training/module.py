@@ -51,6 +51,7 @@ class TrainSettings:
     conditioning_dropout: float
     timestep_power: float
     conv_in_lr_scale: float  # conv_in (where the input image enters) learns at lr x this
+    snr_gamma: float | None  # Min-SNR-gamma loss weights; None: every timestep weighs the same (the paper)
     ema_decay: float
     ema_warmup: bool
     gradient_checkpointing: bool
@@ -151,6 +152,26 @@ def draw_timesteps(batch_size: int, num_train_timesteps: int, power: float, gene
     return t.clamp_(0, num_train_timesteps - 1)
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Per-example loss weights [B] of Min-SNR-gamma (Hang et al. 2023), SNR(t) = a_t / (1 - a_t) with
+    a_t = alphas_cumprod[t]. The weight turns either objective into an x0 loss whose weight is capped at
+    gamma:
+        epsilon:       w = min(SNR, gamma) / SNR
+        v_prediction:  w = min(SNR, gamma) / (SNR + 1)
+    so that the low-noise steps, whose targets x_t nearly gives away, stop dominating the gradient."""
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive (got {gamma})")
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps]
+    snr = a / (1.0 - a)
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return (capped / snr).float()
+    if prediction_type == "v_prediction":
+        return (capped / (snr + 1.0)).float()
+    raise ValueError(f"Min-SNR weights need prediction_type epsilon or v_prediction (got '{prediction_type}')")
+
+
 def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", max_steps: int = 0,
               min_ratio: float = 0.0) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based): a linear warmup over
@@ -227,7 +248,7 @@ class InstructPix2PixModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(stable_seed(self.settings.seed, purpose, int(key)))
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float,
-                       timestep_power: float = 1.0) -> torch.Tensor:
+                       timestep_power: float = 1.0, snr_gamma: float | None = None) -> torch.Tensor:
         """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`."""
         self._frozen_to_device()
         if "latent_mean" in batch:  # cached latents (ip2p.training.latent_cache): no VAE, no text encoder
@@ -254,11 +275,16 @@ class InstructPix2PixModule(pl.LightningModule):
             objective = self.noise_scheduler.get_velocity(target_latents, noise, timesteps)
         model_input = torch.cat([noisy, condition], dim=1)
         prediction = self.unet(model_input, timesteps, encoder_hidden_states=text).sample
-        return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
+        if snr_gamma is None:
+            return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
+        per_example = F.mse_loss(prediction.float(), objective.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps, snr_gamma, self.prediction_type)
+        return (weights.to(per_example.device) * per_example).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.batch_generator("train-step", batch["position"][0])
-        loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout, self.settings.timestep_power)
+        loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout, self.settings.timestep_power,
+                                   self.settings.snr_gamma)
         self.last_loss = float(loss.detach())
         batch_size = len(batch["id"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)

@@ -52,6 +52,8 @@ def run_fingerprint(cfg: DictConfig) -> str:
     recipe["data"] = {RENAMED_DATA_KEYS.get(k, k): v for k, v in recipe["data"].items()}
     if recipe.get("conv_in_lr_scale", 1.0) == 1.0:   # added after runs were made; 1 changes nothing
         recipe.pop("conv_in_lr_scale", None)
+    if recipe.get("snr_gamma") is None:              # likewise: null weighs every timestep the same
+        recipe.pop("snr_gamma", None)
     if recipe.get("lr_schedule", "constant") == "constant":
         # Keys added after runs were made, at the value that changes nothing: such runs keep their fingerprint.
         recipe.pop("lr_schedule", None)

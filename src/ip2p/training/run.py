@@ -90,6 +90,7 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
                          eps=float(t.eps), warmup_steps=int(t.warmup_steps), lr_schedule=str(t.lr_schedule),
                          min_lr=float(t.min_lr), max_steps=int(t.max_steps), conditioning_dropout=p,
                          timestep_power=float(t.timestep_power), conv_in_lr_scale=float(t.conv_in_lr_scale),
+                         snr_gamma=None if t.snr_gamma is None else float(t.snr_gamma),
                          ema_decay=float(t.ema.decay), ema_warmup=bool(t.ema.warmup),
                          gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid)
 
