@@ -236,15 +236,14 @@ def main() -> None:
         ap.error("need --steps >= 1, --warmup >= 0, --repeats >= 1")
 
     import diffusers
-    import pytorch_lightning as pl
-
-    from ip2p.models.loader import widen_conv_in
     from dataclasses import replace
 
+    import pytorch_lightning as pl
+
     from ip2p.config import compose
+    from ip2p.models.loader import widen_conv_in
     from ip2p.training.module import InstructPix2PixModule
-    from ip2p.training.run import settings_from_config
-    from ip2p.training.run import _quiet_lightning
+    from ip2p.training.run import _quiet_lightning, settings_from_config
 
     _quiet_lightning()
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from test_training import write_parquet_split
-from ip2p.config import compose
 
 
 def _data_cfg(dataset, tmp_path, cache_latents, flip=True, resolution=32, resize_max=32) -> dict:
@@ -17,7 +16,7 @@ def _data_cfg(dataset, tmp_path, cache_latents, flip=True, resolution=32, resize
             "resolution": resolution, "resize_min": resolution, "resize_max": resize_max, "flip": flip,
             "num_workers": 0, "cache_dir": str(tmp_path / "hf"), "cache_latents": cache_latents,
             "latent_cache_dir": str(tmp_path / "latents"), "cache_dtype": "float32", "cache_batch_size": 3,
-            "draw_by": compose([]).train.data.draw_by}
+            "draw_by": "pair"}
 
 
 def _datamodule(data_cfg, components):

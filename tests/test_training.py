@@ -303,12 +303,11 @@ def test_released_layout_split_and_items(tmp_path, tiny_editor):
 
 
 def test_parquet_datamodule_reads_the_contract(dataset, tmp_path, tiny_editor):
-    from ip2p.config import compose
     from ip2p.training.datamodule import EditDataModule
 
     data_cfg = {"format": "parquet", "dir": str(dataset), "released_splits": [0.9, 0.05, 0.05], "resolution": 32,
                 "resize_min": 32, "resize_max": 32, "flip": False, "num_workers": 0,
-                "cache_dir": str(tmp_path / "hf"), "draw_by": compose([]).train.data.draw_by}
+                "cache_dir": str(tmp_path / "hf"), "draw_by": "pair"}
     dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm.prepare_data()
     dm.setup("fit")

@@ -279,7 +279,7 @@ class InstructPix2PixModule(pl.LightningModule):
             return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
         per_example = F.mse_loss(prediction.float(), objective.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps, snr_gamma, self.prediction_type)
-        return (weights.to(per_example.device) * per_example).mean()
+        return (weights * per_example).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.batch_generator("train-step", batch["position"][0])

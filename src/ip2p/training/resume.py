@@ -39,6 +39,10 @@ DATA_NOT_IN_FINGERPRINT = ("cache_latents", "latent_cache_dir", "cache_batch_siz
 # train.data.* keys renamed after runs were made -> the name the fingerprint hashes them under
 RENAMED_DATA_KEYS = {"draw_by": "sampling"}
 
+# train.* keys added after runs were made -> the value that changes nothing: at that value a key is left out of
+# the fingerprint, so such runs keep theirs
+ADDED_WITHOUT_EFFECT = {"conv_in_lr_scale": 1.0, "snr_gamma": None}
+
 
 def run_fingerprint(cfg: DictConfig) -> str:
     """What makes one training trajectory: the recipe (train.* but NOT_IN_FINGERPRINT), the seed, the
@@ -50,10 +54,9 @@ def run_fingerprint(cfg: DictConfig) -> str:
     # train.data.draw_by was called train.data.sampling when runs were made: hashed under that name, such
     # runs keep their fingerprint.
     recipe["data"] = {RENAMED_DATA_KEYS.get(k, k): v for k, v in recipe["data"].items()}
-    if recipe.get("conv_in_lr_scale", 1.0) == 1.0:   # added after runs were made; 1 changes nothing
-        recipe.pop("conv_in_lr_scale", None)
-    if recipe.get("snr_gamma") is None:              # likewise: null weighs every timestep the same
-        recipe.pop("snr_gamma", None)
+    for key, no_effect in ADDED_WITHOUT_EFFECT.items():
+        if key in recipe and recipe[key] == no_effect:
+            recipe.pop(key)
     if recipe.get("lr_schedule", "constant") == "constant":
         # Keys added after runs were made, at the value that changes nothing: such runs keep their fingerprint.
         recipe.pop("lr_schedule", None)
