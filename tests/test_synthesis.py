@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from ip2p.synthesis.attention import (
 )
 from ip2p.synthesis.p2p_alignment import TokenMap
 from ip2p.synthesis.pipeline import PairedNoiseScheduler, PairSampler, SampleSpec, draw_samples
+from ip2p.synthesis.run import RECIPE_FILE, TEMP_PREFIX
 from ip2p.synthesis.run import settings_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -510,7 +512,7 @@ def test_stage_writes_pairs_and_counts_rejections(tmp_path, cache_dir):
                                   "unsafe_pair_id": 1}
     assert report["records_out"] == 2 and report["records_in"] == 9 and report["candidates_written"] == 6
     out = tmp_path / "candidates"
-    assert sorted(p.name for p in out.iterdir()) == ["p1", "p2"]
+    assert sorted(p.name for p in out.iterdir()) == [RECIPE_FILE, "p1", "p2"]
     assert json.loads((out / "p1" / "prompt.json").read_text()) == {"input": CAT, "edit": "change it", "output": DOG}
     meta = [json.loads(line) for line in (out / "p1" / "metadata.jsonl").read_text().splitlines()]
     expected_specs = draw_samples(0, "p1", 3, (0.1, 0.9), (7.5, 15.0))
@@ -547,7 +549,7 @@ def test_pairs_per_batch_writes_the_same_pair_folders(tmp_path, cache_dir):
     three = run_stage(stage_overrides(tmp_path, instructions, out="three", **{"synthesis.pairs_per_batch": 3}), cache_dir)
     assert three["pairs_per_batch"] == 3 and three["records_out"] == one["records_out"] == 4
     a, b = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "three")
-    assert a.keys() == b.keys() and len(a) == 4 * (2 + 3 * 2)  # prompt, metadata, 3 candidates x 2 images
+    assert a.keys() == b.keys() and len(a) == 1 + 4 * (3 + 3 * 2)  # recipe; prompt, metadata, drawn, 3 x 2 images
     for name in a:
         if name.endswith(".png"):
             x = np.asarray(Image.open(io.BytesIO(a[name])), dtype=np.int16)
@@ -593,7 +595,8 @@ def test_early_drop_mid_way_stops_failing_candidates(tmp_path, cache_dir, tiny_c
     report = run_stage(stage_overrides(tmp_path, instructions, out="looked") + open_final + open_look
                        + ["synthesis.early_drop.look_at=0.5"], cache_dir)
     assert report["candidates_written"] == 3 and report["candidates_dropped_early"] == 0
-    assert folder_bytes(tmp_path / "looked") == folder_bytes(tmp_path / "plain")
+    looked, plain = folder_bytes(tmp_path / "looked"), folder_bytes(tmp_path / "plain")
+    assert looked.pop(RECIPE_FILE) != plain.pop(RECIPE_FILE) and looked == plain  # the recipe names the look
     closed_look = open_look[:-1] + ["synthesis.early_drop.look_thresholds.sim_1=2.0"]
     report = run_stage(stage_overrides(tmp_path, instructions, out="stopped") + open_final + closed_look
                        + ["synthesis.early_drop.look_at=0.5"], cache_dir)
@@ -601,6 +604,68 @@ def test_early_drop_mid_way_stops_failing_candidates(tmp_path, cache_dir, tiny_c
     with pytest.raises(Ip2pError, match="look_at < 1"):
         run_stage(stage_overrides(tmp_path, instructions, out="google") + open_final
                   + ["synthesis.early_drop.look_at=0.5", "synthesis.attention.mode=google"], cache_dir)
+
+
+def test_more_samples_per_pair_tops_finished_pairs_up(tmp_path, cache_dir):
+    """2 candidates a pair, then 3: the same folders, bytes and metadata as one run with 3; only the
+    third sample of each pair is drawn. A top-up killed after it moved its images but before it replaced
+    metadata.jsonl, or after metadata.jsonl but before drawn.json, ends the same when rerun."""
+    instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:2])
+    run_stage(stage_overrides(tmp_path, instructions, out="direct"), cache_dir)
+    run_stage(stage_overrides(tmp_path, instructions, out="grown", **{"synthesis.samples_per_pair": 2}), cache_dir)
+    grown = tmp_path / "grown"
+    assert len((grown / "p1" / "metadata.jsonl").read_text().splitlines()) == 2
+    report = run_stage(stage_overrides(tmp_path, instructions, out="grown"), cache_dir)
+    assert report["pairs_topped_up"] == 2 and report["candidates_written"] == 2 and report["pairs_written"] == 0
+    assert report["records_out"] == 2
+    assert folder_bytes(grown) == folder_bytes(tmp_path / "direct")
+    assert json.loads((grown / "p1" / "drawn.json").read_text()) == {"samples_drawn": 3}
+
+    # killed between the images and metadata.jsonl: the pair lists 2 candidates and holds a stray third
+    run_stage(stage_overrides(tmp_path, instructions, out="killed", **{"synthesis.samples_per_pair": 2}), cache_dir)
+    third = draw_samples(0, "p1", 3, (0.1, 0.9), (7.5, 15.0))[2].seed
+    for k in (0, 1):
+        shutil.copy(grown / "p1" / f"{third}_{k}.png", tmp_path / "killed" / "p1" / f"{third}_{k}.png")
+    # and p2 killed after metadata.jsonl, before drawn.json
+    shutil.copy(grown / "p2" / "metadata.jsonl", tmp_path / "killed" / "p2" / "metadata.jsonl")
+    third2 = draw_samples(0, "p2", 3, (0.1, 0.9), (7.5, 15.0))[2].seed
+    for k in (0, 1):
+        shutil.copy(grown / "p2" / f"{third2}_{k}.png", tmp_path / "killed" / "p2" / f"{third2}_{k}.png")
+    report = run_stage(stage_overrides(tmp_path, instructions, out="killed"), cache_dir)
+    assert report["pairs_topped_up"] == 1 and report["pairs_done_before"] == 1 and report["candidates_written"] == 1
+    assert {k: v for k, v in folder_bytes(tmp_path / "killed").items() if k != "p2/drawn.json"} == \
+        {k: v for k, v in folder_bytes(grown).items() if k != "p2/drawn.json"}
+
+
+def test_early_dropped_samples_count_as_drawn(tmp_path, cache_dir, tiny_clip):
+    """A pair whose candidates were all dropped early is finished: a rerun draws nothing again."""
+    instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
+    drop_all = ["synthesis.early_drop.enabled=true", "synthesis.early_drop.thresholds.sim_image=2.0"]
+    run_stage(stage_overrides(tmp_path, instructions, out="dropped") + drop_all, cache_dir)
+    assert json.loads((tmp_path / "dropped" / "p1" / "drawn.json").read_text()) == {"samples_drawn": 3}
+    again = run_stage(stage_overrides(tmp_path, instructions, out="dropped") + drop_all, cache_dir)
+    assert again["pairs_done_before"] == 1 and again["candidates_dropped_early"] == 0
+
+
+def test_another_recipe_in_the_same_folder_is_refused_and_a_changed_caption_pair_redone(tmp_path, cache_dir):
+    instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:2])
+    run_stage(stage_overrides(tmp_path, instructions), cache_dir)
+    before = folder_bytes(tmp_path / "candidates")
+    with pytest.raises(Ip2pError, match="another recipe") as err:
+        run_stage(stage_overrides(tmp_path, instructions, **{"synthesis.steps": 4, "synthesis.cfg_max": 9.0}), cache_dir)
+    assert "synthesis.cfg_max, synthesis.steps" in str(err.value) and "\n" not in str(err.value)
+    assert folder_bytes(tmp_path / "candidates") == before
+    # batching is not part of the recipe
+    again = run_stage(stage_overrides(tmp_path, instructions, **{"synthesis.batch_size": 1}), cache_dir)
+    assert again["pairs_done_before"] == 2
+    # p2 now stands for another caption pair: its folder is redone, p1 is kept
+    changed = [GOOD[0], pair("p2", "a green bird", "a yellow bird")]
+    instructions = write_instructions(tmp_path / "instructions.jsonl", changed)
+    report = run_stage(stage_overrides(tmp_path, instructions), cache_dir)
+    assert report["pairs_redone"] == 1 and report["pairs_written"] == 1 and report["pairs_done_before"] == 1
+    fresh = write_instructions(tmp_path / "fresh.jsonl", changed)
+    run_stage(stage_overrides(tmp_path, fresh, out="fresh"), cache_dir)
+    assert folder_bytes(tmp_path / "candidates") == folder_bytes(tmp_path / "fresh")
 
 
 @pytest.mark.slow
@@ -621,20 +686,20 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        done = [p for p in killed_dir.glob("*") if not p.name.startswith(".")] if killed_dir.exists() else []
+        done = [p for p in killed_dir.glob("*") if p.is_dir() and not p.name.startswith(".")] if killed_dir.exists() else []
         if len(done) >= 2 or proc.poll() is not None:
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = sorted(p.name for p in killed_dir.iterdir() if not p.name.startswith("."))
+    finished = sorted(p.name for p in killed_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert 2 <= len(finished) < len(records), "the run must be killed part way"
     for name in finished:  # a finished pair is complete: prompt, metadata and all six images
         assert len(list((killed_dir / name).glob("*.png"))) == 6
         assert len((killed_dir / name / "metadata.jsonl").read_text().splitlines()) == 3
 
     subprocess.run(command("killed"), check=True, env=env, cwd=tmp_path, capture_output=True)
-    assert not any(p.name.startswith(".") for p in killed_dir.iterdir())
+    assert not any(p.name.startswith(TEMP_PREFIX) for p in killed_dir.iterdir())
     assert folder_bytes(killed_dir) == folder_bytes(tmp_path / "full")
     report = json.loads((tmp_path / "reports-killed" / "synthesize.json").read_text())
     assert report["pairs_done_before"] == len(finished) and report["records_out"] == len(records)
@@ -736,8 +801,8 @@ def test_a_full_disk_names_the_image_being_written(tmp_path, cache_dir, tiny_bas
     from ip2p.errors import one_line
 
     instructions = write_instructions(tmp_path / "instructions.jsonl", GOOD[:1])
-    with file_size_limit(500), pytest.raises(OSError) as raised:
+    with file_size_limit(4000), pytest.raises(OSError) as raised:  # the recipe file fits, an image does not
         run_stage(stage_overrides(tmp_path, instructions), cache_dir)
     line = one_line(raised.value)
     assert line.startswith(f"file too large while writing '{tmp_path / 'candidates'}/") and line.endswith("_0.png'")
-    assert not [p for p in (tmp_path / "candidates").rglob("*") if p.is_file()]  # no torn file
+    assert [p.name for p in (tmp_path / "candidates").rglob("*") if p.is_file()] == [RECIPE_FILE]  # no torn file

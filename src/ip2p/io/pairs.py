@@ -6,6 +6,8 @@ judges and the official release's importer read. One folder per caption pair:
     metadata.jsonl   one line per candidate: seed, p (released: p2p_threshold), cfg (released:
                      cfg_scale), and in the release clip_sim_0 / clip_sim_1 / clip_sim_dir / clip_sim_image
     scores.jsonl     (synthesis with early drop only) the CLIP scores of the written candidates
+    drawn.json       (synthesis) {"samples_drawn": n}: samples drawn so far, early-dropped ones included,
+                     so that a larger samples_per_pair tops the pair up with the samples it lacks
     seeds.json       (release only, at the root) [[folder, [seed, ...]], ...]
 
 The writer (write_prompt, write_candidate, write_lines) and the readers (read_pair_folder,

@@ -4,12 +4,20 @@ Each caption pair is generated in a hidden temp folder and renamed into place wh
 killed run never leaves half a pair; a rerun skips finished pairs and redoes the rest exactly (every
 sample's noise, p and cfg come from stable_seed(seed, pair_id, k)). Pairs are sharded by
 shard_of(pair_id); reports/synthesize[.shard-...].json counts what went in, out and why not.
+
+A rerun with a larger synthesis.samples_per_pair tops finished pairs up: the k-th sample of a pair is
+the same whatever the count, so only the samples not drawn yet are (drawn.json counts them, early-dropped
+ones included). They are written next to the old ones and the pair's metadata.jsonl (the list readers
+go by) is replaced after them, in one atomic write, so a killed top-up leaves the pair as it was. A pair whose prompt.json no longer
+matches its caption pair is redone. The out_dir keeps the recipe it was made with (RECIPE_FILE): a run
+with another recipe (steps, guidance range, model, ...) stops with an error instead of mixing candidates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import shutil
@@ -23,8 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, count_lines, read_jsonl, shard_of
+from ip2p.io.atomic import atomic_write_json
 from ip2p.io.images import tensor_to_pil
-from ip2p.io.pairs import write_candidate, write_lines, write_prompt
+from ip2p.io.pairs import PROMPT_KEYS, write_candidate, write_lines, write_prompt
 from ip2p.models.loader import load_clip, load_diffusion, load_vae
 from ip2p.sampling import make_scheduler
 from ip2p.sampling.loop import scheduler_class
@@ -39,6 +48,10 @@ log = logging.getLogger(__name__)
 FIELDS = ("id", "input", "edit", "output")
 TEMP_PREFIX = ".partial-"
 MAX_ID_LENGTH = 200
+RECIPE_FILE = ".synthesis-recipe.json"
+DRAWN_FILE = "drawn.json"  # {"samples_drawn": n}: in each pair folder
+# synthesis keys that do not change what a candidate is: where, how many, how they are batched
+NOT_IN_RECIPE = ("input", "out_dir", "samples_per_pair", "batch_size", "pairs_per_batch")
 
 
 def settings_from_config(cfg: DictConfig) -> SynthesisSettings:
@@ -187,9 +200,46 @@ class EarlyDrop:
         return torch.tensor([first_failure(s, self.look_thresholds) is None for s in scores])
 
 
+def synthesis_recipe(cfg: DictConfig) -> dict:
+    """What makes a candidate what it is: the models, the seed, autocast and every synthesis key but
+    those in NOT_IN_RECIPE (and early drop's batch size)."""
+    s = OmegaConf.to_container(cfg.synthesis, resolve=True)
+    for key in NOT_IN_RECIPE:
+        s.pop(key, None)
+    s.get("early_drop", {}).pop("batch_size", None)
+    return {"synthesis": s, "model.base": str(cfg.model.base), "seed": int(cfg.seed),
+            "autocast": str(cfg.get("autocast"))}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_recipe(out_dir: Path, recipe: dict) -> None:
+    """Stop if the out_dir was made with another recipe (one without RECIPE_FILE adopts this run's when
+    it writes its first candidate)."""
+    path = out_dir / RECIPE_FILE
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Ip2pError(f"'{path}' is unreadable ({type(err).__name__}): remove it to adopt this run's recipe") from err
+    if before != recipe:
+        old, new = _flat(before), _flat(recipe)
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise Ip2pError(f"the candidates in '{out_dir}' were made with another recipe (differs in {', '.join(keys)}): "
+                        "remove that folder or set synthesis.out_dir to a new one")
+
+
 @dataclass
 class PendingPair:
-    """A caption pair being generated into its temp folder."""
+    """A caption pair being generated into its temp folder. `old_metadata` / `old_scores`: the lines of a
+    finished pair that this one tops up (None: a new pair)."""
 
     record: dict
     temp: Path
@@ -197,9 +247,33 @@ class PendingPair:
     metadata: list[dict] = field(default_factory=list)
     scores: list[dict] = field(default_factory=list)
     dropped: int = 0
+    old_metadata: list[dict] | None = None
+    old_scores: list[dict] = field(default_factory=list)
+    drawn: int = 0     # samples of a topped-up pair drawn before
 
 
-def start_pair(record: dict, cfg: DictConfig, out_dir: Path) -> PendingPair:
+def drawn_before(folder: Path, record: dict) -> tuple[int, list[dict], list[dict]] | None:
+    """(samples drawn, metadata lines, scores lines) of a finished pair folder; None if the folder
+    belongs to another caption pair (its prompt.json differs) or is unreadable, and must be redone.
+    Samples drawn: drawn.json's count, or more if metadata lists a later k (a top-up killed between its
+    two writes). A folder written before drawn.json existed has its early-dropped last samples drawn again."""
+    try:
+        prompt = json.loads((folder / "prompt.json").read_text(encoding="utf-8"))
+        meta = list(read_jsonl(folder / "metadata.jsonl", Counter()))
+        scores = list(read_jsonl(folder / "scores.jsonl", Counter())) if (folder / "scores.jsonl").is_file() else []
+        recorded = json.loads((folder / DRAWN_FILE).read_text(encoding="utf-8")) if (folder / DRAWN_FILE).is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(prompt, dict) or any(prompt.get(k) != record[k] for k in PROMPT_KEYS):
+        return None
+    ks = [m["k"] for m in meta if isinstance(m.get("k"), int)]
+    drawn = recorded.get("samples_drawn") if isinstance(recorded, dict) else None
+    return max(drawn if isinstance(drawn, int) else 0, max(ks) + 1 if ks else 0), meta, scores
+
+
+def start_pair(record: dict, cfg: DictConfig, out_dir: Path, before: tuple[int, list[dict], list[dict]] | None = None
+               ) -> PendingPair:
+    """A new pair, or (with `before`, from drawn_before) the top-up of a finished one: the samples it lacks."""
     s = cfg.synthesis
     temp = out_dir / f"{TEMP_PREFIX}{record['id']}"
     if temp.exists():
@@ -207,28 +281,46 @@ def start_pair(record: dict, cfg: DictConfig, out_dir: Path) -> PendingPair:
     temp.mkdir(parents=True)
     specs = draw_samples(int(cfg.seed), record["id"], int(s.samples_per_pair), (float(s.p_min), float(s.p_max)),
                          (float(s.cfg_min), float(s.cfg_max)))
-    return PendingPair(record, temp, specs)
+    if before is None:
+        return PendingPair(record, temp, specs)
+    drawn, meta, scores = before
+    return PendingPair(record, temp, specs[drawn:], old_metadata=meta, old_scores=scores, drawn=drawn)
 
 
 def finish_pair(pair: PendingPair, out_dir: Path, early_drop: EarlyDrop | None) -> None:
-    """Write the pair's metadata and rename its temp folder into place (the pair is then done)."""
+    """A new pair: write its metadata and rename its temp folder into place (the pair is then done).
+    A top-up: move the new images into the finished folder, then replace its scores.jsonl and, last,
+    its metadata.jsonl (until then readers see the pair as it was)."""
     record = pair.record
-    write_prompt(pair.temp, record)
-    write_lines(pair.temp, "metadata.jsonl", pair.metadata)
+    final = out_dir / record["id"]
+    drawn = {"samples_drawn": len(pair.specs) + pair.drawn}
+    if pair.old_metadata is None:
+        write_prompt(pair.temp, record)
+        write_lines(pair.temp, "metadata.jsonl", pair.metadata)
+        if early_drop:
+            write_lines(pair.temp, "scores.jsonl", pair.scores)
+        atomic_write_json(pair.temp / DRAWN_FILE, drawn)
+        os.rename(pair.temp, final)
+        return
+    for path in sorted(pair.temp.iterdir()):
+        os.replace(path, final / path.name)
     if early_drop:
-        write_lines(pair.temp, "scores.jsonl", pair.scores)
-    os.rename(pair.temp, out_dir / record["id"])
+        write_lines(final, "scores.jsonl", pair.old_scores + pair.scores)
+    write_lines(final, "metadata.jsonl", pair.old_metadata + pair.metadata)
+    atomic_write_json(final / DRAWN_FILE, drawn)
+    pair.temp.rmdir()
 
 
-def write_pairs(records: list[dict], sampler: PairSampler, cfg: DictConfig, size: int, out_dir: Path,
-                early_drop: EarlyDrop | None) -> list[PendingPair]:
-    """Generate caption pairs into temp folders, then rename each into place. The candidates of all
-    `records` are cut into UNet batches of batch_size x len(records) samples, so several pairs share a
-    call (synthesis.pairs_per_batch); a candidate is the same whatever shares its batch."""
+def write_pairs(records: list[tuple[dict, tuple | None]], sampler: PairSampler, cfg: DictConfig, size: int,
+                out_dir: Path, early_drop: EarlyDrop | None) -> list[PendingPair]:
+    """Generate caption pairs (record, what drawn_before found or None) into temp folders, then put each
+    in place. The candidates of all `records` are cut into UNet batches of batch_size x len(records)
+    samples, so several pairs share a call (synthesis.pairs_per_batch); a candidate is the same whatever
+    shares its batch."""
     s = cfg.synthesis
     suffix = "jpg" if s.image_format == "jpg" else "png"
-    pairs = [start_pair(record, cfg, out_dir) for record in records]
-    rows = [(pair, k, spec) for pair in pairs for k, spec in enumerate(pair.specs)]
+    pairs = [start_pair(record, cfg, out_dir, before) for record, before in records]
+    rows = [(pair, k, spec) for pair in pairs for k, spec in enumerate(pair.specs, start=pair.drawn)]
     batch = int(s.batch_size) * len(pairs)
     look = early_drop.look_step(int(s.steps)) if early_drop else None
     for start in range(0, len(rows), batch):
@@ -284,27 +376,42 @@ def run(cfg: DictConfig) -> Path:
     early_drop = EarlyDrop(cfg) if cfg.synthesis.early_drop.enabled else None
     pairs_per_batch = int(cfg.synthesis.pairs_per_batch)
 
-    # 2. one pair folder per caption pair of this shard; a folder already there is done (resume).
-    #    Pairs still to do are generated pairs_per_batch at a time (their candidates share UNet calls).
-    done_before = written_pairs = candidates = dropped = 0
-    group: list[dict] = []
+    # 2. one pair folder per caption pair of this shard; a folder already there is done (resume), or
+    #    topped up to samples_per_pair. Pairs still to do are generated pairs_per_batch at a time (their
+    #    candidates share UNet calls).
+    recipe = synthesis_recipe(cfg)
+    check_recipe(out_dir, recipe)
+    done_before = written_pairs = topped_up = redone = candidates = dropped = 0
+    wanted = int(cfg.synthesis.samples_per_pair)
+    group: list[tuple[dict, tuple | None]] = []
 
     def flush() -> None:
-        nonlocal written_pairs, candidates, dropped
+        nonlocal written_pairs, topped_up, candidates, dropped
+        if not (out_dir / RECIPE_FILE).is_file():
+            atomic_write_json(out_dir / RECIPE_FILE, recipe)
         for pair in write_pairs(group, sampler, cfg, size, out_dir, early_drop):
-            written_pairs += 1
-            summary.records_out += 1
+            written_pairs += pair.old_metadata is None
+            topped_up += pair.old_metadata is not None
+            summary.records_out += pair.old_metadata is None
             candidates += len(pair.metadata)
             dropped += pair.dropped
         group.clear()
 
     records = shard_records(cfg, summary, lambda text: len(sampler.token_ids(text)), max_tokens)
     for record in summary.bar(records, desc="synthesize", unit="pair", total=expected_pairs(cfg)):
-        if (out_dir / record["id"]).is_dir():
-            done_before += 1
-            summary.records_out += 1
-            continue
-        group.append(record)
+        folder, before = out_dir / record["id"], None
+        if folder.is_dir():
+            before = drawn_before(folder, record)
+            if before is None:  # made for another caption pair under this id: redo it
+                shutil.rmtree(folder)
+                redone += 1
+            elif before[0] >= wanted:
+                done_before += 1
+                summary.records_out += 1
+                continue
+            else:
+                summary.records_out += 1
+        group.append((record, before))
         if len(group) == pairs_per_batch:
             flush()
     if group:
@@ -314,6 +421,8 @@ def run(cfg: DictConfig) -> Path:
     summary.extra.update({
         "pairs_done_before": done_before,
         "pairs_written": written_pairs,
+        "pairs_topped_up": topped_up,
+        "pairs_redone": redone,
         "candidates_written": candidates,
         "candidates_dropped_early": dropped,
         "samples_per_pair": int(cfg.synthesis.samples_per_pair),
