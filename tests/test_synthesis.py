@@ -666,6 +666,11 @@ def test_another_recipe_in_the_same_folder_is_refused_and_a_changed_caption_pair
     fresh = write_instructions(tmp_path / "fresh.jsonl", changed)
     run_stage(stage_overrides(tmp_path, fresh, out="fresh"), cache_dir)
     assert folder_bytes(tmp_path / "candidates") == folder_bytes(tmp_path / "fresh")
+    # a finished folder that cannot be read is named, not deleted
+    (tmp_path / "candidates" / "p1" / "metadata.jsonl").unlink()
+    with pytest.raises(Ip2pError, match=r"pair folder '.*p1' is unreadable \(FileNotFoundError\)"):
+        run_stage(stage_overrides(tmp_path, instructions), cache_dir)
+    assert (tmp_path / "candidates" / "p1" / "prompt.json").is_file()
 
 
 @pytest.mark.slow

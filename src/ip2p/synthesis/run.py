@@ -254,16 +254,18 @@ class PendingPair:
 
 def drawn_before(folder: Path, record: dict) -> tuple[int, list[dict], list[dict]] | None:
     """(samples drawn, metadata lines, scores lines) of a finished pair folder; None if the folder
-    belongs to another caption pair (its prompt.json differs) or is unreadable, and must be redone.
-    Samples drawn: drawn.json's count, or more if metadata lists a later k (a top-up killed between its
-    two writes). A folder written before drawn.json existed has its early-dropped last samples drawn again."""
+    belongs to another caption pair (its prompt.json differs) and must be redone. Samples drawn:
+    drawn.json's count, or more if metadata lists a later k (a top-up killed between its two writes).
+    A folder written before drawn.json existed has its early-dropped last samples drawn again. An
+    unreadable folder stops the run in one line (it is not deleted)."""
     try:
         prompt = json.loads((folder / "prompt.json").read_text(encoding="utf-8"))
         meta = list(read_jsonl(folder / "metadata.jsonl", Counter()))
         scores = list(read_jsonl(folder / "scores.jsonl", Counter())) if (folder / "scores.jsonl").is_file() else []
         recorded = json.loads((folder / DRAWN_FILE).read_text(encoding="utf-8")) if (folder / DRAWN_FILE).is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Ip2pError(f"finished pair folder '{folder}' is unreadable ({type(err).__name__}): "
+                        "remove it to synthesize it again") from err
     if not isinstance(prompt, dict) or any(prompt.get(k) != record[k] for k in PROMPT_KEYS):
         return None
     ks = [m["k"] for m in meta if isinstance(m.get("k"), int)]
