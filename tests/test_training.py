@@ -496,6 +496,8 @@ def test_resume_from_last_equals_an_uninterrupted_run(dataset, cache_dir, tmp_pa
     assert (tmp_path / "b" / "reports" / "train_loss.csv").read_text() == csv_a
     report = json.loads((tmp_path / "a" / "reports" / "train.json").read_text())
     assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
+    assert sorted(report["val_copy_error"]) == ["0.50", "0.75", "1.00"]  # the default fractions of the schedule
+    assert all(math.isfinite(v) and v >= 0 for v in report["val_copy_error"].values())
     assert report["rows"] == {"train": 8, "val": 4}
     assert sorted(p.name for p in (tmp_path / "a" / "run" / "samples").glob("*.png")) == \
         ["step-00000002.png", "step-00000004.png"]
@@ -605,6 +607,58 @@ def test_min_snr_loss_weights_each_example_by_the_capped_snr(tmp_path, dataset, 
     # null, the default (the paper), is the plain mean, and a run made before the option keeps its fingerprint
     plain_loss = module.diffusion_loss(batch, torch.Generator().manual_seed(1), dropout=0.0, snr_gamma=None)
     assert abs(float(plain_loss) - sum(float((objective[i] ** 2).mean()) for i in range(6)) / 6) < 1e-5
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_copy_error_by_hand(tmp_path, dataset, cache_dir, prediction_type):
+    """val/copy_error: over the latent pixels where the edited latent lies within the tolerance of the scaled
+    input latent, the squared error of the clean latent the UNet's output implies at the schedule's points;
+    recomputed here from the same draws with the formulas written out."""
+    from ip2p.training.module import InstructPix2PixModule, copy_error_key, encode_pair
+    from ip2p.training.run import load_components, settings_from_config
+
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.validation.copy_error.fractions": "[1.0,0.5]",
+                                                         "train.validation.copy_error.tolerance": 0.5})
+    settings = settings_from_config(cfg)
+    assert settings.copy_error == {"fractions": [1.0, 0.5], "tolerance": 0.5}
+    components = load_components(cfg)
+    components.scheduler = components.scheduler.__class__.from_config(components.scheduler.config,
+                                                                      prediction_type=prediction_type)
+    module = InstructPix2PixModule(components, settings)
+    seen = []
+
+    def unet(sample, t, encoder_hidden_states):  # a fixed function of its input, so the test knows the output
+        seen.append(int(t[0]))
+        return type("Out", (), {"sample": 0.3 * sample[:, :4] - 0.2 * sample[:, 4:]})()
+
+    module.unet.forward = unet
+    edited = torch.rand(4, 3, 32, 32) * 2 - 1
+    inp = edited.clone()
+    inp[:, :, :16] = torch.rand(4, 3, 16, 32) * 2 - 1   # the pair keeps the lower half of the image
+    batch = {"input": inp, "edited": edited, "input_ids": torch.zeros(4, 77, dtype=torch.long)}
+    g = torch.Generator().manual_seed(3)
+    target, condition = encode_pair(components.vae, edited, inp, g)
+    noise = torch.randn(target.shape, generator=g)
+    sf = components.vae.config.scaling_factor
+    x0, c, n = target.double().numpy(), condition.double().numpy() * sf, noise.double().numpy()
+    tolerance = float(np.median(np.abs(c - x0).max(axis=1)))  # (the tiny VAE's scale is arbitrary)
+    module.settings.copy_error["tolerance"] = tolerance
+    kept = np.all(np.abs(c - x0) < tolerance, axis=1)               # [B, h, w]
+    assert 0 < kept.mean() < 1
+
+    errors = module.copy_errors(batch, torch.Generator().manual_seed(3))
+    assert seen == [999, 500] and list(errors) == [1.0, 0.5]
+    for fraction, t in ((1.0, 999), (0.5, 500)):
+        a = float(module.noise_scheduler.alphas_cumprod[t])
+        z = math.sqrt(a) * x0 + math.sqrt(1 - a) * n
+        out = 0.3 * z - 0.2 * condition.double().numpy()
+        clean = (z - math.sqrt(1 - a) * out) / math.sqrt(a) if prediction_type == "epsilon" else \
+            math.sqrt(a) * z - math.sqrt(1 - a) * out
+        squared = ((clean - x0) ** 2).transpose(1, 0, 2, 3)[:, kept]   # [channels, kept pixels]
+        total, count = errors[fraction]
+        assert int(count) == squared.size
+        assert float(total) / float(count) == pytest.approx(squared.mean(), rel=1e-4)
+    assert copy_error_key(0.5) == "val/copy_error_0.50"
 
 
 @pytest.mark.parametrize("power", [2.0, 3.0])

@@ -45,6 +45,15 @@ def within(low: float, high: float) -> Rule:
     return rule
 
 
+def fractions(max_count: int) -> Rule:
+    """A list of at most `max_count` numbers in [0, 1] (possibly empty)."""
+    def rule(v):
+        if not isinstance(v, (list, tuple)) or len(v) > max_count or not all(_number(x) and 0 <= x <= 1 for x in v):
+            return f"must be a list of at most {max_count} numbers in [0, 1]"
+        return None
+    return rule
+
+
 def optional(rule: Rule) -> Rule:
     return lambda v: None if v is None else rule(v)
 
@@ -99,6 +108,7 @@ RULES: dict[str, Rule] = {
     "train.validation.every_n_steps": POSITIVE_INT, "train.validation.max_batches": optional(POSITIVE_INT),
     "train.validation.batch_size": POSITIVE_INT, "train.validation.grid.num_images": COUNT,
     "train.validation.grid.steps": POSITIVE_INT, "train.validation.grid.scheduler": sampler,
+    "train.validation.copy_error.fractions": fractions(16), "train.validation.copy_error.tolerance": above(0),
     "train.checkpoint.every_n_steps": POSITIVE_INT, "train.export.scheduler": sampler,
     "evaluate.num_samples": POSITIVE_INT, "evaluate.steps": POSITIVE_INT, "evaluate.scheduler": sampler,
     "evaluate.batch_size": POSITIVE_INT, "evaluate.default_text_guidance": at_least(0),

@@ -12,6 +12,12 @@ One training example (docs/method.md section 3):
 With train.data.cache_latents the posteriors and text states come precomputed (ip2p.training.latent_cache)
 and the target is drawn from the cached posterior with the same generator draw.
 
+Besides the validation loss, validation measures the copy (train.validation.copy_error): where a val pair
+keeps its input (latent pixels whose edited latent lies within `tolerance` of the scaled input latent in
+every channel), the mean squared error of the clean latent the UNet implies from the noised target at a
+few fixed points of the schedule. An editor that redraws the scene has a large error there even when its
+loss is low, and the error at the start of the schedule (pure noise) falls as it learns to copy.
+
 Randomness (VAE sample, noise, timesteps, dropout) comes from a generator seeded by the batch's
 stream position, never from global RNG state, so a resumed run repeats an uninterrupted one exactly.
 """
@@ -33,6 +39,7 @@ from ip2p.errors import Ip2pError
 from ip2p.io.stage import stable_seed
 from ip2p.models.ema import ExponentialMovingAverage
 from ip2p.models.loader import DiffusionComponents, weights_device
+from ip2p.sampling.loop import predicted_clean
 
 
 @dataclass
@@ -57,6 +64,7 @@ class TrainSettings:
     gradient_checkpointing: bool
     seed: int
     grid: dict      # train.validation.grid: steps, text_guidance, image_guidance, scheduler, num_images
+    copy_error: dict  # train.validation.copy_error: fractions (of the schedule), tolerance
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,6 +106,29 @@ def sample_cached_pair(batch: dict, generator: torch.Generator | None, device, s
     noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     target = (mean + torch.exp(0.5 * batch["latent_logvar"].to(device)) * noise) * scaling_factor
     return target, batch["condition"].to(device)
+
+
+def kept_mask(condition: torch.Tensor, target: torch.Tensor, scaling_factor: float, tolerance: float) -> torch.Tensor:
+    """[B, 1, h, w], 1.0 where the edited latent `target` (scaled) lies within `tolerance` of the input's
+    latent `condition` (unscaled, as the UNet gets it) in every channel: the pixels the pair keeps."""
+    return ((condition * scaling_factor - target).abs().amax(dim=1, keepdim=True) < tolerance).to(target.dtype)
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared differences over the pixels `mask` [B, 1, h, w] marks, every channel; the number of
+    values summed): a mean that a caller can pool over batches."""
+    weights = mask.expand_as(a)
+    return ((a - b) ** 2 * weights).sum(), weights.sum()
+
+
+def copy_error_key(fraction: float) -> str:
+    """The logged name of the copy error at `fraction` of the schedule, e.g. val/copy_error_1.00."""
+    return f"val/copy_error_{fraction:.2f}"
+
+
+def schedule_timestep(fraction: float, num_train_timesteps: int) -> int:
+    """The training timestep at `fraction` of the schedule: 1.0 = the noisiest (T - 1), 0.0 = 0."""
+    return int(round(fraction * (num_train_timesteps - 1)))
 
 
 def ema_unet_from_state(state: dict, unet_config):
@@ -250,16 +281,7 @@ class InstructPix2PixModule(pl.LightningModule):
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float,
                        timestep_power: float = 1.0, snr_gamma: float | None = None) -> torch.Tensor:
         """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`."""
-        self._frozen_to_device()
-        if "latent_mean" in batch:  # cached latents (ip2p.training.latent_cache): no VAE, no text encoder
-            target_latents, condition = sample_cached_pair(batch, generator, self.device,
-                                                           self.frozen.vae.config.scaling_factor)
-            text = batch["text_embeds"].to(self.device)
-        else:
-            edited = batch["edited"].to(self.device)
-            inp = batch["input"].to(self.device)
-            text = self.encode_text(batch["input_ids"])
-            target_latents, condition = encode_pair(self.frozen.vae, edited, inp, generator)
+        target_latents, condition, text = self.pair_latents(batch, generator)
         batch_size = target_latents.shape[0]
         noise = torch.randn(target_latents.shape, generator=generator, device=self.device,
                             dtype=target_latents.dtype)
@@ -281,6 +303,37 @@ class InstructPix2PixModule(pl.LightningModule):
         weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps, snr_gamma, self.prediction_type)
         return (weights * per_example).mean()
 
+    def pair_latents(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(target latents [B, 4, h, w] scaled, condition [B, 4, h, w] unscaled, text states [B, L, D])."""
+        self._frozen_to_device()
+        if "latent_mean" in batch:  # cached latents (ip2p.training.latent_cache): no VAE, no text encoder
+            target_latents, condition = sample_cached_pair(batch, generator, self.device,
+                                                           self.frozen.vae.config.scaling_factor)
+            return target_latents, condition, batch["text_embeds"].to(self.device)
+        text = self.encode_text(batch["input_ids"])
+        target_latents, condition = encode_pair(self.frozen.vae, batch["edited"].to(self.device),
+                                                batch["input"].to(self.device), generator)
+        return target_latents, condition, text
+
+    @torch.no_grad()
+    def copy_errors(self, batch: dict, generator: torch.Generator) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+        """fraction -> (sum, count) of the squared error of the implied clean latent over the kept pixels
+        (module docstring), the same noise at every fraction."""
+        c = self.settings.copy_error
+        target, condition, text = self.pair_latents(batch, generator)
+        kept = kept_mask(condition, target, self.frozen.vae.config.scaling_factor, float(c["tolerance"]))
+        noise = torch.randn(target.shape, generator=generator, device=self.device, dtype=target.dtype)
+        out = {}
+        for fraction in c["fractions"]:
+            t = schedule_timestep(float(fraction), self.noise_scheduler.config.num_train_timesteps)
+            timesteps = torch.full((target.shape[0],), t, device=self.device, dtype=torch.long)
+            noisy = self.noise_scheduler.add_noise(target, noise, timesteps)
+            output = self.unet(torch.cat([noisy, condition], dim=1), timesteps, encoder_hidden_states=text).sample
+            clean = predicted_clean(noisy, output.to(noisy.dtype), self.noise_scheduler.alphas_cumprod[t].to(self.device),
+                                    self.prediction_type)
+            out[float(fraction)] = masked_mse(clean.float(), target.float(), kept)
+        return out
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.batch_generator("train-step", batch["position"][0])
         loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout, self.settings.timestep_power,
@@ -298,10 +351,24 @@ class InstructPix2PixModule(pl.LightningModule):
         generator = self.batch_generator("val-step", batch["index"][0])
         loss = self.diffusion_loss(batch, generator, dropout=0.0)
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["id"]))
+        copies = self.copy_errors(batch, self.batch_generator("val-copy", batch["index"][0])) \
+            if self.settings.copy_error["fractions"] else {}
+        for fraction, (total, count) in copies.items():
+            sums = self._copy_sums.setdefault(fraction, [0.0, 0.0])
+            sums[0] += float(total)
+            sums[1] += float(count)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._copy_sums: dict[float, list[float]] = {}
 
     def on_validation_epoch_end(self) -> None:
         self.validated_at_step = int(self.global_step)
+        # pooled over every kept value of the epoch (and of every rank), not a mean of batch means
+        for fraction, (total, count) in sorted(self._copy_sums.items(), reverse=True):
+            pooled = self.all_gather(torch.tensor([total, count], dtype=torch.float64)).reshape(-1, 2).sum(0)
+            value = float(pooled[0] / pooled[1]) if pooled[1] > 0 else float("nan")
+            self.log(copy_error_key(fraction), value, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         s = self.settings

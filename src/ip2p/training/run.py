@@ -86,13 +86,15 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
     t = cfg.train
     p = float(t.conditioning_dropout)
     grid = OmegaConf.to_container(t.validation.grid, resolve=True)
+    copy_error = OmegaConf.to_container(t.validation.copy_error, resolve=True)
     return TrainSettings(lr=float(t.lr), betas=tuple(float(b) for b in t.betas), weight_decay=float(t.weight_decay),
                          eps=float(t.eps), warmup_steps=int(t.warmup_steps), lr_schedule=str(t.lr_schedule),
                          min_lr=float(t.min_lr), max_steps=int(t.max_steps), conditioning_dropout=p,
                          timestep_power=float(t.timestep_power), conv_in_lr_scale=float(t.conv_in_lr_scale),
                          snr_gamma=None if t.snr_gamma is None else float(t.snr_gamma),
                          ema_decay=float(t.ema.decay), ema_warmup=bool(t.ema.warmup),
-                         gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid)
+                         gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid,
+                         copy_error=copy_error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,6 +204,10 @@ def write_report(cfg: DictConfig, trainer, datamodule, history, clock, paths: Ru
         "train_loss": history.mean_of_last(50),          # mean over the last (up to) 50 steps
         "train_loss_last_step": history.history[-1][1] if history.history else None,
         "val_loss": None if val_loss is None or math.isnan(float(val_loss)) else round(float(val_loss), 6),
+        # the copy where the val pairs keep their input, by fraction of the schedule (ip2p.training.module)
+        "val_copy_error": {key.removeprefix("val/copy_error_"): round(float(value), 6)
+                           for key, value in trainer.callback_metrics.items()
+                           if key.startswith("val/copy_error_") and not math.isnan(float(value))},
         "world_size": int(trainer.world_size),
         "effective_batch_size": effective_batch,
         "samples_seen_this_run": int(samples),
