@@ -3,7 +3,9 @@
 # The run is longer than a sitting: its editor is trained up to train.max_steps of
 # conf/experiment/mini_reference.yaml, raised from sitting to sitting. Each sitting:
 #   1. installs, pulls the world's models and what the reference run shipped (kept dataset, editor);
-#   2. makes the data when it was never made (captions -> instructions -> synthesis -> filter -> world-judge);
+#   2. makes the data: continues it when this machine holds the candidates (synthesis tops the caption pairs
+#      up to synthesis.samples_per_pair, DVC skips what is up to date), makes it when there is no kept
+#      dataset, else uses the pulled one (captions -> instructions -> synthesis -> filter -> world-judge);
 #   3. trains: resumes its own last checkpoint exactly when this machine holds it (IP2P_RUNS, outside the
 #      work tree), else continues the shipped editor's weights (EMA, with a fresh optimizer) for the steps
 #      left, else starts from the base;
@@ -24,8 +26,8 @@ if grep -q "^  filter:" "$P/dvc.lock" && [ ! -d artifacts/reference/dataset ]; t
   dvc pull -q "$P/dvc.yaml:filter" || true
 fi
 
-phase "data (skipped when the shipped dataset is here)"
-if [ ! -d artifacts/reference/dataset ]; then
+phase "data (the pulled dataset is used when this machine has no candidates)"
+if [ -d artifacts/reference/candidates ] || [ ! -d artifacts/reference/dataset ]; then
   for s in captions instructions synthesize filter judge; do stage "$s"; done
 fi
 
