@@ -646,7 +646,8 @@ def test_copy_error_by_hand(tmp_path, dataset, cache_dir, prediction_type):
     kept = np.all(np.abs(c - x0) < tolerance, axis=1)               # [B, h, w]
     assert 0 < kept.mean() < 1
 
-    errors = module.copy_errors(batch, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    errors = module.copy_errors(module.pair_latents(batch, g), g)
     assert seen == [999, 500] and list(errors) == [1.0, 0.5]
     for fraction, t in ((1.0, 999), (0.5, 500)):
         a = float(module.noise_scheduler.alphas_cumprod[t])

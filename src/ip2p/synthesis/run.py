@@ -33,6 +33,7 @@ from ip2p.errors import Ip2pError
 from ip2p.io import StageSummary, count_lines, read_jsonl, shard_of
 from ip2p.io.atomic import atomic_write_json
 from ip2p.io.images import tensor_to_pil
+from ip2p.io.loggers import flatten
 from ip2p.io.pairs import PROMPT_KEYS, write_candidate, write_lines, write_prompt
 from ip2p.models.loader import load_clip, load_diffusion, load_vae
 from ip2p.sampling import make_scheduler
@@ -211,14 +212,6 @@ def synthesis_recipe(cfg: DictConfig) -> dict:
             "autocast": str(cfg.get("autocast"))}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out = {}
-    for key, value in d.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def check_recipe(out_dir: Path, recipe: dict) -> None:
     """Stop if the out_dir was made with another recipe (one without RECIPE_FILE adopts this run's when
     it writes its first candidate)."""
@@ -230,7 +223,7 @@ def check_recipe(out_dir: Path, recipe: dict) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise Ip2pError(f"'{path}' is unreadable ({type(err).__name__}): remove it to adopt this run's recipe") from err
     if before != recipe:
-        old, new = _flat(before), _flat(recipe)
+        old, new = flatten(before), flatten(recipe)
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise Ip2pError(f"the candidates in '{out_dir}' were made with another recipe (differs in {', '.join(keys)}): "
                         "remove that folder or set synthesis.out_dir to a new one")
@@ -394,7 +387,7 @@ def run(cfg: DictConfig) -> Path:
         for pair in write_pairs(group, sampler, cfg, size, out_dir, early_drop):
             written_pairs += pair.old_metadata is None
             topped_up += pair.old_metadata is not None
-            summary.records_out += pair.old_metadata is None
+            summary.records_out += 1
             candidates += len(pair.metadata)
             dropped += pair.dropped
         group.clear()
@@ -411,8 +404,6 @@ def run(cfg: DictConfig) -> Path:
                 done_before += 1
                 summary.records_out += 1
                 continue
-            else:
-                summary.records_out += 1
         group.append((record, before))
         if len(group) == pairs_per_batch:
             flush()

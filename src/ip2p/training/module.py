@@ -279,9 +279,11 @@ class InstructPix2PixModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(stable_seed(self.settings.seed, purpose, int(key)))
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float,
-                       timestep_power: float = 1.0, snr_gamma: float | None = None) -> torch.Tensor:
-        """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`."""
-        target_latents, condition, text = self.pair_latents(batch, generator)
+                       timestep_power: float = 1.0, snr_gamma: float | None = None,
+                       latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`.
+        `latents`: what pair_latents(batch, generator) already drew (validation shares them with copy_errors)."""
+        target_latents, condition, text = latents if latents is not None else self.pair_latents(batch, generator)
         batch_size = target_latents.shape[0]
         noise = torch.randn(target_latents.shape, generator=generator, device=self.device,
                             dtype=target_latents.dtype)
@@ -316,11 +318,12 @@ class InstructPix2PixModule(pl.LightningModule):
         return target_latents, condition, text
 
     @torch.no_grad()
-    def copy_errors(self, batch: dict, generator: torch.Generator) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    def copy_errors(self, latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    generator: torch.Generator) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
         """fraction -> (sum, count) of the squared error of the implied clean latent over the kept pixels
-        (module docstring), the same noise at every fraction."""
+        (module docstring) of a batch's pair_latents, one noise draw from `generator` for every fraction."""
         c = self.settings.copy_error
-        target, condition, text = self.pair_latents(batch, generator)
+        target, condition, text = latents
         kept = kept_mask(condition, target, self.frozen.vae.config.scaling_factor, float(c["tolerance"]))
         noise = torch.randn(target.shape, generator=generator, device=self.device, dtype=target.dtype)
         out = {}
@@ -349,9 +352,10 @@ class InstructPix2PixModule(pl.LightningModule):
         # The same noise and (uniform) timesteps at every evaluation: val losses are comparable across steps
         # and across recipes.
         generator = self.batch_generator("val-step", batch["index"][0])
-        loss = self.diffusion_loss(batch, generator, dropout=0.0)
+        latents = self.pair_latents(batch, generator)   # encoded once, for the loss and the copy error
+        loss = self.diffusion_loss(batch, generator, dropout=0.0, latents=latents)
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["id"]))
-        copies = self.copy_errors(batch, self.batch_generator("val-copy", batch["index"][0])) \
+        copies = self.copy_errors(latents, self.batch_generator("val-copy", batch["index"][0])) \
             if self.settings.copy_error["fractions"] else {}
         for fraction, (total, count) in copies.items():
             sums = self._copy_sums.setdefault(fraction, [0.0, 0.0])
