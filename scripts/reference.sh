@@ -54,7 +54,7 @@ stage eval
 ip2p world-demo --params "$P/params.yaml"
 ip2p export artifacts/reference/editor --model artifacts/reference/editor \
   --metrics reports/reference/world_eval.json reports/reference/train.json > /dev/null
-dvc commit -f -q "$P/dvc.yaml:train"
+dvc commit -f -q "$P/dvc.yaml:train" "$P/dvc.yaml:eval"   # the card changed, not the weights
 dvc push -q "$P/dvc.yaml:filter" "$P/dvc.yaml:train"
 phase "done"
 echo "Reports: reports/reference/ (world_eval.json, world_demo.png, world_judge.json, train.json)"
