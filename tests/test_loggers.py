@@ -143,7 +143,7 @@ def test_training_run_in_sqlite_mlflow(dataset, cache_dir, tmp_path, monkeypatch
     assert params["train.hf_token"] == "***"
     assert params["logger.mlflow.tracking_uri"] == "<from environment>"
     assert not any(SECRET in v or str(db) in v for v in params.values())
-    assert params["data.rows.train"] == "8" and params["data.rows.val"] == "4"
+    assert params["data.rows.train"] == "8" and params["data.rows.val"] == "4" and params["data.pairs.train"] == "8"
     assert mlflow_run.data.tags["stage"] == "train"
     losses = client.get_metric_history(mlflow_run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [0, 1] and all(torch.isfinite(torch.tensor(m.value)) for m in losses)

@@ -286,7 +286,7 @@ def test_released_layout_split_and_items(tmp_path, tiny_editor):
                 "resize_min": 32, "resize_max": 32, "flip": False, "num_workers": 0, "cache_dir": None}
     dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm.setup("fit")
-    assert dm.rows == {"train": 18, "val": 1}
+    assert dm.rows == {"train": 36, "val": 2} and dm.pairs == {"train": 18, "val": 1}  # two seeds a folder
     seen_seeds = set()
     for position in range(40):
         item = dm.datasets["train"][(position % 18, position)]
@@ -413,6 +413,8 @@ def test_parquet_source_draws_caption_pairs_uniformly_then_a_candidate():
     source = ParquetSource(table, "pair")
     assert len(source) == 3 and source.groups == [[1, 2, 3], [0], [4, 5]]
     assert len(ParquetSource(table, "row")) == 6 and ParquetSource(table, "row").groups == [[i] for i in range(6)]
+    for unit in ("pair", "row"):  # what a report counts does not depend on the unit drawn
+        assert (ParquetSource(table, unit).num_rows, ParquetSource(table, unit).num_pairs) == (6, 3)
     with pytest.raises(Ip2pError, match="train.data.draw_by"):
         ParquetSource(table, "caption")
     # the candidate drawn for a visit: uniform over the pair's rows, from the item's generator
@@ -448,11 +450,13 @@ def test_parquet_datamodule_samples_pairs_by_default(tmp_path, tiny_editor):
     dm = EditDataModule(data_cfg, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 2
+    assert dm.rows == {"train": 3, "val": 3} and dm.pairs == {"train": 2, "val": 2}
     ids = {dm.datasets["train"][(0, position)]["id"] for position in range(40)}
     assert ids == {"p1-1", "p1-2"}                                   # item 0 is pair p1, both candidates drawn
     dm_rows = EditDataModule({**data_cfg, "draw_by": "row"}, tiny_editor.tokenizer, 2, 2, 1, seed=0)
     dm_rows.setup("fit")
     assert len(dm_rows.datasets["train"]) == 3
+    assert dm_rows.rows == dm.rows and dm_rows.pairs == dm.pairs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,7 +502,7 @@ def test_resume_from_last_equals_an_uninterrupted_run(dataset, cache_dir, tmp_pa
     assert math.isfinite(report["train_loss"]) and math.isfinite(report["val_loss"])
     assert sorted(report["val_copy_error"]) == ["0.50", "0.75", "1.00"]  # the default fractions of the schedule
     assert all(math.isfinite(v) and v >= 0 for v in report["val_copy_error"].values())
-    assert report["rows"] == {"train": 8, "val": 4}
+    assert report["rows"] == report["pairs"] == {"train": 8, "val": 4}  # one candidate per caption pair here
     assert sorted(p.name for p in (tmp_path / "a" / "run" / "samples").glob("*.png")) == \
         ["step-00000002.png", "step-00000004.png"]
     grid = Image.open(tmp_path / "a" / "run" / "samples" / "step-00000004.png")

@@ -168,8 +168,8 @@ class RunMetadata(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
             return
-        rows = getattr(trainer.datamodule, "rows", {}) or {}
-        extra = {**self.extra, "data": {"rows": rows}, "run": {"world_size": trainer.world_size}}
+        data = {key: getattr(trainer.datamodule, key, {}) or {} for key in ("rows", "pairs")}
+        extra = {**self.extra, "data": data, "run": {"world_size": trainer.world_size}}
         log_run_metadata(trainer.loggers, self.cfg, extra, self.stage_name)
 
 

@@ -91,6 +91,15 @@ class ParquetSource:
     def __len__(self) -> int:
         return len(self.groups)
 
+    @property
+    def num_rows(self) -> int:
+        return len(self.table)
+
+    @property
+    def num_pairs(self) -> int:
+        """Distinct caption pairs, whichever unit an item is."""
+        return len(set(self.table["pair_id"]))
+
     def pick(self, index: int, generator: torch.Generator) -> int:
         """The row visited for item `index` (one draw from `generator` when the pair has several rows)."""
         rows = self.groups[int(index)]
@@ -132,6 +141,14 @@ class ReleasedSource:
         self.entries = released_entries(root, split, fractions)
 
     def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(seeds) for _, seeds in self.entries)
+
+    @property
+    def num_pairs(self) -> int:
         return len(self.entries)
 
     def load(self, index: int, generator: torch.Generator) -> Pair:
@@ -442,7 +459,13 @@ class EditDataModule(pl.LightningDataModule):
 
     @property
     def rows(self) -> dict[str, int]:
-        return {split: len(ds) for split, ds in self.datasets.items()}
+        """Kept candidates (dataset rows) per split."""
+        return {split: ds.source.num_rows for split, ds in self.datasets.items()}
+
+    @property
+    def pairs(self) -> dict[str, int]:
+        """Caption pairs per split (with draw_by=pair, the items of one pass)."""
+        return {split: ds.source.num_pairs for split, ds in self.datasets.items()}
 
     def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))

@@ -214,6 +214,7 @@ def write_report(cfg: DictConfig, trainer, datamodule, history, clock, paths: Ru
         "samples_per_second": round(samples / clock.seconds, 3) if clock.seconds > 0 else None,
         "seconds": round(clock.seconds, 3),
         "rows": datamodule.rows,
+        "pairs": datamodule.pairs,
         "precision": str(cfg.trainer.precision),
     }
     atomic_write_json(paths.reports_dir / "train.json", report)
