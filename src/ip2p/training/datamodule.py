@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -95,9 +96,9 @@ class ParquetSource:
     def num_rows(self) -> int:
         return len(self.table)
 
-    @property
+    @cached_property
     def num_pairs(self) -> int:
-        """Distinct caption pairs, whichever unit an item is."""
+        """Distinct caption pairs, whichever unit an item is (read once: the run's log and its report ask)."""
         return len(set(self.table["pair_id"]))
 
     def pick(self, index: int, generator: torch.Generator) -> int:
