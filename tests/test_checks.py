@@ -26,6 +26,7 @@ def test_the_shipped_configurations_pass():
     ("shard.index=2", "shard.index"),                  # with shard.count=1
     ("synthesis.p_min=0.95", "synthesis.p_min"),       # above p_max
     ("train.conditioning_dropout=0.5", "train.conditioning_dropout"),
+    ("train.copy_rows=1.5", "train.copy_rows"),
     ("filter.top_k=2.5", "filter.top_k"),
     ("evaluate.image_guidances=[]", "evaluate.image_guidances"),
     ("edit.speed.compile=nosuch", "edit.speed.compile"),

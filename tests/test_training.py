@@ -366,6 +366,11 @@ def test_resume_auto_continues_only_the_same_recipe_on_the_same_data(tmp_path, d
         del before_snr_weights.train["snr_gamma"]
     assert run_fingerprint(before_snr_weights) == run_fingerprint(cfg)
     assert run_fingerprint(compose_train(tmp_path, dataset, cache_dir, **{"train.snr_gamma": 5})) != run_fingerprint(cfg)
+    before_copy_rows = compose_train(tmp_path, dataset, cache_dir)
+    with open_dict(before_copy_rows):
+        del before_copy_rows.train["copy_rows"]
+    assert run_fingerprint(before_copy_rows) == run_fingerprint(cfg)
+    assert run_fingerprint(compose_train(tmp_path, dataset, cache_dir, **{"train.copy_rows": 0.2})) != run_fingerprint(cfg)
     # the preset's editor is not where a base-initialised run starts, so naming another one changes nothing
     other_editor = compose_train(tmp_path, dataset, cache_dir, **{"model.editor": str(tmp_path / "elsewhere")})
     assert run_fingerprint(other_editor) == run_fingerprint(cfg)
@@ -611,6 +616,58 @@ def test_min_snr_loss_weights_each_example_by_the_capped_snr(tmp_path, dataset, 
     # null, the default (the paper), is the plain mean, and a run made before the option keeps its fingerprint
     plain_loss = module.diffusion_loss(batch, torch.Generator().manual_seed(1), dropout=0.0, snr_gamma=None)
     assert abs(float(plain_loss) - sum(float((objective[i] ** 2).mean()) for i in range(6)) / 6) < 1e-5
+
+
+def test_copy_rows_train_the_input_as_its_own_target_without_instruction(tmp_path, dataset, cache_dir):
+    """train.copy_rows = q: where the example's second draw s < q, the UNet sees the input's latent noised
+    as its target, the input as its condition (even where dropout zeroed it) and the "" embedding; other
+    examples are untouched. Recomputed by hand from the same draws; q = 0 is the paper's loss."""
+    from ip2p.training.module import InstructPix2PixModule, encode_pair
+    from ip2p.training.run import load_components, settings_from_config
+
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.copy_rows": 0.5})
+    settings = settings_from_config(cfg)
+    assert settings.copy_rows == 0.5
+    components = load_components(cfg)
+    module = InstructPix2PixModule(components, settings)
+    seen = {}
+
+    def unet(sample, t, encoder_hidden_states):
+        seen.update(sample=sample, text=encoder_hidden_states)
+        return type("Out", (), {"sample": torch.zeros_like(sample[:, :4])})()
+
+    module.unet.forward = unet
+    batch = {"input": torch.rand(8, 3, 32, 32) * 2 - 1, "edited": torch.rand(8, 3, 32, 32) * 2 - 1,
+             "input_ids": torch.ones(8, 77, dtype=torch.long)}
+    p = 0.1
+    loss = module.diffusion_loss(batch, torch.Generator().manual_seed(3), dropout=p, copy_rows=0.5)
+    g = torch.Generator().manual_seed(3)
+    target, condition = encode_pair(components.vae, batch["edited"], batch["input"], g)
+    noise = torch.randn(target.shape, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    r = torch.rand(8, generator=g)
+    s = torch.rand(8, generator=g)
+    copy = s < 0.5
+    assert 0 < int(copy.sum()) < 8        # this seed draws both kinds of example
+    sf = components.vae.config.scaling_factor
+    a = module.noise_scheduler.alphas_cumprod[t][:, None, None, None]
+    empty, text = module.empty_text()[0], module.encode_text(batch["input_ids"])
+    expected = 0.0
+    for i in range(8):
+        clean = condition[i] * sf if copy[i] else target[i]
+        noisy = a[i].sqrt() * clean + (1 - a[i]).sqrt() * noise[i]
+        image_dropped = (p <= r[i] < 3 * p) and not copy[i]
+        text_dropped = r[i] < 2 * p or copy[i]
+        torch.testing.assert_close(seen["sample"][i, :4], noisy)
+        torch.testing.assert_close(seen["sample"][i, 4:], condition[i] * (0.0 if image_dropped else 1.0))
+        torch.testing.assert_close(seen["text"][i], empty if text_dropped else text[i])
+        v = a[i].sqrt() * noise[i] - (1 - a[i]).sqrt() * clean          # the world's and tiny preset's objective
+        objective = noise[i] if module.prediction_type == "epsilon" else v
+        expected += float((objective ** 2).mean()) / 8
+    assert abs(float(loss) - expected) < 1e-5 * max(1.0, expected)
+    # q = 0: every example keeps its edited target, as the paper
+    module.diffusion_loss(batch, torch.Generator().manual_seed(3), dropout=p, copy_rows=0.0)
+    torch.testing.assert_close(seen["sample"][:, :4], a.sqrt() * target + (1 - a).sqrt() * noise)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     "train.lr": above(0), "train.weight_decay": at_least(0), "train.warmup_steps": COUNT,
     "train.min_lr": at_least(0), "train.lr_schedule": one_of("constant", "cosine"),
     "train.gradient_clip_val": optional(above(0)), "train.conditioning_dropout": within(0, 1 / 3),
+    "train.copy_rows": within(0, 1),
     "train.timestep_power": above(0), "train.conv_in_lr_scale": above(0), "train.snr_gamma": optional(above(0)),
     "train.ema.decay": within(0, 1), "train.log_every_n_steps": POSITIVE_INT,
     "train.data.num_workers": COUNT, "train.data.resolution": POSITIVE_INT, "train.data.draw_by": one_of("pair", "row"),

@@ -8,6 +8,10 @@ One training example (docs/method.md section 3):
         r < p: drop text only;  p <= r < 2p: drop both;  2p <= r < 3p: drop image only
     (dropped text = embedding of "", dropped image = zero latent), so the model also learns the
     unconditional predictions that classifier-free guidance needs at sampling time.
+    Optional copy rows (train.copy_rows = q, 0 in the paper): a second draw s ~ U[0, 1) per example; where
+    s < q the example becomes (input, "" , input): no instruction, the image kept, the target the input's
+    own latent. The image-only prediction then means "keep the image", and every step shows the UNet an
+    exact copy, the thing generated pairs teach least cleanly.
     loss = || UNet([noisy target, condition], t, text) - (noise or velocity) ||^2
 With train.data.cache_latents the posteriors and text states come precomputed (ip2p.training.latent_cache)
 and the target is drawn from the cached posterior with the same generator draw.
@@ -56,6 +60,7 @@ class TrainSettings:
     min_lr: float
     max_steps: int
     conditioning_dropout: float
+    copy_rows: float         # share of examples turned into (input, "", input); 0: none (the paper)
     timestep_power: float
     conv_in_lr_scale: float  # conv_in (where the input image enters) learns at lr x this
     snr_gamma: float | None  # Min-SNR-gamma loss weights; None: every timestep weighs the same (the paper)
@@ -87,6 +92,20 @@ def apply_conditioning_dropout(text: torch.Tensor, condition: torch.Tensor, empt
     text = torch.where(drop_text[:, None, None], empty_text.to(text.dtype), text)
     condition = condition * (~drop_image).to(condition.dtype)[:, None, None, None]
     return text, condition
+
+
+def apply_copy_rows(target: torch.Tensor, text: torch.Tensor, condition: torch.Tensor, input_latent: torch.Tensor,
+                    empty_text: torch.Tensor, scaling_factor: float, s: torch.Tensor,
+                    q: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy rows: where s [B] < q the example becomes (input, "", input): target [B, 4, h, w] -> the input's
+    latent `input_latent` (unscaled, as the UNet gets it) x scaling factor, text [B, L, D] -> the ""
+    embedding, condition -> `input_latent` even where conditioning dropout zeroed it. Returns
+    (target, text, condition)."""
+    copy = s < q
+    m = copy[:, None, None, None]
+    return (torch.where(m, input_latent * scaling_factor, target),
+            torch.where(copy[:, None, None], empty_text.to(text.dtype), text),
+            torch.where(m, input_latent, condition))
 
 
 @torch.no_grad()
@@ -280,7 +299,8 @@ class InstructPix2PixModule(pl.LightningModule):
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float,
                        timestep_power: float = 1.0, snr_gamma: float | None = None,
-                       latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                       copy_rows: float = 0.0) -> torch.Tensor:
         """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`.
         `latents`: what pair_latents(batch, generator) already drew (validation shares them with copy_errors)."""
         target_latents, condition, text = latents if latents is not None else self.pair_latents(batch, generator)
@@ -289,9 +309,15 @@ class InstructPix2PixModule(pl.LightningModule):
                             dtype=target_latents.dtype)
         timesteps = draw_timesteps(batch_size, self.noise_scheduler.config.num_train_timesteps, timestep_power,
                                    generator, self.device)
+        input_latent = condition
         if dropout > 0:
             r = torch.rand(batch_size, generator=generator, device=self.device)
             text, condition = apply_conditioning_dropout(text, condition, self.empty_text(), r, dropout)
+        if copy_rows > 0:   # drawn after the paper's draws, so that copy_rows = 0 trains exactly as before
+            s = torch.rand(batch_size, generator=generator, device=self.device)
+            target_latents, text, condition = apply_copy_rows(target_latents, text, condition, input_latent,
+                                                              self.empty_text(),
+                                                              self.frozen.vae.config.scaling_factor, s, copy_rows)
         noisy = self.noise_scheduler.add_noise(target_latents, noise, timesteps)
         if self.prediction_type == "epsilon":
             objective = noise
@@ -340,7 +366,7 @@ class InstructPix2PixModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.batch_generator("train-step", batch["position"][0])
         loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout, self.settings.timestep_power,
-                                   self.settings.snr_gamma)
+                                   self.settings.snr_gamma, copy_rows=self.settings.copy_rows)
         self.last_loss = float(loss.detach())
         batch_size = len(batch["id"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)

@@ -90,6 +90,7 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
     return TrainSettings(lr=float(t.lr), betas=tuple(float(b) for b in t.betas), weight_decay=float(t.weight_decay),
                          eps=float(t.eps), warmup_steps=int(t.warmup_steps), lr_schedule=str(t.lr_schedule),
                          min_lr=float(t.min_lr), max_steps=int(t.max_steps), conditioning_dropout=p,
+                         copy_rows=float(t.copy_rows),
                          timestep_power=float(t.timestep_power), conv_in_lr_scale=float(t.conv_in_lr_scale),
                          snr_gamma=None if t.snr_gamma is None else float(t.snr_gamma),
                          ema_decay=float(t.ema.decay), ema_warmup=bool(t.ema.warmup),
