@@ -661,7 +661,7 @@ def test_copy_rows_train_the_input_as_its_own_target_without_instruction(tmp_pat
         torch.testing.assert_close(seen["sample"][i, :4], noisy)
         torch.testing.assert_close(seen["sample"][i, 4:], condition[i] * (0.0 if image_dropped else 1.0))
         torch.testing.assert_close(seen["text"][i], empty if text_dropped else text[i])
-        v = a[i].sqrt() * noise[i] - (1 - a[i]).sqrt() * clean          # the world's and tiny preset's objective
+        v = a[i].sqrt() * noise[i] - (1 - a[i]).sqrt() * clean          # the objective of a v-prediction preset
         objective = noise[i] if module.prediction_type == "epsilon" else v
         expected += float((objective ** 2).mean()) / 8
     assert abs(float(loss) - expected) < 1e-5 * max(1.0, expected)

@@ -9,7 +9,7 @@ One training example (docs/method.md section 3):
     (dropped text = embedding of "", dropped image = zero latent), so the model also learns the
     unconditional predictions that classifier-free guidance needs at sampling time.
     Optional copy rows (train.copy_rows = q, 0 in the paper): a second draw s ~ U[0, 1) per example; where
-    s < q the example becomes (input, "" , input): no instruction, the image kept, the target the input's
+    s < q the example becomes (input, "", input): no instruction, the image kept, the target the input's
     own latent. The image-only prediction then means "keep the image", and every step shows the UNet an
     exact copy, the thing generated pairs teach least cleanly.
     loss = || UNet([noisy target, condition], t, text) - (noise or velocity) ||^2
