@@ -27,6 +27,8 @@ def test_the_shipped_configurations_pass():
     ("synthesis.p_min=0.95", "synthesis.p_min"),       # above p_max
     ("train.conditioning_dropout=0.5", "train.conditioning_dropout"),
     ("train.copy_rows=1.5", "train.copy_rows"),
+    ("train.loss=l1", "train.loss"),
+    ("train.huber_c=0", "train.huber_c"),
     ("filter.top_k=2.5", "filter.top_k"),
     ("evaluate.image_guidances=[]", "evaluate.image_guidances"),
     ("edit.speed.compile=nosuch", "edit.speed.compile"),

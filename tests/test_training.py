@@ -618,6 +618,61 @@ def test_min_snr_loss_weights_each_example_by_the_capped_snr(tmp_path, dataset, 
     assert abs(float(plain_loss) - sum(float((objective[i] ** 2).mean()) for i in range(6)) / 6) < 1e-5
 
 
+@pytest.mark.parametrize("schedule", ["constant", "snr"])
+def test_huber_loss_is_the_pseudo_huber_of_each_value_by_hand(tmp_path, dataset, cache_dir, schedule):
+    """train.loss=huber: each value's 2c(sqrt(r^2 + c^2) - c), c per example from huber_schedule, averaged;
+    recomputed here in float64 from the same draws, with c(t) written out from the formula."""
+    from omegaconf import open_dict
+
+    from ip2p.training.module import InstructPix2PixModule, encode_pair, huber_c_per_example
+    from ip2p.training.run import load_components, settings_from_config
+
+    cfg = compose_train(tmp_path, dataset, cache_dir, **{"train.loss": "huber", "train.huber_c": 0.05,
+                                                          "train.huber_schedule": schedule})
+    settings = settings_from_config(cfg)
+    assert (settings.loss, settings.huber_c, settings.huber_schedule) == ("huber", 0.05, schedule)
+    components = load_components(cfg)
+    module = InstructPix2PixModule(components, settings)
+    offset = 0.3   # a prediction off by a constant: residuals both below and far above c
+    module.unet.forward = lambda sample, t, encoder_hidden_states: type(
+        "Out", (), {"sample": torch.full_like(sample[:, :4], offset)})()
+    batch = {"input": torch.zeros(6, 3, 32, 32), "edited": torch.rand(6, 3, 32, 32) * 2 - 1,
+             "input_ids": torch.zeros(6, 77, dtype=torch.long)}
+    loss = module.diffusion_loss(batch, torch.Generator().manual_seed(1), dropout=0.0, loss="huber", huber_c=0.05,
+                                 huber_schedule=schedule)
+    g = torch.Generator().manual_seed(1)
+    target, _ = encode_pair(components.vae, batch["edited"], batch["input"], g)
+    noise = torch.randn(target.shape, generator=g)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    a = module.noise_scheduler.alphas_cumprod[t].double()
+    objective = noise.double() if module.prediction_type == "epsilon" else (
+        a.sqrt()[:, None, None, None] * noise - (1 - a).sqrt()[:, None, None, None] * target).double()
+    expected = 0.0
+    for i in range(6):
+        ai = float(a[i])
+        c = 0.05 if schedule == "constant" else (
+            0.05 if ai == 0 else (1 - 0.05) / (1 + ((1 - ai) / ai) ** 0.5) ** 2 + 0.05)
+        r = offset - objective[i]
+        expected += float((2 * c * ((r ** 2 + c ** 2).sqrt() - c)).mean()) / 6
+    assert abs(float(loss) - expected) < 1e-5 * max(1.0, expected)
+    # the limits that make it robust: squared error where |r| << c, 2c|r| where |r| >> c
+    from ip2p.training.module import pseudo_huber
+    small, large, c = torch.full((1, 4, 2, 2), 1e-3), torch.full((1, 4, 2, 2), 10.0), torch.tensor([0.1])
+    assert abs(float(pseudo_huber(small, torch.zeros_like(small), c)) - 1e-6) < 1e-8
+    assert abs(float(pseudo_huber(large, torch.zeros_like(large), c)) - 2 * 0.1 * 10.0) < 0.02
+    # the snr schedule: about 1 at the least noise, c at pure noise (zero terminal SNR) or near it
+    cs = huber_c_per_example(module.noise_scheduler.alphas_cumprod, torch.tensor([0, 999]), 0.05, "snr")
+    assert float(cs[0]) > 0.9 and abs(float(cs[1]) - 0.05) < 0.01
+    # a run made before the option (no loss keys) keeps its fingerprint; huber is another recipe
+    from ip2p.training.resume import run_fingerprint
+    plain = compose_train(tmp_path, dataset, cache_dir)
+    before = compose_train(tmp_path, dataset, cache_dir)
+    with open_dict(before):
+        for key in ("loss", "huber_c", "huber_schedule"):
+            del before.train[key]
+    assert run_fingerprint(before) == run_fingerprint(plain) != run_fingerprint(cfg)
+
+
 def test_copy_rows_train_the_input_as_its_own_target_without_instruction(tmp_path, dataset, cache_dir):
     """train.copy_rows = q: where the example's second draw s < q, the UNet sees the input's latent noised
     as its target, the input as its condition (even where dropout zeroed it) and the "" embedding; other

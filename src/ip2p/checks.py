@@ -104,6 +104,8 @@ RULES: dict[str, Rule] = {
     "train.gradient_clip_val": optional(above(0)), "train.conditioning_dropout": within(0, 1 / 3),
     "train.copy_rows": within(0, 1),
     "train.timestep_power": above(0), "train.conv_in_lr_scale": above(0), "train.snr_gamma": optional(above(0)),
+    "train.loss": one_of("mse", "huber"), "train.huber_c": within(1e-4, 1),
+    "train.huber_schedule": one_of("constant", "snr"),
     "train.ema.decay": within(0, 1), "train.log_every_n_steps": POSITIVE_INT,
     "train.data.num_workers": COUNT, "train.data.resolution": POSITIVE_INT, "train.data.draw_by": one_of("pair", "row"),
     "train.validation.every_n_steps": POSITIVE_INT, "train.validation.max_batches": optional(POSITIVE_INT),

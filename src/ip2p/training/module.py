@@ -64,6 +64,9 @@ class TrainSettings:
     timestep_power: float
     conv_in_lr_scale: float  # conv_in (where the input image enters) learns at lr x this
     snr_gamma: float | None  # Min-SNR-gamma loss weights; None: every timestep weighs the same (the paper)
+    loss: str                # mse (the paper) | huber (pseudo-Huber, per value)
+    huber_c: float           # pseudo-Huber's c (at pure noise with the snr schedule)
+    huber_schedule: str      # constant | snr (huber_c_per_example)
     ema_decay: float
     ema_warmup: bool
     gradient_checkpointing: bool
@@ -222,6 +225,30 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     raise ValueError(f"Min-SNR weights need prediction_type epsilon or v_prediction (got '{prediction_type}')")
 
 
+def huber_c_per_example(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, c: float, schedule: str) -> torch.Tensor:
+    """Pseudo-Huber's c for each example [B]. constant: c. snr (Khrapov et al. 2024): with the noise-to-signal
+    ratio sigma_t = sqrt((1 - a_t) / a_t),
+        c(t) = (1 - c) / (1 + sigma_t)^2 + c,
+    about 1 at low noise (there the loss is the squared error) and c at pure noise (sigma infinite under a
+    zero-terminal-SNR schedule), where the target is least determined by x_t and outlying pairs pull most."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, float(c), device=timesteps.device)
+    if schedule != "snr":
+        raise ValueError(f"huber_schedule must be constant or snr (got '{schedule}')")
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps]
+    sigma = ((1.0 - a) / a).sqrt()   # inf where a = 0: c(t) = c there
+    return ((1.0 - c) / (1.0 + sigma) ** 2 + c).float()
+
+
+def pseudo_huber(prediction: torch.Tensor, objective: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per-example pseudo-Huber loss [B], the mean over values of 2c (sqrt(r^2 + c^2) - c), r = prediction -
+    objective and c [B] per example. The factor 2c makes it r^2 for |r| << c (the squared error's scale) and
+    2c|r| for |r| >> c."""
+    c = c.view(-1, *([1] * (prediction.dim() - 1)))
+    r = prediction.float() - objective.float()
+    return (2 * c * ((r ** 2 + c ** 2).sqrt() - c)).mean(dim=tuple(range(1, prediction.dim())))
+
+
 def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", max_steps: int = 0,
               min_ratio: float = 0.0) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based): a linear warmup over
@@ -300,8 +327,10 @@ class InstructPix2PixModule(pl.LightningModule):
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: float,
                        timestep_power: float = 1.0, snr_gamma: float | None = None,
                        latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                       copy_rows: float = 0.0) -> torch.Tensor:
-        """Mean squared error of the UNet's prediction on one batch; draws in a fixed order from `generator`.
+                       copy_rows: float = 0.0, loss: str = "mse", huber_c: float = 0.1,
+                       huber_schedule: str = "snr") -> torch.Tensor:
+        """The UNet's loss on one batch (mean squared error, or pseudo-Huber with loss="huber"); draws in a
+        fixed order from `generator`.
         `latents`: what pair_latents(batch, generator) already drew (validation shares them with copy_errors)."""
         target_latents, condition, text = latents if latents is not None else self.pair_latents(batch, generator)
         batch_size = target_latents.shape[0]
@@ -325,9 +354,15 @@ class InstructPix2PixModule(pl.LightningModule):
             objective = self.noise_scheduler.get_velocity(target_latents, noise, timesteps)
         model_input = torch.cat([noisy, condition], dim=1)
         prediction = self.unet(model_input, timesteps, encoder_hidden_states=text).sample
-        if snr_gamma is None:
+        if loss == "huber":
+            c = huber_c_per_example(self.noise_scheduler.alphas_cumprod, timesteps, huber_c, huber_schedule)
+            per_example = pseudo_huber(prediction, objective, c)
+        elif snr_gamma is None:
             return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
-        per_example = F.mse_loss(prediction.float(), objective.float(), reduction="none").mean(dim=(1, 2, 3))
+        else:
+            per_example = F.mse_loss(prediction.float(), objective.float(), reduction="none").mean(dim=(1, 2, 3))
+        if snr_gamma is None:
+            return per_example.mean()
         weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps, snr_gamma, self.prediction_type)
         return (weights * per_example).mean()
 
@@ -366,7 +401,9 @@ class InstructPix2PixModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.batch_generator("train-step", batch["position"][0])
         loss = self.diffusion_loss(batch, generator, self.settings.conditioning_dropout, self.settings.timestep_power,
-                                   self.settings.snr_gamma, copy_rows=self.settings.copy_rows)
+                                   self.settings.snr_gamma, copy_rows=self.settings.copy_rows,
+                                   loss=self.settings.loss, huber_c=self.settings.huber_c,
+                                   huber_schedule=self.settings.huber_schedule)
         self.last_loss = float(loss.detach())
         batch_size = len(batch["id"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)

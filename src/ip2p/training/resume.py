@@ -41,7 +41,8 @@ RENAMED_DATA_KEYS = {"draw_by": "sampling"}
 
 # train.* keys added after runs were made -> the value that changes nothing: at that value a key is left out of
 # the fingerprint, so such runs keep theirs
-ADDED_WITHOUT_EFFECT = {"conv_in_lr_scale": 1.0, "snr_gamma": None, "copy_rows": 0.0}
+ADDED_WITHOUT_EFFECT = {"conv_in_lr_scale": 1.0, "snr_gamma": None, "copy_rows": 0.0, "loss": "mse", "huber_c": 0.1,
+                        "huber_schedule": "snr"}
 
 
 def run_fingerprint(cfg: DictConfig) -> str:

@@ -93,6 +93,7 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
                          copy_rows=float(t.copy_rows),
                          timestep_power=float(t.timestep_power), conv_in_lr_scale=float(t.conv_in_lr_scale),
                          snr_gamma=None if t.snr_gamma is None else float(t.snr_gamma),
+                         loss=str(t.loss), huber_c=float(t.huber_c), huber_schedule=str(t.huber_schedule),
                          ema_decay=float(t.ema.decay), ema_warmup=bool(t.ema.warmup),
                          gradient_checkpointing=bool(t.gradient_checkpointing), seed=int(cfg.seed), grid=grid,
                          copy_error=copy_error)
