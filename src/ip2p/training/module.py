@@ -13,6 +13,7 @@ One training example (docs/method.md section 3):
     own latent. The image-only prediction then means "keep the image", and every step shows the UNet an
     exact copy, the thing generated pairs teach least cleanly.
     loss = || UNet([noisy target, condition], t, text) - (noise or velocity) ||^2
+    (train.loss=huber: the pseudo-Huber loss of the same residual instead, `pseudo_huber`)
 With train.data.cache_latents the posteriors and text states come precomputed (ip2p.training.latent_cache)
 and the target is drawn from the cached posterior with the same generator draw.
 
@@ -354,11 +355,11 @@ class InstructPix2PixModule(pl.LightningModule):
             objective = self.noise_scheduler.get_velocity(target_latents, noise, timesteps)
         model_input = torch.cat([noisy, condition], dim=1)
         prediction = self.unet(model_input, timesteps, encoder_hidden_states=text).sample
+        if loss == "mse" and snr_gamma is None:   # the paper: one mean over every value
+            return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
         if loss == "huber":
             c = huber_c_per_example(self.noise_scheduler.alphas_cumprod, timesteps, huber_c, huber_schedule)
             per_example = pseudo_huber(prediction, objective, c)
-        elif snr_gamma is None:
-            return F.mse_loss(prediction.float(), objective.float(), reduction="mean")
         else:
             per_example = F.mse_loss(prediction.float(), objective.float(), reduction="none").mean(dim=(1, 2, 3))
         if snr_gamma is None:
