@@ -48,6 +48,16 @@ PALETTE_TOL = 70.0     # an object's core colour lies this close to an object co
                        # a dark halo or a drifting patch of background does not
 SPLIT_TOL = 40.0       # RGB distance to a palette colour of the solid block each object of a split part shows
 BW_CHROMA = 40.0       # chroma (max-min channel) of every object's core below this: the scene is grey
+# Readings near a boundary. A generated image and its own VAE round trip differ in a few pixels, yet a
+# reading that sits at a boundary can flip between them; these say which other readings are plausible
+# (ip2p.world.verdict compares two readings through them, docs/miniature-world.md "Judging an edit").
+SHAPE_MARGIN = 0.1     # shapes whose fit is within this of the best fit are plausible too
+COLOUR_MARGIN = 0.25   # colours that win at least this share of the core pixels' votes are plausible too
+SIZE_MARGIN = 2.0      # pixels: a box side this close to scene.SIZE_SPLIT reads as either size
+FAINT_PART = 24        # pixels: an object part this small (a speck) may come or go between two readings
+SNOW_MARGIN = 2.5      # a snowy reading below SNOW_SHARE x SNOW_MARGIN is marginal: it may be the same
+                       # scene as a "none" reading (the decoder draws such specks on the sky of a generated
+                       # image's latents by itself; renders' snow covers about 3%)
 
 
 @dataclass
@@ -59,6 +69,8 @@ class ReadObject(Placed):
     y: float
     pixels: int
     shape_fit: float   # 1 - L1(coverage, template) / coverage
+    shapes: tuple[str, ...] = ()           # plausible shapes, best first (SHAPE_MARGIN); () = (shape,)
+    colours: tuple[str | None, ...] = ()   # plausible colours, best first (COLOUR_MARGIN); () = (colour,)
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Reading:
     background: str
     style: str
     objects: list[ReadObject] = field(default_factory=list)
+    snow: float = 0.0   # share of the canvas read as snow specks (style "snowy" from SNOW_SHARE on)
 
     def main_object(self) -> ReadObject | None:
         return max(self.objects, key=lambda o: o.pixels) if self.objects else None
@@ -169,10 +182,14 @@ def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part:
     # The object's flat colour: its pixels farthest from the background (edges are blends).
     core = part & (dist >= 0.7 * dist[part].max())
     colour_rgb = np.median(img[core], axis=0)
-    colour = None
+    colours: tuple[str | None, ...] = (None,)
     if style != "bw":
         votes = np.linalg.norm(img[core][:, None, :] - _palette(style)[None], axis=-1).argmin(1)
-        colour = list(COLOURS)[np.bincount(votes, minlength=len(COLOURS)).argmax()]
+        counts = np.bincount(votes, minlength=len(COLOURS))
+        order = np.argsort(-counts, kind="stable")
+        colours = tuple(list(COLOURS)[k] for k in order
+                        if k == order[0] or counts[k] >= COLOUR_MARGIN * counts.sum())
+    colour = colours[0]
     # Coverage of each pixel: where it lies between the background and the object's colour (the least
     # over the background's images: a grass stripe is not a brown object's edge).
     region = ndimage.binary_dilation(part, iterations=2)
@@ -191,17 +208,21 @@ def _read_part(img: np.ndarray, bases: list[np.ndarray], dist: np.ndarray, part:
     right, bottom = min(int(rxs.max()) + 2, img.shape[1]), min(int(rys.max()) + 2, img.shape[0])
     window = (left, top, right - left, bottom - top)
     alpha_w, region_w = alpha[top:bottom, left:right], seen[top:bottom, left:right]
-    best_shape, best_err = SHAPES[0], np.inf
+    errors = {}   # each shape's best error over the tighter boxes
     for shape in SHAPES:
         for sx in SHRINK:
             for sy in SHRINK:
                 template = coverage(shape, x0 + sx, y0 + sy, x1 - sx, y1 - sy, window=window)
                 err = np.abs(template - alpha_w)[region_w].sum()
-                if err < best_err:
-                    best_shape, best_err = shape, err
-    fit = 1.0 - best_err / max(alpha.sum(), 1e-6)
+                if err < errors.get(shape, np.inf):
+                    errors[shape] = err
+    total = max(alpha.sum(), 1e-6)
+    ranked = sorted(SHAPES, key=lambda s: errors[s])   # stable: a tie keeps the vocabulary's order
+    fits = {s: 1.0 - errors[s] / total for s in ranked}
+    shapes = tuple(s for s in ranked if fits[s] >= fits[ranked[0]] - SHAPE_MARGIN)
     side = max(x1 - x0, y1 - y0)
-    return ReadObject(best_shape, colour, side, (x0 + x1) / 2, (y0 + y1) / 2, int(part.sum()), float(fit))
+    return ReadObject(ranked[0], colour, side, (x0 + x1) / 2, (y0 + y1) / 2, int(part.sum()), float(fits[ranked[0]]),
+                      shapes, colours)
 
 
 def _split_by_colour(part: np.ndarray, to_palette: np.ndarray | None, dist: np.ndarray,
@@ -237,9 +258,11 @@ def read(image) -> Reading:
     expected = _expected(bg, style)
 
     hidden = np.zeros(img.shape[:2], dtype=bool)
+    snow = 0.0
     if style == "none":
         flakes = _snow_specks(img)
-        if flakes.mean() >= SNOW_SHARE:
+        snow = float(flakes.mean())
+        if snow >= SNOW_SHARE:
             style = "snowy"  # paint the flakes (and their blurred rims) over before reading objects
             hidden = ndimage.binary_dilation(flakes)
             img = _paint_over(img, hidden, expected)
@@ -269,16 +292,17 @@ def read(image) -> Reading:
             continue
         objects.append(_read_part(img, bases, dist, part, style, hidden))
         object_chroma.append(chroma)
-    if style == "none" and flake_pixels / fg.size >= SNOW_SHARE:
+    snow = max(snow, flake_pixels / fg.size)
+    if style == "none" and snow >= SNOW_SHARE:
         style = "snowy"
     # White, grey and black backgrounds look the same in black and white: the objects tell.
     if style == "none" and bg in ("white", "gray", "black") and objects:
         if max(object_chroma) < BW_CHROMA:  # the objects' cores, not their (grey) blurred rims
             style = "bw"
             for o in objects:
-                o.colour = None
+                o.colour, o.colours = None, (None,)
     objects.sort(key=lambda o: (o.x, o.y))
-    return Reading(bg, style, objects)
+    return Reading(bg, style, objects, snow)
 
 
 def same_scene(a: Reading, b: Reading) -> bool:
