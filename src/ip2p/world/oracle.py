@@ -50,7 +50,7 @@ SPLIT_TOL = 40.0       # RGB distance to a palette colour of the solid block eac
 BW_CHROMA = 40.0       # chroma (max-min channel) of every object's core below this: the scene is grey
 # Readings near a boundary. A generated image and its own VAE round trip differ in a few pixels, yet a
 # reading that sits at a boundary can flip between them; these say which other readings are plausible
-# (ip2p.world.verdict compares two readings through them, docs/miniature-world.md "Judging an edit").
+# (ip2p.world.verdict compares two readings through them, docs/miniature.md "Judging an edit").
 SHAPE_MARGIN = 0.1     # shapes whose fit is within this of the best fit are plausible too
 COLOUR_MARGIN = 0.25   # colours that win at least this share of the core pixels' votes are plausible too
 SIZE_MARGIN = 2.0      # pixels: a box side this close to scene.SIZE_SPLIT reads as either size

@@ -1,7 +1,7 @@
 """The world's verdict on an edit: given the oracle's readings of an image before and after, and the
 instruction, did the instructed attribute change as asked (success) and did everything else stay
 (preservation)? One judge for every image pair of the miniature experiment: Prompt-to-Prompt pairs,
-edits of held-out renders, and baselines (docs/miniature-world.md, "Judging an edit").
+edits of held-out renders, and baselines (docs/miniature.md, "Judging an edit").
 
 Objects are compared by (shape, colour, size), matched one to one whatever order the oracle lists them
 in; colours are not compared where a black-and-white style hides them. Preservation asks whether two
