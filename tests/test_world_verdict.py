@@ -161,31 +161,33 @@ def test_a_generated_image_and_its_round_trip_are_judged_the_same_scene():
     the VAE (encoded, decoded: a few specks and edges move, nothing a person would call a change), judged
     as a before/after pair with a case's instruction, must be "preserved" (92.5% are; comparing best
     readings alone keeps 79%; docs/miniature.md, "Judging an edit")."""
+    import os
     from pathlib import Path
 
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
+    from ip2p.config import compose
+    from ip2p.models.loader import load_diffusion
     from ip2p.sampling.text_to_image import generate
     from ip2p.world.cases import heldout_cases
     from ip2p.world.verdict import read_any
 
-    root = Path(__file__).resolve().parents[1] / "artifacts/world"
-    if not (root / "base/unet").is_dir() or not (root / "vae_refined").is_dir():
+    repo = Path(__file__).resolve().parents[1]
+    cfg = compose(["model=mini"])   # the base with the refined VAE under it, as synthesis draws
+    if not (repo / cfg.model.base / "unet").is_dir() or not (repo / cfg.model.base_vae).is_dir():
         pytest.fail("artifacts/world/base or vae_refined is missing: run `dvc pull` (scripts/setup.sh does)")
-    torch.manual_seed(0)
-    base = root / "base"
-    unet = UNet2DConditionModel.from_pretrained(base / "unet").eval()
-    vae = AutoencoderKL.from_pretrained(root / "vae_refined").eval()
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    import json
-
-    scheduler = json.loads((base / "scheduler/scheduler_config.json").read_text())
+    old = os.getcwd()
+    os.chdir(repo)   # the preset's paths are relative to the project root
+    try:
+        torch.manual_seed(0)
+        base = load_diffusion(cfg.model.base, "base", cfg.model, cfg.paths.cache, "cpu", "float32")
+    finally:
+        os.chdir(old)
+    vae = base.vae
     cases = heldout_cases(31, 12, tuple(EDIT_KINDS))
     with torch.no_grad():
-        drawn = generate(unet, vae, text_encoder, tokenizer, scheduler, [c.input_caption for c in cases],
+        drawn = generate(base.unet, vae, base.text_encoder, base.tokenizer, dict(base.scheduler.config),
+                         [c.input_caption for c in cases],
                          steps=20, guidance=3.0, seed=31, scheduler="ddim")
         x = torch.tensor(drawn).permute(0, 3, 1, 2).float() / 127.5 - 1
         again = vae.decode(vae.encode(x).latent_dist.mode()).sample

@@ -46,8 +46,8 @@ def read_any(image: np.ndarray | Image.Image) -> Reading:
     return read(np.asarray(img))
 
 
-def _keys(r: Reading, colours_visible: bool) -> list[Key]:
-    return [(o.shape, o.colour if colours_visible else None, o.size) for o in r.objects]
+def _key_of(o: ReadObject, visible: bool) -> Key:
+    return (o.shape, o.colour if visible else None, o.size)
 
 
 # Two readings of one scene, where one or both come from a generated image, can differ where a reading
@@ -92,10 +92,6 @@ def _covers(src: list[ReadObject], dst: list[ReadObject], visible: bool, exact: 
                    if j not in used and _could_match(src[i], o, visible))
 
     return match(0, frozenset())
-
-
-def _key_of(o: ReadObject, visible: bool) -> Key:
-    return (o.shape, o.colour if visible else None, o.size)
 
 
 def _same_style(a: Reading, b: Reading) -> bool:
